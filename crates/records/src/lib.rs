@@ -1,0 +1,484 @@
+//! The records Tollgate writes and reads: the raw records the logging proxy appends for every
+//! request (`request`, `chunks`, `end`) and the consolidated record the log parser derives from
+//! them. This crate is the contract between the two services and the stores.
+//!
+//! Must not: do I/O, depend on async runtimes or on any other workspace crate.
+//!
+//! Invariants:
+//! - every raw record of one request shares its `requestId`; `seq` is 0 for the request record,
+//!   1..=n for the n chunk segments and n+1 for the end record, whose `segments` field is n, so a
+//!   reader knows when it holds the whole request;
+//! - a raw record's document id is `"{requestId}:{seq}"`, so a replayed write is idempotent;
+//! - a consolidated record's id is the request id.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Bumped whenever a stored field changes meaning or shape.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Document id of a raw record.
+pub fn raw_record_id(request_id: &str, seq: u32) -> String {
+    format!("{request_id}:{seq}")
+}
+
+/// One raw record, tagged by `kind` in the stored JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum RawRecord {
+    Request(RequestRecord),
+    Chunks(ChunksRecord),
+    End(EndRecord),
+}
+
+impl RawRecord {
+    pub fn request_id(&self) -> &str {
+        match self {
+            RawRecord::Request(r) => &r.request_id,
+            RawRecord::Chunks(r) => &r.request_id,
+            RawRecord::End(r) => &r.request_id,
+        }
+    }
+
+    pub fn seq(&self) -> u32 {
+        match self {
+            RawRecord::Request(_) => 0,
+            RawRecord::Chunks(r) => r.seq,
+            RawRecord::End(r) => r.seq,
+        }
+    }
+
+    pub fn id(&self) -> String {
+        raw_record_id(self.request_id(), self.seq())
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RawRecord::Request(_) => "request",
+            RawRecord::Chunks(_) => "chunks",
+            RawRecord::End(_) => "end",
+        }
+    }
+}
+
+/// How the caller was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthKind {
+    /// A consumer key from the configuration, sent as `api-key` or `Authorization: Bearer`.
+    ApiKey,
+    /// No consumer could be identified (the request was rejected).
+    #[default]
+    None,
+}
+
+/// Who made the request. `key_id` is a short, non-reversible prefix of the key's hash so analysts
+/// can tell two keys of one consumer apart without the key ever being stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Consumer {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub auth_kind: AuthKind,
+}
+
+impl Consumer {
+    /// The consumer recorded for requests that failed authentication.
+    pub fn anonymous() -> Self {
+        Consumer {
+            id: "anonymous".to_owned(),
+            key_id: None,
+            auth_kind: AuthKind::None,
+        }
+    }
+}
+
+/// A request or response body: JSON stays JSON so stores can query into it; anything else is
+/// kept as text, or base64 when it is not UTF-8.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "encoding", rename_all = "camelCase")]
+pub enum Body {
+    #[default]
+    Empty,
+    Json {
+        json: Value,
+    },
+    Text {
+        #[serde(rename = "contentType")]
+        content_type: String,
+        text: String,
+    },
+    Base64 {
+        #[serde(rename = "contentType")]
+        content_type: String,
+        data: String,
+    },
+}
+
+impl Body {
+    /// Classifies raw bytes: JSON when the content type says so and it parses, else UTF-8 text,
+    /// else base64.
+    pub fn from_bytes(content_type: Option<&str>, bytes: &[u8]) -> Self {
+        if bytes.is_empty() {
+            return Body::Empty;
+        }
+        let content_type = content_type.unwrap_or("application/octet-stream");
+        if content_type.contains("json")
+            && let Ok(json) = serde_json::from_slice::<Value>(bytes)
+        {
+            return Body::Json { json };
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Body::Text {
+                content_type: content_type.to_owned(),
+                text: text.to_owned(),
+            },
+            Err(_) => Body::Base64 {
+                content_type: content_type.to_owned(),
+                data: base64::engine::general_purpose::STANDARD.encode(bytes),
+            },
+        }
+    }
+
+    pub fn as_json(&self) -> Option<&Value> {
+        match self {
+            Body::Json { json } => Some(json),
+            _ => None,
+        }
+    }
+}
+
+/// `request` record (seq 0): what the client sent, as accepted by the proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRecord {
+    pub schema_version: u32,
+    pub request_id: String,
+    pub time: DateTime<Utc>,
+    pub method: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    pub operation: String,
+    pub stream: bool,
+    pub consumer: Consumer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// Request headers with credentials and cookies replaced by `"[redacted]"`.
+    pub headers: BTreeMap<String, String>,
+    pub body: Body,
+}
+
+/// Segment bytes, exactly as received: UTF-8 text when the segment is valid UTF-8 (the usual case
+/// for SSE), base64 otherwise (a segment cut inside a multi-byte character).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "encoding", content = "data", rename_all = "camelCase")]
+pub enum SegmentData {
+    Utf8(String),
+    Base64(String),
+}
+
+impl SegmentData {
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => SegmentData::Utf8(s.to_owned()),
+            Err(_) => SegmentData::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        match self {
+            SegmentData::Utf8(s) => Ok(s.as_bytes().to_vec()),
+            SegmentData::Base64(b) => base64::engine::general_purpose::STANDARD.decode(b),
+        }
+    }
+}
+
+/// `chunks` record (seq 1..=n): one segment of the response body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChunksRecord {
+    pub schema_version: u32,
+    pub request_id: String,
+    pub seq: u32,
+    /// Byte offset of this segment's first byte within the response body.
+    pub offset: u64,
+    pub data: SegmentData,
+    /// Each network chunk in this segment as `[microseconds since the request arrived, length]`.
+    pub arrivals: Vec<[u64; 2]>,
+}
+
+/// Where an error came from, so metrics and analysts can tell AOAI's failures from the client's
+/// and from Tollgate's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorSource {
+    Upstream,
+    Downstream,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorInfo {
+    pub source: ErrorSource,
+    pub code: String,
+    pub message: String,
+}
+
+/// One try at a backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub duration_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `end` record (last seq): how the request ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndRecord {
+    pub schema_version: u32,
+    pub request_id: String,
+    pub seq: u32,
+    pub time: DateTime<Utc>,
+    /// Status sent to the client (Tollgate's own when it answered itself).
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttfb_ms: Option<f64>,
+    pub total_ms: f64,
+    /// Selected response headers (rate limits, AOAI request ids, region, model session).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// The response body when it was not streamed in segments.
+    #[serde(default)]
+    pub body: Body,
+    pub client_disconnected: bool,
+    /// True when the proxy stopped reading the upstream before its end (drain bound reached,
+    /// upstream error or timeout).
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Number of `chunks` records this request has.
+    pub segments: u32,
+    pub response_bytes: u64,
+}
+
+/// Where a usage figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UsageSource {
+    /// AOAI's own `usage` (non-stream body or the `include_usage` stream frame).
+    Reported,
+    /// Counted by Tollgate with the model's tokenizer because AOAI gave none.
+    Estimated,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    /// Already included in `output_tokens`, as AOAI reports it.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    pub source: UsageSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cost {
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
+    pub total: f64,
+    pub currency: String,
+    pub price_table_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolCall {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// One stitched choice of a chat or completions response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Choice {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<FunctionCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_filter_results: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Latency {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttfb_ms: Option<f64>,
+    pub total_ms: f64,
+}
+
+/// One record per request, derived by the log parser; id = request id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsolidatedRecord {
+    pub schema_version: u32,
+    pub id: String,
+    pub time: DateTime<Utc>,
+    pub consumer: Consumer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The model AOAI reported, else the configured model of the deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub operation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    pub path: String,
+    pub stream: bool,
+    /// None when the request never ended (`complete` is then false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+    /// The prompt as sent (chat messages, completions prompt or embeddings input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Value>,
+    #[serde(default)]
+    pub choices: Vec<Choice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_filter_results: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    pub client_disconnected: bool,
+    /// False when the parser gave up waiting for the `end` record, or segments were missing.
+    pub complete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl ConsolidatedRecord {
+    /// `YYYY-MM-DD` in UTC, the day bucket used by reports.
+    pub fn day(&self) -> String {
+        self.time.format("%Y-%m-%d").to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_record_round_trips_with_kind_tag_and_camel_case() {
+        let rec = RawRecord::Chunks(ChunksRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: "r1".into(),
+            seq: 2,
+            offset: 10,
+            data: SegmentData::from_bytes(b"data: {}\n\n"),
+            arrivals: vec![[5, 10]],
+        });
+        let json = serde_json::to_value(&rec).unwrap();
+        assert_eq!(json["kind"], "chunks");
+        assert_eq!(json["requestId"], "r1");
+        assert_eq!(json["data"]["encoding"], "utf8");
+        let back: RawRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(back.id(), "r1:2");
+    }
+
+    #[test]
+    fn segment_data_keeps_bytes_that_are_not_utf8() {
+        let bytes = [0xe2, 0x82];
+        let data = SegmentData::from_bytes(&bytes);
+        assert!(matches!(data, SegmentData::Base64(_)));
+        assert_eq!(data.to_bytes().unwrap(), bytes);
+    }
+
+    #[test]
+    fn body_classification() {
+        assert_eq!(Body::from_bytes(Some("application/json"), b""), Body::Empty);
+        assert!(matches!(
+            Body::from_bytes(Some("application/json"), br#"{"a":1}"#),
+            Body::Json { .. }
+        ));
+        assert!(matches!(
+            Body::from_bytes(Some("application/json"), b"{oops"),
+            Body::Text { .. }
+        ));
+        assert!(matches!(
+            Body::from_bytes(None, &[0xff, 0xfe]),
+            Body::Base64 { .. }
+        ));
+    }
+}

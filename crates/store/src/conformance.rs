@@ -1,0 +1,239 @@
+//! The behaviour every store backend must show, written once and run against each backend
+//! (`tests/it`). Panics with a message on the first violation.
+
+use chrono::{Duration, TimeZone, Utc};
+use tollgate_records::{
+    AuthKind, Body, ChunksRecord, ConsolidatedRecord, Consumer, EndRecord, RawRecord,
+    RequestRecord, SCHEMA_VERSION, SegmentData, Usage, UsageSource,
+};
+
+use crate::{Checkpoint, PendingRequest, RecordQuery, Store};
+
+fn must<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+pub fn sample_request(id: &str) -> RawRecord {
+    RawRecord::Request(RequestRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: id.to_owned(),
+        time: Utc::now(),
+        method: "POST".into(),
+        path: "/openai/deployments/d/chat/completions".into(),
+        query: Some("api-version=2024-10-21".into()),
+        deployment: Some("d".into()),
+        api_version: Some("2024-10-21".into()),
+        operation: "chat.completions".into(),
+        stream: true,
+        consumer: Consumer {
+            id: "c".into(),
+            key_id: None,
+            auth_kind: AuthKind::ApiKey,
+        },
+        client_ip: None,
+        user_agent: None,
+        headers: Default::default(),
+        body: Body::Empty,
+    })
+}
+
+pub fn sample_chunk(id: &str, seq: u32, text: &str) -> RawRecord {
+    RawRecord::Chunks(ChunksRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: id.to_owned(),
+        seq,
+        offset: 0,
+        data: SegmentData::from_bytes(text.as_bytes()),
+        arrivals: vec![[1, text.len() as u64]],
+    })
+}
+
+pub fn sample_end(id: &str, seq: u32) -> RawRecord {
+    RawRecord::End(EndRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: id.to_owned(),
+        seq,
+        time: Utc::now(),
+        status: 200,
+        backend: Some("b".into()),
+        attempts: vec![],
+        ttfb_ms: Some(1.0),
+        total_ms: 2.0,
+        headers: Default::default(),
+        content_type: None,
+        body: Body::Empty,
+        client_disconnected: false,
+        truncated: false,
+        error: None,
+        segments: seq - 1,
+        response_bytes: 0,
+    })
+}
+
+pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> ConsolidatedRecord {
+    ConsolidatedRecord {
+        schema_version: SCHEMA_VERSION,
+        id: id.to_owned(),
+        time: Utc
+            .with_ymd_and_hms(2026, 11, day, 12, 0, 0)
+            .single()
+            .unwrap_or_default(),
+        consumer: Consumer {
+            id: consumer.to_owned(),
+            key_id: None,
+            auth_kind: AuthKind::ApiKey,
+        },
+        deployment: Some("d".into()),
+        model: Some("gpt-4o".into()),
+        operation: "chat.completions".into(),
+        api_version: None,
+        path: "/".into(),
+        stream: false,
+        status: Some(200),
+        backend: None,
+        attempts: vec![],
+        latency: None,
+        usage: Some(Usage {
+            input_tokens: input,
+            output_tokens: 10,
+            total_tokens: input + 10,
+            cached_input_tokens: 0,
+            reasoning_tokens: 0,
+            source: UsageSource::Reported,
+        }),
+        cost: None,
+        prompt: None,
+        choices: vec![],
+        prompt_filter_results: None,
+        response_id: None,
+        system_fingerprint: None,
+        response_headers: Default::default(),
+        client_ip: None,
+        user_agent: None,
+        client_disconnected: false,
+        complete: true,
+        error: None,
+    }
+}
+
+/// Runs every check. `store` must be empty.
+pub async fn run(store: &dyn Store) {
+    feed_order_idempotence_and_resume(store).await;
+    checkpoints_round_trip(store).await;
+    upsert_is_idempotent_and_usage_groups(store).await;
+}
+
+async fn feed_order_idempotence_and_resume(store: &dyn Store) {
+    let first = vec![
+        sample_request("a"),
+        sample_chunk("a", 1, "data: x\n\n"),
+        sample_request("b"),
+    ];
+    must(store.append(&first).await, "append");
+    // Replaying an already-stored batch must not duplicate anything.
+    must(store.append(&first).await, "replayed append");
+    let page = must(store.read(None, 2).await, "read");
+    assert_eq!(page.records.len(), 2, "page size honours max");
+    assert_eq!(page.records[0].id(), "a:0");
+    assert_eq!(page.records[1].id(), "a:1");
+    let rest = must(store.read(page.position.as_deref(), 100).await, "read rest");
+    assert_eq!(
+        rest.records.iter().map(RawRecord::id).collect::<Vec<_>>(),
+        vec!["b:0"]
+    );
+    let empty = must(
+        store.read(rest.position.as_deref(), 100).await,
+        "read at end",
+    );
+    assert!(empty.records.is_empty(), "nothing after the last record");
+    assert_eq!(
+        empty.position, rest.position,
+        "an empty page keeps the position"
+    );
+
+    must(store.append(&[sample_end("a", 2)]).await, "append end");
+    let next = must(store.read(rest.position.as_deref(), 100).await, "read new");
+    assert_eq!(
+        next.records.iter().map(RawRecord::id).collect::<Vec<_>>(),
+        vec!["a:2"]
+    );
+
+    let a = must(store.read_request("a").await, "read_request");
+    assert_eq!(
+        a.iter().map(RawRecord::seq).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        a[1],
+        sample_chunk("a", 1, "data: x\n\n"),
+        "chunk bytes survive the store"
+    );
+    assert!(must(store.read_request("nope").await, "read_request").is_empty());
+}
+
+async fn checkpoints_round_trip(store: &dyn Store) {
+    assert_eq!(must(store.load_checkpoint("p").await, "load"), None);
+    let cp = Checkpoint {
+        position: Some("42".into()),
+        pending: vec![PendingRequest {
+            request_id: "x".into(),
+            first_seen: Utc::now(),
+        }],
+    };
+    must(store.save_checkpoint("p", &cp).await, "save");
+    let mut cp2 = cp.clone();
+    cp2.position = Some("43".into());
+    must(store.save_checkpoint("p", &cp2).await, "overwrite");
+    assert_eq!(must(store.load_checkpoint("p").await, "load"), Some(cp2));
+    assert_eq!(
+        must(store.load_checkpoint("other").await, "load other"),
+        None
+    );
+}
+
+async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
+    let recs = vec![
+        sample_consolidated("r1", "alice", 1, 100),
+        sample_consolidated("r2", "alice", 1, 50),
+        sample_consolidated("r3", "bob", 2, 7),
+    ];
+    must(store.upsert(&recs).await, "upsert");
+    must(store.upsert(&recs).await, "upsert again");
+    let mut changed = sample_consolidated("r2", "alice", 1, 60);
+    changed.status = Some(429);
+    must(store.upsert(&[changed.clone()]).await, "upsert changed");
+    assert_eq!(must(store.get("r2").await, "get"), Some(changed));
+
+    let all = must(store.list(&RecordQuery::default()).await, "list");
+    assert_eq!(all.len(), 3, "upserts never duplicate");
+    assert_eq!(all[0].id, "r3", "newest first");
+
+    let rows = must(store.usage(&RecordQuery::default()).await, "usage");
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0].consumer.as_str(), rows[0].requests), ("alice", 2));
+    assert_eq!(rows[0].input_tokens, 160);
+    assert_eq!(rows[0].total_tokens, 180);
+    assert_eq!(rows[0].errors, 1);
+    assert_eq!(rows[1].consumer, "bob");
+
+    let day2 = Utc
+        .with_ymd_and_hms(2026, 11, 2, 0, 0, 0)
+        .single()
+        .unwrap_or_default();
+    let q = RecordQuery {
+        from: Some(day2),
+        to: Some(day2 + Duration::days(1)),
+        ..Default::default()
+    };
+    let rows = must(store.usage(&q).await, "usage window");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].consumer, "bob");
+    let q = RecordQuery {
+        consumer: Some("alice".into()),
+        ..Default::default()
+    };
+    assert_eq!(must(store.list(&q).await, "list by consumer").len(), 2);
+}

@@ -1,0 +1,463 @@
+//! The embedded backend: one SQLite database in WAL mode, so `tollgate up` needs no server.
+//!
+//! - `raw`: append-only; `pos INTEGER PRIMARY KEY AUTOINCREMENT` is the change feed position.
+//!   SQLite serialises writers and assigns `pos` at commit order, so a reader that has seen
+//!   position p never later finds a committed row below p. `id` is unique and inserts use
+//!   `OR IGNORE`, which makes replays idempotent.
+//! - `checkpoints`: one JSON checkpoint per feed consumer name.
+//! - `requests`: consolidated records, with the fields reports group by as indexed columns
+//!   and the full record as JSON.
+//!
+//! SQLite calls are blocking, so every call runs on tokio's blocking pool; one connection writes
+//! and another reads, which WAL lets run concurrently.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tollgate_records::{ConsolidatedRecord, RawRecord};
+
+use crate::{
+    ChangeFeed, Checkpoint, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError, UsageRow,
+};
+
+#[cfg(test)]
+mod tests;
+
+/// File name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "tollgate.sqlite";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS raw (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    request_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS raw_request ON raw (request_id, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name TEXT PRIMARY KEY,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    consumer TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    model TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    status INTEGER,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
+CREATE INDEX IF NOT EXISTS requests_consumer ON requests (consumer, time_ms);
+CREATE INDEX IF NOT EXISTS requests_deployment ON requests (deployment, model, time_ms);
+";
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database in `data_dir`.
+    pub async fn open(data_dir: &Path, busy_timeout_ms: u64) -> Result<Self, StoreError> {
+        let dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&dir, busy_timeout_ms))
+            .await
+            .map_err(io)?
+    }
+
+    fn open_blocking(data_dir: &Path, busy_timeout_ms: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Config(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
+        let path = data_dir.join(DATABASE_FILE);
+        let connect = || -> Result<Connection, StoreError> {
+            let conn = Connection::open(&path).map_err(io)?;
+            conn.busy_timeout(std::time::Duration::from_millis(busy_timeout_ms))
+                .map_err(io)?;
+            // WAL lets the parser read while the proxy writes; NORMAL syncs at checkpoints,
+            // which in WAL mode still never corrupts the database on power loss.
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(io)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(io)?;
+            Ok(conn)
+        };
+        let writer = connect()?;
+        writer.execute_batch(SCHEMA).map_err(io)?;
+        let reader = connect()?;
+        Ok(EmbeddedStore {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn with<T, F>(conn: &Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(io)?
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Self::with(&self.writer, f).await
+    }
+
+    async fn read_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Self::with(&self.reader, f).await
+    }
+}
+
+#[async_trait]
+impl RawWriter for EmbeddedStore {
+    async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError> {
+        // Serialise outside the lock so the writer connection is held only for SQLite's work.
+        let rows = batch
+            .iter()
+            .map(|r| {
+                let doc = serde_json::to_string(r).map_err(corrupt)?;
+                Ok((r.id(), r.request_id().to_owned(), r.seq(), r.kind(), doc))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(io)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO raw (id, request_id, seq, kind, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(io)?;
+                for (id, request_id, seq, kind, doc) in &rows {
+                    stmt.execute(params![id, request_id, seq, kind, doc]).map_err(io)?;
+                }
+            }
+            tx.commit().map_err(io)
+        })
+        .await
+    }
+}
+
+fn parse_position(position: Option<&str>) -> Result<i64, StoreError> {
+    match position {
+        None => Ok(0),
+        Some(p) => p
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("bad feed position {p:?}"))),
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for EmbeddedStore {
+    async fn read(&self, position: Option<&str>, max: usize) -> Result<FeedPage, StoreError> {
+        let after = parse_position(position)?;
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let (rows, last) = self
+            .read_conn(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT pos, doc FROM raw WHERE pos > ?1 ORDER BY pos LIMIT ?2")
+                    .map_err(io)?;
+                let mut last = after;
+                let mut docs = Vec::new();
+                let mut rows = stmt.query(params![after, max]).map_err(io)?;
+                while let Some(row) = rows.next().map_err(io)? {
+                    last = row.get(0).map_err(io)?;
+                    docs.push(row.get::<_, String>(1).map_err(io)?);
+                }
+                Ok((docs, last))
+            })
+            .await?;
+        let records = rows
+            .iter()
+            .map(|d| serde_json::from_str(d).map_err(corrupt))
+            .collect::<Result<Vec<RawRecord>, _>>()?;
+        let position = if last > after || position.is_some() {
+            Some(last.to_string())
+        } else {
+            None
+        };
+        Ok(FeedPage { records, position })
+    }
+
+    async fn read_request(&self, request_id: &str) -> Result<Vec<RawRecord>, StoreError> {
+        let request_id = request_id.to_owned();
+        let docs = self
+            .read_conn(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT doc FROM raw WHERE request_id = ?1 ORDER BY seq")
+                    .map_err(io)?;
+                let docs = stmt
+                    .query_map(params![request_id], |row| row.get::<_, String>(0))
+                    .map_err(io)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(io)?;
+                Ok(docs)
+            })
+            .await?;
+        docs.iter()
+            .map(|d| serde_json::from_str(d).map_err(corrupt))
+            .collect()
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let name = name.to_owned();
+        let doc = self
+            .read_conn(move |conn| {
+                conn.query_row(
+                    "SELECT doc FROM checkpoints WHERE name = ?1",
+                    params![name],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(io)
+            })
+            .await?;
+        doc.map(|d| serde_json::from_str(&d).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn save_checkpoint(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        let doc = serde_json::to_string(checkpoint).map_err(corrupt)?;
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO checkpoints (name, doc) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                params![name, doc],
+            )
+            .map(|_| ())
+            .map_err(io)
+        })
+        .await
+    }
+}
+
+struct RequestRow {
+    id: String,
+    time_ms: i64,
+    day: String,
+    consumer: String,
+    deployment: String,
+    model: String,
+    operation: String,
+    status: Option<u16>,
+    input: u64,
+    cached: u64,
+    output: u64,
+    total: u64,
+    estimated: bool,
+    cost: f64,
+    doc: String,
+}
+
+impl RequestRow {
+    fn from_record(r: &ConsolidatedRecord) -> Result<Self, StoreError> {
+        let usage = r.usage.as_ref();
+        Ok(RequestRow {
+            id: r.id.clone(),
+            time_ms: r.time.timestamp_millis(),
+            day: r.day(),
+            consumer: r.consumer.id.clone(),
+            deployment: r.deployment.clone().unwrap_or_default(),
+            model: r.model.clone().unwrap_or_default(),
+            operation: r.operation.clone(),
+            status: r.status,
+            input: usage.map_or(0, |u| u.input_tokens),
+            cached: usage.map_or(0, |u| u.cached_input_tokens),
+            output: usage.map_or(0, |u| u.output_tokens),
+            total: usage.map_or(0, |u| u.total_tokens),
+            estimated: usage.is_some_and(|u| u.source == tollgate_records::UsageSource::Estimated),
+            cost: r.cost.as_ref().map_or(0.0, |c| c.total),
+            doc: serde_json::to_string(r).map_err(corrupt)?,
+        })
+    }
+}
+
+/// SQL `WHERE` clause and parameters for a query's filters.
+fn filters(q: &RecordQuery) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    let mut clauses = vec!["1 = 1".to_owned()];
+    let mut params = Vec::new();
+    if let Some(from) = q.from {
+        clauses.push(format!("time_ms >= ?{}", params.len() + 1));
+        params.push(V::Integer(from.timestamp_millis()));
+    }
+    if let Some(to) = q.to {
+        clauses.push(format!("time_ms < ?{}", params.len() + 1));
+        params.push(V::Integer(to.timestamp_millis()));
+    }
+    if let Some(c) = &q.consumer {
+        clauses.push(format!("consumer = ?{}", params.len() + 1));
+        params.push(V::Text(c.clone()));
+    }
+    if let Some(d) = &q.deployment {
+        clauses.push(format!("deployment = ?{}", params.len() + 1));
+        params.push(V::Text(d.clone()));
+    }
+    (clauses.join(" AND "), params)
+}
+
+#[async_trait]
+impl RequestStore for EmbeddedStore {
+    async fn upsert(&self, records: &[ConsolidatedRecord]) -> Result<(), StoreError> {
+        let rows = records
+            .iter()
+            .map(RequestRow::from_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(io)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO requests (id, time_ms, day, consumer, deployment, model, operation,
+                            status, input_tokens, cached_input_tokens, output_tokens, total_tokens,
+                            estimated, cost, doc)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                         ON CONFLICT(id) DO UPDATE SET time_ms = excluded.time_ms, day = excluded.day,
+                            consumer = excluded.consumer, deployment = excluded.deployment,
+                            model = excluded.model, operation = excluded.operation,
+                            status = excluded.status, input_tokens = excluded.input_tokens,
+                            cached_input_tokens = excluded.cached_input_tokens,
+                            output_tokens = excluded.output_tokens,
+                            total_tokens = excluded.total_tokens, estimated = excluded.estimated,
+                            cost = excluded.cost, doc = excluded.doc",
+                    )
+                    .map_err(io)?;
+                for r in &rows {
+                    stmt.execute(params![
+                        r.id,
+                        r.time_ms,
+                        r.day,
+                        r.consumer,
+                        r.deployment,
+                        r.model,
+                        r.operation,
+                        r.status,
+                        r.input as i64,
+                        r.cached as i64,
+                        r.output as i64,
+                        r.total as i64,
+                        r.estimated,
+                        r.cost,
+                        r.doc
+                    ])
+                    .map_err(io)?;
+                }
+            }
+            tx.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<ConsolidatedRecord>, StoreError> {
+        let id = id.to_owned();
+        let doc = self
+            .read_conn(move |conn| {
+                conn.query_row("SELECT doc FROM requests WHERE id = ?1", params![id], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()
+                .map_err(io)
+            })
+            .await?;
+        doc.map(|d| serde_json::from_str(&d).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn list(&self, query: &RecordQuery) -> Result<Vec<ConsolidatedRecord>, StoreError> {
+        let (clause, params) = filters(query);
+        let limit = query
+            .limit
+            .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let docs = self
+            .read_conn(move |conn| {
+                let sql = format!(
+                    "SELECT doc FROM requests WHERE {clause} ORDER BY time_ms DESC, id LIMIT {limit}"
+                );
+                let mut stmt = conn.prepare(&sql).map_err(io)?;
+                let docs = stmt
+                    .query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(0))
+                    .map_err(io)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(io)?;
+                Ok(docs)
+            })
+            .await?;
+        docs.iter()
+            .map(|d| serde_json::from_str(d).map_err(corrupt))
+            .collect()
+    }
+
+    async fn usage(&self, query: &RecordQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let (clause, params) = filters(query);
+        self.read_conn(move |conn| {
+            let sql = format!(
+                "SELECT consumer, deployment, model, day, COUNT(*),
+                        SUM(CASE WHEN status IS NULL OR status >= 400 THEN 1 ELSE 0 END),
+                        SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+                        SUM(total_tokens), SUM(estimated), SUM(cost)
+                 FROM requests WHERE {clause}
+                 GROUP BY consumer, deployment, model, day
+                 ORDER BY day, consumer, deployment, model"
+            );
+            let mut stmt = conn.prepare(&sql).map_err(io)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(params), |r| {
+                    Ok(UsageRow {
+                        consumer: r.get(0)?,
+                        deployment: r.get(1)?,
+                        model: r.get(2)?,
+                        day: r.get(3)?,
+                        requests: r.get::<_, i64>(4)? as u64,
+                        errors: r.get::<_, i64>(5)? as u64,
+                        input_tokens: r.get::<_, i64>(6)? as u64,
+                        cached_input_tokens: r.get::<_, i64>(7)? as u64,
+                        output_tokens: r.get::<_, i64>(8)? as u64,
+                        total_tokens: r.get::<_, i64>(9)? as u64,
+                        estimated_requests: r.get::<_, i64>(10)? as u64,
+                        cost: r.get(11)?,
+                    })
+                })
+                .map_err(io)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io)?;
+            Ok(rows)
+        })
+        .await
+    }
+}

@@ -1,0 +1,188 @@
+//! Storage for Tollgate's records, split by capability so each service depends on only what it
+//! uses: the proxy on [`RawWriter`], the parser on [`ChangeFeed`] + [`RequestStore`], reports on
+//! [`RequestStore`].
+//!
+//! Backends: `embedded` (SQLite, default) — the Cosmos DB backend implements the same traits.
+//! Every backend must pass [`conformance`].
+//!
+//! Invariants every backend keeps:
+//! - appending a raw record whose id (`"{requestId}:{seq}"`) is already stored is a no-op, so the
+//!   proxy may replay a batch after an ambiguous failure;
+//! - the change feed returns each appended record once, in append order, from an opaque
+//!   position that survives restarts;
+//! - upserting a consolidated record replaces the one with the same id.
+
+#[cfg(feature = "embedded")]
+pub mod embedded;
+
+pub mod conformance;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tollgate_records::{ConsolidatedRecord, RawRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("stored document is not a valid record: {0}")]
+    Corrupt(String),
+    #[error("store configuration is invalid: {0}")]
+    Config(String),
+    #[error("store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Appends raw records; used by the logging proxy's batch writer.
+#[async_trait]
+pub trait RawWriter: Send + Sync + 'static {
+    /// Appends the batch atomically where the backend can; records already stored are skipped.
+    async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError>;
+}
+
+/// Where a change-feed reader stands: an opaque backend position plus the requests it has seen
+/// start but not yet finish, so a restarted parser still finalises them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    /// Backend-specific; `None` means the beginning of the feed.
+    #[serde(default)]
+    pub position: Option<String>,
+    #[serde(default)]
+    pub pending: Vec<PendingRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRequest {
+    pub request_id: String,
+    pub first_seen: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FeedPage {
+    pub records: Vec<RawRecord>,
+    /// Position after the last record of this page (unchanged when the page is empty).
+    pub position: Option<String>,
+}
+
+/// Reads raw records in append order; used by the log parser.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync + 'static {
+    async fn read(&self, position: Option<&str>, max: usize) -> Result<FeedPage, StoreError>;
+    /// All stored raw records of one request, ordered by seq.
+    async fn read_request(&self, request_id: &str) -> Result<Vec<RawRecord>, StoreError>;
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StoreError>;
+    async fn save_checkpoint(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), StoreError>;
+}
+
+/// A time window and optional filters over consolidated records.
+#[derive(Debug, Clone, Default)]
+pub struct RecordQuery {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub consumer: Option<String>,
+    pub deployment: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// One row of the usage report: a (consumer, deployment, model, day) group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRow {
+    pub consumer: String,
+    pub deployment: String,
+    pub model: String,
+    pub day: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub estimated_requests: u64,
+    pub cost: f64,
+}
+
+/// Consolidated records; written by the parser, read by reports.
+#[async_trait]
+pub trait RequestStore: Send + Sync + 'static {
+    async fn upsert(&self, records: &[ConsolidatedRecord]) -> Result<(), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<ConsolidatedRecord>, StoreError>;
+    /// Records in the window, newest first.
+    async fn list(&self, query: &RecordQuery) -> Result<Vec<ConsolidatedRecord>, StoreError>;
+    /// Usage grouped by consumer, deployment, model and UTC day, ordered by day then consumer.
+    async fn usage(&self, query: &RecordQuery) -> Result<Vec<UsageRow>, StoreError>;
+}
+
+/// The configured backend, `store.type` in the configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreConfig {
+    Embedded {
+        /// Directory holding the SQLite database (`tollgate.sqlite`).
+        #[serde(default = "default_data_dir")]
+        data_dir: PathBuf,
+        /// How long a writer waits for a lock held by another process before failing.
+        #[serde(default = "default_busy_timeout_ms")]
+        busy_timeout_ms: u64,
+    },
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Embedded {
+            data_dir: default_data_dir(),
+            busy_timeout_ms: default_busy_timeout_ms(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+fn default_busy_timeout_ms() -> u64 {
+    5_000
+}
+
+impl StoreConfig {
+    /// The embedded configuration rooted at `data_dir`.
+    pub fn embedded(data_dir: impl Into<PathBuf>) -> Self {
+        StoreConfig::Embedded {
+            data_dir: data_dir.into(),
+            busy_timeout_ms: default_busy_timeout_ms(),
+        }
+    }
+
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            StoreConfig::Embedded { data_dir, .. } => Some(data_dir),
+        }
+    }
+}
+
+/// One opened backend, exposing every capability.
+pub trait Store: RawWriter + ChangeFeed + RequestStore {}
+impl<T: RawWriter + ChangeFeed + RequestStore> Store for T {}
+
+/// Opens the configured backend and runs its healthcheck.
+pub async fn open(config: &StoreConfig) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match config {
+        #[cfg(feature = "embedded")]
+        StoreConfig::Embedded {
+            data_dir,
+            busy_timeout_ms,
+        } => {
+            let store = embedded::EmbeddedStore::open(data_dir, *busy_timeout_ms).await?;
+            Ok(std::sync::Arc::new(store))
+        }
+        #[cfg(not(feature = "embedded"))]
+        StoreConfig::Embedded { .. } => Err(StoreError::Config(
+            "built without the `embedded` store feature".into(),
+        )),
+    }
+}

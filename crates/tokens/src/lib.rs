@@ -1,0 +1,404 @@
+//! Token counting and pricing: model → tokenizer, the chat prompt counting rule (message framing,
+//! tool definitions, images), the completion counting rule, and the price table.
+//!
+//! The simulator and the log parser both count with these functions, so a simulated `usage` and
+//! a Tollgate estimate of the same exchange agree exactly; against real AOAI the prompt figure is
+//! an estimate (AOAI's framing of tools and reasoning models is not public), which is why records
+//! say whether their usage was reported or estimated.
+//!
+//! Must not: do I/O (the price table is parsed from a string the caller read), or depend on
+//! other workspace crates.
+
+mod price;
+
+pub use price::{DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost};
+
+use serde_json::Value;
+use tiktoken_rs::CoreBPE;
+use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+
+/// The byte-pair encodings AOAI's current models use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    O200kBase,
+    Cl100kBase,
+}
+
+impl Encoding {
+    /// The encoding of a model name as AOAI reports it (`gpt-4o-2024-08-06`, `gpt-35-turbo`, …).
+    /// Unknown names — including deployment names — fall back to o200k_base, the encoding of
+    /// every current model family.
+    pub fn for_model(model: &str) -> Self {
+        match get_tokenizer(model) {
+            Some(Tokenizer::Cl100kBase) => Encoding::Cl100kBase,
+            _ => Encoding::O200kBase,
+        }
+    }
+
+    fn bpe(self) -> &'static CoreBPE {
+        match self {
+            Encoding::O200kBase => tiktoken_rs::o200k_base_singleton(),
+            Encoding::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+        }
+    }
+
+    /// Loads both tokenizers so the first request does not pay for it (about 0.3 s).
+    pub fn warm_up() {
+        let _ = Encoding::O200kBase.bpe();
+        let _ = Encoding::Cl100kBase.bpe();
+    }
+
+    pub fn count(self, text: &str) -> u64 {
+        if text.is_empty() {
+            return 0;
+        }
+        self.bpe().encode_ordinary(text).len() as u64
+    }
+
+    pub fn encode(self, text: &str) -> Vec<u32> {
+        self.bpe().encode_ordinary(text)
+    }
+
+    /// Decodes one token id to its text; `None` if the bytes are not UTF-8 on their own.
+    pub fn decode(self, tokens: &[u32]) -> Option<String> {
+        let bytes = self.bpe().decode_bytes(tokens).ok()?;
+        String::from_utf8(bytes).ok()
+    }
+}
+
+/// Framing constants of the chat counting rule (OpenAI cookbook, "How to count tokens with
+/// tiktoken"), which differ between the gpt-3.5/gpt-4 generation and later models.
+struct Framing {
+    per_message: i64,
+    per_name: i64,
+    reply_priming: i64,
+    func_init: i64,
+    prop_init: i64,
+    prop_key: i64,
+    enum_init: i64,
+    enum_item: i64,
+    func_end: i64,
+}
+
+fn framing(model: &str) -> Framing {
+    let legacy_0301 = model.contains("0301");
+    let old_tools = Encoding::for_model(model) == Encoding::Cl100kBase;
+    Framing {
+        per_message: if legacy_0301 { 4 } else { 3 },
+        per_name: if legacy_0301 { -1 } else { 1 },
+        reply_priming: 3,
+        func_init: if old_tools { 10 } else { 7 },
+        prop_init: 3,
+        prop_key: 3,
+        enum_init: -3,
+        enum_item: 3,
+        func_end: 12,
+    }
+}
+
+/// Tokens an image part costs when its size is unknown: a 1024×1024 image at `high`/`auto`
+/// detail is 4 tiles × 170 + 85. `low` detail is a flat 85.
+const IMAGE_TOKENS_UNKNOWN_SIZE: i64 = 765;
+const IMAGE_TOKENS_LOW_DETAIL: i64 = 85;
+
+/// Prompt tokens of a chat completions request body (`messages`, `tools` or legacy `functions`).
+pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
+    let enc = Encoding::for_model(model);
+    let f = framing(model);
+    let mut total: i64 = 0;
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        for message in messages {
+            total += f.per_message;
+            let Some(fields) = message.as_object() else {
+                continue;
+            };
+            for (key, value) in fields {
+                match (key.as_str(), value) {
+                    ("content", Value::Array(parts)) => total += count_content_parts(enc, parts),
+                    ("tool_calls", Value::Array(calls)) => {
+                        for call in calls {
+                            let function = call.get("function").unwrap_or(&Value::Null);
+                            total += count_call(enc, function) as i64;
+                        }
+                    }
+                    ("function_call", function) => total += count_call(enc, function) as i64,
+                    (_, Value::String(s)) => {
+                        total += enc.count(s) as i64;
+                        if key == "name" {
+                            total += f.per_name;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        total += f.reply_priming;
+    }
+    let tools: Vec<&Value> = match (body.get("tools"), body.get("functions")) {
+        (Some(Value::Array(tools)), _) => tools.iter().filter_map(|t| t.get("function")).collect(),
+        (_, Some(Value::Array(functions))) => functions.iter().collect(),
+        _ => Vec::new(),
+    };
+    if !tools.is_empty() {
+        total += count_tool_definitions(enc, &f, &tools);
+    }
+    total.max(0) as u64
+}
+
+fn count_content_parts(enc: Encoding, parts: &[Value]) -> i64 {
+    parts
+        .iter()
+        .map(|part| match part.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                enc.count(part.get("text").and_then(Value::as_str).unwrap_or("")) as i64
+            }
+            Some("image_url") => {
+                let detail = part.pointer("/image_url/detail").and_then(Value::as_str);
+                if detail == Some("low") {
+                    IMAGE_TOKENS_LOW_DETAIL
+                } else {
+                    IMAGE_TOKENS_UNKNOWN_SIZE
+                }
+            }
+            _ => 0,
+        })
+        .sum()
+}
+
+fn count_tool_definitions(enc: Encoding, f: &Framing, functions: &[&Value]) -> i64 {
+    let mut total = 0;
+    for function in functions {
+        total += f.func_init;
+        let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+        let desc = function
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let desc = desc.strip_suffix('.').unwrap_or(desc);
+        total += enc.count(&format!("{name}:{desc}")) as i64;
+        let Some(props) = function
+            .pointer("/parameters/properties")
+            .and_then(Value::as_object)
+        else {
+            continue;
+        };
+        if props.is_empty() {
+            continue;
+        }
+        total += f.prop_init;
+        for (key, prop) in props {
+            total += f.prop_key;
+            if let Some(items) = prop.get("enum").and_then(Value::as_array) {
+                total += f.enum_init;
+                for item in items {
+                    total += f.enum_item;
+                    total += enc.count(&value_text(item)) as i64;
+                }
+            }
+            let kind = prop.get("type").map(value_text).unwrap_or_default();
+            let desc = prop
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let desc = desc.strip_suffix('.').unwrap_or(desc);
+            total += enc.count(&format!("{key}:{kind}:{desc}")) as i64;
+        }
+    }
+    total + f.func_end
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn count_call(enc: Encoding, function: &Value) -> u64 {
+    let name = function.get("name").and_then(Value::as_str).unwrap_or("");
+    let args = function
+        .get("arguments")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    enc.count(name) + enc.count(args)
+}
+
+/// What one choice of a completion produced, as counted by [`count_completion`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CompletionParts<'a> {
+    pub content: Option<&'a str>,
+    pub refusal: Option<&'a str>,
+    /// `(name, arguments)` of each tool call or the legacy function call.
+    pub calls: &'a [(&'a str, &'a str)],
+}
+
+/// Completion tokens: the tokens of each choice's text, refusal, and tool-call names and
+/// arguments.
+pub fn count_completion(model: &str, choices: &[CompletionParts<'_>]) -> u64 {
+    let enc = Encoding::for_model(model);
+    choices
+        .iter()
+        .map(|c| {
+            c.content.map_or(0, |t| enc.count(t))
+                + c.refusal.map_or(0, |t| enc.count(t))
+                + c.calls
+                    .iter()
+                    .map(|(n, a)| enc.count(n) + enc.count(a))
+                    .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Prompt tokens of a legacy completions `prompt` (a string, strings, or token arrays).
+pub fn count_completions_prompt(model: &str, prompt: &Value) -> u64 {
+    count_inputs(Encoding::for_model(model), prompt)
+}
+
+/// Input tokens of an embeddings `input` (a string, strings, or token arrays).
+pub fn count_embeddings_input(model: &str, input: &Value) -> u64 {
+    count_inputs(Encoding::for_model(model), input)
+}
+
+fn count_inputs(enc: Encoding, input: &Value) -> u64 {
+    match input {
+        Value::String(s) => enc.count(s),
+        Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
+        Value::Array(items) => items.iter().map(|i| count_inputs(enc, i)).sum(),
+        _ => 0,
+    }
+}
+
+/// Each input of an embeddings or completions request as a list, for per-input processing.
+pub fn split_inputs(input: &Value) -> Vec<Value> {
+    match input {
+        Value::Array(items) if !items.is_empty() && !items.iter().all(Value::is_number) => {
+            items.clone()
+        }
+        Value::Null => Vec::new(),
+        other => vec![other.clone()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn encodings_by_model() {
+        assert_eq!(
+            Encoding::for_model("gpt-4o-2024-08-06"),
+            Encoding::O200kBase
+        );
+        assert_eq!(Encoding::for_model("gpt-35-turbo"), Encoding::Cl100kBase);
+        assert_eq!(
+            Encoding::for_model("text-embedding-3-small"),
+            Encoding::Cl100kBase
+        );
+        assert_eq!(Encoding::for_model("my-deployment"), Encoding::O200kBase);
+    }
+
+    #[test]
+    fn chat_prompt_matches_cookbook_framing() {
+        // Cookbook example: for gpt-4o, system + user "Hi" style messages cost 3 per message,
+        // their field values, and 3 for priming.
+        let body = json!({"messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello", "name": "bob"}
+        ]});
+        let enc = Encoding::O200kBase;
+        let expected = 3
+            + enc.count("system")
+            + enc.count("You are a helpful assistant.")
+            + 3
+            + enc.count("user")
+            + enc.count("Hello")
+            + enc.count("bob")
+            + 1
+            + 3;
+        assert_eq!(count_chat_prompt("gpt-4o", &body), expected);
+    }
+
+    #[test]
+    fn tools_add_their_definition_cost() {
+        let without = json!({"messages": [{"role": "user", "content": "weather?"}]});
+        let with = json!({
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {
+                "name": "get_weather", "description": "Get the weather.",
+                "parameters": {"type": "object", "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "unit": {"type": "string", "enum": ["c", "f"]}
+                }}
+            }}]
+        });
+        let enc = Encoding::O200kBase;
+        let defs = 7
+            + enc.count("get_weather:Get the weather")
+            + 3
+            + 3
+            + enc.count("city:string:City name")
+            + 3
+            + enc.count("unit:string:")
+            + 3
+            + enc.count("c")
+            + 3
+            + enc.count("f")
+            + 12
+            - 3;
+        assert_eq!(
+            count_chat_prompt("gpt-4o", &with) - count_chat_prompt("gpt-4o", &without),
+            defs
+        );
+    }
+
+    #[test]
+    fn images_are_counted_by_detail() {
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+        ]}]});
+        let enc = Encoding::O200kBase;
+        let expected = 3 + enc.count("user") + enc.count("what is this") + 85 + 765 + 3;
+        assert_eq!(count_chat_prompt("gpt-4o", &body), expected);
+    }
+
+    #[test]
+    fn completion_counts_text_and_calls() {
+        let calls = [("get_weather", r#"{"city":"Paris"}"#)];
+        let parts = [
+            CompletionParts {
+                content: Some("Hello there"),
+                ..Default::default()
+            },
+            CompletionParts {
+                calls: &calls,
+                ..Default::default()
+            },
+        ];
+        let enc = Encoding::O200kBase;
+        let expected =
+            enc.count("Hello there") + enc.count("get_weather") + enc.count(r#"{"city":"Paris"}"#);
+        assert_eq!(count_completion("gpt-4o", &parts), expected);
+    }
+
+    #[test]
+    fn embeddings_inputs() {
+        let enc = Encoding::Cl100kBase;
+        let m = "text-embedding-3-small";
+        assert_eq!(
+            count_embeddings_input(m, &json!("hello world")),
+            enc.count("hello world")
+        );
+        assert_eq!(
+            count_embeddings_input(m, &json!(["a b", "c"])),
+            enc.count("a b") + enc.count("c")
+        );
+        assert_eq!(count_embeddings_input(m, &json!([1, 2, 3])), 3);
+        assert_eq!(count_embeddings_input(m, &json!([[1, 2], [3]])), 3);
+        assert_eq!(split_inputs(&json!([1, 2])).len(), 1);
+        assert_eq!(split_inputs(&json!(["a", "b"])).len(), 2);
+    }
+}
