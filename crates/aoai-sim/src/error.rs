@@ -1,0 +1,124 @@
+//! AOAI's error responses, as the service sends them.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct AoaiError {
+    pub status: StatusCode,
+    pub body: Value,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl AoaiError {
+    fn new(status: StatusCode, body: Value) -> Self {
+        AoaiError {
+            status,
+            body,
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}),
+        )
+    }
+
+    pub fn resource_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            json!({"error": {"code": "404", "message": "Resource not found"}}),
+        )
+    }
+
+    pub fn api_version_not_supported() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"code": "BadRequest", "message": "API version not supported"}}),
+        )
+    }
+
+    pub fn deployment_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            json!({"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."}}),
+        )
+    }
+
+    pub fn operation_not_supported(operation: &str, model: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"code": "OperationNotSupported", "message": format!("The {operation} operation does not work with the specified model, {model}. Please choose different model and try again. You can learn more about which models can be used with each operation here: https://go.microsoft.com/fwlink/?linkid=2197993.")}}),
+        )
+    }
+
+    pub fn invalid_request(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"message": message.into(), "type": "invalid_request_error", "param": param, "code": null}}),
+        )
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": {"code": "RequestEntityTooLarge", "message": format!("The request body is larger than {limit} bytes.")}}),
+        )
+    }
+
+    pub fn rate_limited(operation: &str, api_version: &str, retry_after_ms: u64) -> Self {
+        let secs = retry_after_ms.div_ceil(1000).max(1);
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": {"code": "429", "message": format!("Requests to the {operation} Operation under Azure OpenAI API version {api_version} have exceeded token rate limit of your current AIServices S0 pricing tier. Please retry after {secs} second{}. Please contact Azure support service if you would like to further increase the default rate limit.", if secs == 1 { "" } else { "s" })}}),
+        );
+        e.retry_after_ms = Some(retry_after_ms);
+        e
+    }
+
+    /// The error AOAI answers with for an injected status code.
+    pub fn for_status(
+        status: u16,
+        operation: &str,
+        api_version: &str,
+        retry_after_ms: u64,
+    ) -> Self {
+        match status {
+            429 => Self::rate_limited(operation, api_version, retry_after_ms),
+            401 => Self::unauthorized(),
+            404 => Self::deployment_not_found(),
+            400 => Self::invalid_request("Invalid request (injected fault).", None),
+            s => {
+                let code = StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let mut e = Self::new(
+                    code,
+                    json!({"error": {"code": if s == 503 { "ServiceUnavailable" } else { "InternalServerError" }, "message": "The server had an error while processing your request. Sorry about that!", "type": "server_error", "param": null}}),
+                );
+                if s == 503 {
+                    e.retry_after_ms = Some(retry_after_ms);
+                }
+                e
+            }
+        }
+    }
+}
+
+impl IntoResponse for AoaiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(self.body)).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&ms.to_string()) {
+                h.insert("retry-after-ms", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&ms.div_ceil(1000).max(1).to_string()) {
+                h.insert("retry-after", v);
+            }
+        }
+        resp
+    }
+}

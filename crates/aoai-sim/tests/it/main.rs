@@ -1,0 +1,345 @@
+//! The simulator over real HTTP: AOAI's shapes, headers, SSE framing and exact usage.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "tests spawn the server task directly"
+)]
+
+use serde_json::{Value, json};
+use tollgate_aoai_sim::{SimConfig, Simulator};
+use tollgate_tokens::Encoding;
+
+struct Sim {
+    base: String,
+    sim: Simulator,
+    http: reqwest::Client,
+}
+
+async fn start(config: SimConfig) -> Sim {
+    let sim = Simulator::new(config).expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = sim.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Sim {
+        base: format!("http://{addr}"),
+        sim,
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    }
+}
+
+impl Sim {
+    async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("api-key", "k")
+            .json(&body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("send")
+    }
+}
+
+const CHAT: &str = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+
+fn frames(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter(|f| !f.is_empty())
+        .map(|f| f.strip_prefix("data: ").expect("data frame"))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("json frame"))
+        .collect()
+}
+
+fn messages() -> Value {
+    json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}])
+}
+
+#[tokio::test]
+async fn non_stream_chat_has_aoai_shape_and_exact_usage() {
+    let s = start(SimConfig::default()).await;
+    let body = json!({"messages": messages()});
+    let resp = s.post(CHAT, body.clone(), &[]).await;
+    assert_eq!(resp.status(), 200);
+    for h in [
+        "apim-request-id",
+        "x-request-id",
+        "x-ms-region",
+        "azureml-model-session",
+    ] {
+        assert!(resp.headers().contains_key(h), "missing {h}");
+    }
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "gpt-4o-2024-08-06");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(v["system_fingerprint"].is_string());
+    assert!(v["prompt_filter_results"][0]["content_filter_results"]["hate"].is_object());
+    assert!(v["choices"][0]["content_filter_results"]["violence"].is_object());
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["completion_tokens"].as_u64().unwrap(),
+        Encoding::O200kBase.count(content)
+    );
+    assert_eq!(
+        usage["prompt_tokens"].as_u64().unwrap(),
+        tollgate_tokens::count_chat_prompt("gpt-4o-2024-08-06", &body)
+    );
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    // Same request, same answer.
+    let again: Value = s.post(CHAT, body, &[]).await.json().await.unwrap();
+    assert_eq!(again["choices"], v["choices"]);
+    assert_eq!(s.sim.requests_to("gpt-4o"), 2);
+}
+
+#[tokio::test]
+async fn stream_frames_follow_aoai_and_usage_only_when_asked() {
+    let s = start(SimConfig::default()).await;
+    let with = s
+        .post(CHAT, json!({"messages": messages(), "stream": true, "stream_options": {"include_usage": true}}), &[])
+        .await;
+    assert!(
+        with.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let raw = with.text().await.unwrap();
+    assert!(raw.ends_with("data: [DONE]\n\n"));
+    let f = frames(&raw);
+    assert_eq!(f[0]["choices"], json!([]));
+    assert!(f[0]["prompt_filter_results"].is_array());
+    assert_eq!(f[1]["choices"][0]["delta"]["role"], "assistant");
+    let last = f.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    let text: String = f
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        last["usage"]["completion_tokens"].as_u64().unwrap(),
+        Encoding::O200kBase.count(&text)
+    );
+    let finish = &f[f.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "stop");
+    assert!(
+        f[1..f.len() - 1]
+            .iter()
+            .all(|c| c.get("usage") == Some(&Value::Null))
+    );
+
+    let without = s
+        .post(CHAT, json!({"messages": messages(), "stream": true}), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(frames(&without).iter().all(|c| c.get("usage").is_none()));
+}
+
+#[tokio::test]
+async fn parallel_tool_calls_stream_as_fragments_by_index() {
+    let s = start(SimConfig::default()).await;
+    let tool = |name: &str| {
+        json!({"type": "function", "function": {"name": name, "description": "d",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}})
+    };
+    let body = json!({"messages": messages(), "stream": true, "tool_choice": "required",
+                      "tools": [tool("weather"), tool("news")]});
+    let f = frames(&s.post(CHAT, body, &[]).await.text().await.unwrap());
+    let mut args = [String::new(), String::new()];
+    let mut names = [String::new(), String::new()];
+    for c in &f {
+        for call in c["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = call["index"].as_u64().unwrap() as usize;
+            if let Some(n) = call["function"]["name"].as_str() {
+                names[i] = n.to_owned();
+            }
+            args[i].push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(names, ["weather".to_owned(), "news".to_owned()]);
+    for a in &args {
+        let parsed: Value = serde_json::from_str(a).expect("arguments are complete JSON");
+        assert!(parsed["days"].is_i64());
+    }
+    let fragments = f
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["tool_calls"].is_array())
+        .count();
+    assert!(fragments > 2, "arguments arrive in fragments");
+    assert!(
+        f.iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+    );
+}
+
+#[tokio::test]
+async fn n_choices_are_interleaved() {
+    let s = start(SimConfig::default()).await;
+    let f = frames(
+        &s.post(
+            CHAT,
+            json!({"messages": messages(), "stream": true, "n": 2}),
+            &[],
+        )
+        .await
+        .text()
+        .await
+        .unwrap(),
+    );
+    let order: Vec<u64> = f
+        .iter()
+        .filter_map(|c| c["choices"][0]["index"].as_u64())
+        .collect();
+    assert!(order.windows(2).any(|w| w[0] != w[1]));
+    assert!(order.contains(&1));
+}
+
+#[tokio::test]
+async fn errors_have_aoai_shapes() {
+    let s = start(SimConfig {
+        api_key: Some("right".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let body = json!({"messages": messages()});
+    let send = |path: &'static str, key: &'static str| {
+        let req = s
+            .http
+            .post(format!("{}{path}", s.base))
+            .header("api-key", key)
+            .json(&body);
+        async move { req.send().await.unwrap() }
+    };
+    let r = send(CHAT, "wrong").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "401");
+    let r = send("/openai/deployments/gpt-4o/chat/completions", "right").await;
+    assert_eq!(r.status(), 404);
+    let r = send(
+        "/openai/deployments/gpt-4o/chat/completions?api-version=1999-01-01",
+        "right",
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let r = send(
+        "/openai/deployments/nope/chat/completions?api-version=2024-10-21",
+        "right",
+    )
+    .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "DeploymentNotFound"
+    );
+    let r = send(
+        "/openai/deployments/text-embedding-3-small/chat/completions?api-version=2024-10-21",
+        "right",
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "OperationNotSupported"
+    );
+}
+
+#[tokio::test]
+async fn faults_by_header() {
+    let s = start(SimConfig::default()).await;
+    let body = json!({"messages": messages(), "stream": true});
+    let r = s
+        .post(
+            CHAT,
+            body.clone(),
+            &[("x-sim-fault", "429;retry-after-ms=1500")],
+        )
+        .await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after-ms"], "1500");
+    assert_eq!(r.headers()["retry-after"], "2");
+    let r = s.post(CHAT, body.clone(), &[("x-sim-fault", "500")]).await;
+    assert_eq!(r.status(), 500);
+    let r = s
+        .post(
+            CHAT,
+            body.clone(),
+            &[("x-sim-fault", "reset-after-chunks=3")],
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.is_err(), "the connection is cut mid-body");
+    let r = s.post(CHAT, body, &[("x-sim-fault", "bogus")]).await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_remaining_headers() {
+    let mut config = SimConfig::default();
+    config.deployments[0].requests_per_minute = Some(2);
+    let s = start(config).await;
+    let body = json!({"messages": messages()});
+    let r = s.post(CHAT, body.clone(), &[]).await;
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(s.post(CHAT, body.clone(), &[]).await.status(), 200);
+    let r = s.post(CHAT, body, &[]).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after-ms"));
+}
+
+#[tokio::test]
+async fn embeddings_floats_and_base64() {
+    let s = start(SimConfig::default()).await;
+    let path = "/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21";
+    let v: Value = s
+        .post(path, json!({"input": ["hello world", "bye"]}), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 1536);
+    let expected = Encoding::Cl100kBase.count("hello world") + Encoding::Cl100kBase.count("bye");
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), expected);
+    let b: Value = s
+        .post(
+            path,
+            json!({"input": "hello world", "encoding_format": "base64", "dimensions": 8}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(b["data"][0]["embedding"].as_str().unwrap().len() > 40);
+}
+
+#[tokio::test]
+async fn v1_surface_takes_the_deployment_from_the_body() {
+    let s = start(SimConfig::default()).await;
+    let r = s
+        .http
+        .post(format!("{}/openai/v1/chat/completions", s.base))
+        .bearer_auth("k")
+        .json(&json!({"model": "gpt-4o-mini", "messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["model"],
+        "gpt-4o-mini-2024-07-18"
+    );
+}
