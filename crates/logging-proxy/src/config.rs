@@ -1,0 +1,284 @@
+//! `ProxyConfig` (the `[proxy]` section), validated into the runtime form before any traffic.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// A consumer: who may call, identified by the SHA-256 of its key. Keys themselves are never in
+/// the configuration; `tollgate keys new` prints a key and the hash to put here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub id: String,
+    /// Hex SHA-256 digests of the consumer's keys (several, so keys can be rotated).
+    pub key_sha256: Vec<String>,
+}
+
+/// An AOAI resource (or the simulator) and the deployments it serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    /// Base URL, e.g. `https://myresource.openai.azure.com`.
+    pub endpoint: String,
+    /// Sent to the backend as `api-key`.
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    /// Deployment names this backend serves.
+    #[serde(default)]
+    pub deployments: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted; larger gets 413.
+    pub max_request_body_bytes: usize,
+    /// TCP connect timeout to a backend.
+    pub connect_timeout_ms: u64,
+    /// Time allowed from sending the request to receiving the response headers.
+    pub first_byte_timeout_ms: u64,
+    /// Longest silence allowed between two body chunks of a response.
+    pub idle_timeout_ms: u64,
+    /// Longest a whole exchange may take, streams included.
+    pub total_timeout_ms: u64,
+    /// After the client disconnects, how many more response bytes are read so AOAI's usage is
+    /// still recorded.
+    pub max_drain_bytes: u64,
+    /// After the client disconnects, how long the response is read for at most.
+    pub max_drain_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_request_body_bytes: 32 * 1024 * 1024,
+            connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 120_000,
+            idle_timeout_ms: 60_000,
+            total_timeout_ms: 600_000,
+            max_drain_bytes: 16 * 1024 * 1024,
+            max_drain_ms: 120_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecorderConfig {
+    /// Records held in memory between request tasks and the batch writer; beyond it records
+    /// go to the spool.
+    pub queue_capacity: usize,
+    /// Most records written to the store in one batch.
+    pub max_batch_records: usize,
+    /// A stream segment is cut when it reaches this size…
+    pub segment_max_bytes: usize,
+    /// …or this age, so a long stream is a handful of documents.
+    pub segment_max_age_ms: u64,
+    /// Non-stream response bodies up to this size go inline in the `end` record; larger ones
+    /// are recorded as segments.
+    pub max_inline_body_bytes: usize,
+    /// Where records go when the queue is full or the store fails; default `<data_dir>/spool`.
+    pub spool_dir: Option<PathBuf>,
+    /// Spool size cap; when reached, new requests are refused with 503 rather than accepted
+    /// and not recorded.
+    pub spool_max_bytes: u64,
+    /// Spool files are rotated at this size.
+    pub spool_file_max_bytes: u64,
+    /// Wait between attempts to replay the spool into a failing store.
+    pub retry_interval_ms: u64,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        RecorderConfig {
+            queue_capacity: 16_384,
+            max_batch_records: 512,
+            segment_max_bytes: 64 * 1024,
+            segment_max_age_ms: 1_000,
+            max_inline_body_bytes: 1024 * 1024,
+            spool_dir: None,
+            spool_max_bytes: 1024 * 1024 * 1024,
+            spool_file_max_bytes: 16 * 1024 * 1024,
+            retry_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub consumers: Vec<ConsumerConfig>,
+    pub backends: Vec<BackendConfig>,
+    pub limits: LimitsConfig,
+    pub recorder: RecorderConfig,
+    /// SHA-256 of the key that may call the admin endpoints (`/tollgate/admin/…`); the admin
+    /// endpoints are off when absent.
+    pub admin_key_sha256: Option<String>,
+    /// Use `HTTP(S)_PROXY` from the environment for backend connections.
+    pub use_env_proxy: bool,
+}
+
+/// A validated backend.
+#[derive(Debug, Clone)]
+pub(crate) struct Backend {
+    pub name: String,
+    pub endpoint: String,
+    pub api_key: Option<SecretString>,
+}
+
+/// The configuration in runtime form.
+#[derive(Debug, Clone)]
+pub(crate) struct Validated {
+    pub consumers: Vec<(String, [u8; 32])>,
+    pub backends: Vec<Backend>,
+    /// Deployment → index into `backends`.
+    pub routes: HashMap<String, usize>,
+    pub limits: LimitsConfig,
+    pub recorder: RecorderConfig,
+    pub admin_key: Option<[u8; 32]>,
+    pub use_env_proxy: bool,
+}
+
+fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_digest.trim()).ok()?;
+    bytes.try_into().ok()
+}
+
+impl Validated {
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.connect_timeout_ms)
+    }
+}
+
+impl ProxyConfig {
+    /// Checks everything and returns every problem at once.
+    pub(crate) fn validate(&self) -> Result<Validated, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut consumers = Vec::new();
+        for c in &self.consumers {
+            if c.key_sha256.is_empty() {
+                problems.push(format!("proxy.consumers `{}` has no key_sha256", c.id));
+            }
+            for k in &c.key_sha256 {
+                match parse_digest(k) {
+                    Some(d) => consumers.push((c.id.clone(), d)),
+                    None => problems.push(format!(
+                        "proxy.consumers `{}`: key_sha256 `{k}` is not 64 hex characters",
+                        c.id
+                    )),
+                }
+            }
+        }
+        let mut routes = HashMap::new();
+        let mut backends = Vec::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            match reqwest::Url::parse(&b.endpoint) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => problems.push(format!(
+                    "proxy.backends `{}`: endpoint `{}` is not an http(s) URL",
+                    b.name, b.endpoint
+                )),
+            }
+            for d in &b.deployments {
+                if routes.insert(d.clone(), i).is_some() {
+                    problems.push(format!("proxy.backends: deployment `{d}` is served twice"));
+                }
+            }
+            backends.push(Backend {
+                name: b.name.clone(),
+                endpoint: b.endpoint.trim_end_matches('/').to_owned(),
+                api_key: b.api_key.clone(),
+            });
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_request_body_bytes", l.max_request_body_bytes as u64),
+            ("connect_timeout_ms", l.connect_timeout_ms),
+            ("first_byte_timeout_ms", l.first_byte_timeout_ms),
+            ("idle_timeout_ms", l.idle_timeout_ms),
+            ("total_timeout_ms", l.total_timeout_ms),
+        ] {
+            if v == 0 {
+                problems.push(format!("proxy.limits.{name} must be greater than 0"));
+            }
+        }
+        let r = &self.recorder;
+        for (name, v) in [
+            ("queue_capacity", r.queue_capacity as u64),
+            ("max_batch_records", r.max_batch_records as u64),
+            ("segment_max_bytes", r.segment_max_bytes as u64),
+            ("spool_file_max_bytes", r.spool_file_max_bytes),
+        ] {
+            if v == 0 {
+                problems.push(format!("proxy.recorder.{name} must be greater than 0"));
+            }
+        }
+        if r.spool_max_bytes < r.spool_file_max_bytes {
+            problems.push(
+                "proxy.recorder.spool_max_bytes must be at least spool_file_max_bytes".to_owned(),
+            );
+        }
+        let admin_key = match &self.admin_key_sha256 {
+            Some(k) => match parse_digest(k) {
+                Some(d) => Some(d),
+                None => {
+                    problems.push("proxy.admin_key_sha256 is not 64 hex characters".to_owned());
+                    None
+                }
+            },
+            None => None,
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Validated {
+            consumers,
+            backends,
+            routes,
+            limits: self.limits.clone(),
+            recorder: self.recorder.clone(),
+            admin_key,
+            use_env_proxy: self.use_env_proxy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let config = ProxyConfig {
+            consumers: vec![ConsumerConfig {
+                id: "a".into(),
+                key_sha256: vec!["zz".into()],
+            }],
+            backends: vec![
+                BackendConfig {
+                    name: "b".into(),
+                    endpoint: "ftp://x".into(),
+                    api_key: None,
+                    deployments: vec!["d".into()],
+                },
+                BackendConfig {
+                    name: "c".into(),
+                    endpoint: "http://y".into(),
+                    api_key: None,
+                    deployments: vec!["d".into()],
+                },
+            ],
+            limits: LimitsConfig {
+                idle_timeout_ms: 0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let problems = config.validate().unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+}

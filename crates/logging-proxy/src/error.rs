@@ -1,0 +1,94 @@
+//! Errors Tollgate itself answers with, and the one table that maps each to its HTTP status and
+//! AOAI error `code`. Errors AOAI returned are forwarded as received, never through here.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tollgate_records::{ErrorInfo, ErrorSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."
+    )]
+    ConsumerKeyInvalid,
+    #[error("Resource not found")]
+    RouteNotFound,
+    #[error(
+        "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again."
+    )]
+    DeploymentNotFound,
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    RequestBodyTooLarge { limit: usize },
+    #[error("The request body could not be read: {0}")]
+    RequestBodyUnreadable(String),
+    #[error("The backend could not be reached.")]
+    BackendUnreachable { detail: String },
+    #[error("The backend did not answer within {timeout_ms} ms.")]
+    BackendTimeout { timeout_ms: u64 },
+    #[error("Tollgate cannot record more requests right now; retry later.")]
+    RecorderFull,
+    #[error("The request could not be recorded.")]
+    RecorderFailed { detail: String },
+}
+
+impl ProxyError {
+    /// (HTTP status, AOAI error code, source): the one table.
+    fn table(&self) -> (StatusCode, &'static str, ErrorSource) {
+        use ErrorSource::*;
+        match self {
+            ProxyError::ConsumerKeyInvalid => (StatusCode::UNAUTHORIZED, "401", Downstream),
+            ProxyError::RouteNotFound => (StatusCode::NOT_FOUND, "404", Downstream),
+            ProxyError::DeploymentNotFound => {
+                (StatusCode::NOT_FOUND, "DeploymentNotFound", Downstream)
+            }
+            ProxyError::RequestBodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                Downstream,
+            ),
+            ProxyError::RequestBodyUnreadable(_) => {
+                (StatusCode::BAD_REQUEST, "BadRequest", Downstream)
+            }
+            ProxyError::BackendUnreachable { .. } => {
+                (StatusCode::BAD_GATEWAY, "BackendUnreachable", Upstream)
+            }
+            ProxyError::BackendTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "BackendTimeout", Upstream)
+            }
+            ProxyError::RecorderFull => (StatusCode::SERVICE_UNAVAILABLE, "RecorderFull", Internal),
+            ProxyError::RecorderFailed { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "RecorderFailed", Internal)
+            }
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.table().0
+    }
+
+    /// What goes in the `end` record: the safe message plus internal detail.
+    pub fn info(&self) -> ErrorInfo {
+        let (_, code, source) = self.table();
+        let message = match self {
+            ProxyError::BackendUnreachable { detail } | ProxyError::RecorderFailed { detail } => {
+                format!("{self} {detail}")
+            }
+            _ => self.to_string(),
+        };
+        ErrorInfo {
+            source,
+            code: code.to_owned(),
+            message,
+        }
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let (status, code, _) = self.table();
+        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        (status, Json(body)).into_response()
+    }
+}

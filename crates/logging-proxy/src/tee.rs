@@ -1,0 +1,349 @@
+//! The tee: one tracked task per response reads the upstream body, passes each chunk to the
+//! client untouched, and hands the bytes to the recorder as segments.
+//!
+//! Invariants:
+//! - per chunk the work is O(chunk): a refcounted `Bytes` goes to the client first, then its
+//!   bytes are appended to the current segment; nothing waits on the store;
+//! - the `end` record is emitted exactly once, when the upstream body ends, fails, times out,
+//!   or the drain bound after a client disconnect is reached;
+//! - a client that disconnects does not stop the reading: the task keeps reading the upstream
+//!   (at most `max_drain_bytes` / `max_drain_ms` more) so AOAI's usage frame is still recorded.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tollgate_records::{
+    Attempt, Body, ChunksRecord, EndRecord, ErrorInfo, ErrorSource, RawRecord, SCHEMA_VERSION,
+    SegmentData,
+};
+
+use crate::config::{LimitsConfig, RecorderConfig};
+use crate::recorder::{InFlight, Recorder};
+
+/// Cuts the response body into `chunks` records, or keeps a small non-stream body inline.
+pub(crate) struct Segmenter {
+    request_id: String,
+    next_seq: u32,
+    buf: Vec<u8>,
+    arrivals: Vec<[u64; 2]>,
+    segment_offset: u64,
+    total: u64,
+    segment_started_us: u64,
+    max_bytes: usize,
+    max_age_us: u64,
+    /// While set, bytes accumulate up to this size for the `end` record's body.
+    inline_max: Option<usize>,
+}
+
+impl Segmenter {
+    pub(crate) fn new(request_id: String, config: &RecorderConfig, inline: bool) -> Self {
+        Segmenter {
+            request_id,
+            next_seq: 1,
+            buf: Vec::new(),
+            arrivals: Vec::new(),
+            segment_offset: 0,
+            total: 0,
+            segment_started_us: 0,
+            max_bytes: config.segment_max_bytes,
+            max_age_us: config.segment_max_age_ms * 1000,
+            inline_max: inline.then_some(config.max_inline_body_bytes),
+        }
+    }
+
+    /// Adds a chunk that arrived `at_us` after the request; returns segments to record.
+    pub(crate) fn push(&mut self, chunk: &[u8], at_us: u64) -> Vec<RawRecord> {
+        if self.buf.is_empty() {
+            self.segment_started_us = at_us;
+        }
+        self.buf.extend_from_slice(chunk);
+        self.arrivals.push([at_us, chunk.len() as u64]);
+        self.total += chunk.len() as u64;
+        if let Some(max) = self.inline_max {
+            if self.buf.len() <= max {
+                return Vec::new();
+            }
+            // Too large to go inline: from here on it is recorded as segments.
+            self.inline_max = None;
+        }
+        let mut out = Vec::new();
+        while self.buf.len() >= self.max_bytes {
+            let rest = self.buf.split_off(self.max_bytes);
+            out.push(self.cut(rest));
+        }
+        if !self.buf.is_empty() && at_us.saturating_sub(self.segment_started_us) >= self.max_age_us
+        {
+            out.push(self.cut(Vec::new()));
+        }
+        out
+    }
+
+    fn cut(&mut self, rest: Vec<u8>) -> RawRecord {
+        let data = std::mem::replace(&mut self.buf, rest);
+        let arrivals = std::mem::take(&mut self.arrivals);
+        let record = RawRecord::Chunks(ChunksRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: self.request_id.clone(),
+            seq: self.next_seq,
+            offset: self.segment_offset,
+            data: SegmentData::from_bytes(&data),
+            arrivals,
+        });
+        self.next_seq += 1;
+        self.segment_offset += data.len() as u64;
+        record
+    }
+
+    /// The last segment (if any), the inline body, the number of segments and total bytes.
+    pub(crate) fn finish(
+        mut self,
+        content_type: Option<&str>,
+    ) -> (Option<RawRecord>, Body, u32, u64) {
+        if self.inline_max.is_some() {
+            let body = Body::from_bytes(content_type, &self.buf);
+            return (None, body, 0, self.total);
+        }
+        let last = (!self.buf.is_empty()).then(|| self.cut(Vec::new()));
+        (last, Body::Empty, self.next_seq - 1, self.total)
+    }
+}
+
+/// Response headers worth keeping in the `end` record.
+pub(crate) fn selected_headers(headers: &reqwest::header::HeaderMap) -> BTreeMap<String, String> {
+    const KEEP: &[&str] = &[
+        "apim-request-id",
+        "x-request-id",
+        "x-ms-client-request-id",
+        "x-ms-region",
+        "azureml-model-session",
+        "azure-openai-deployment-utilization",
+        "retry-after",
+        "retry-after-ms",
+        "x-ms-retry-after-ms",
+        "openai-processing-ms",
+        "x-ms-rai-invoked",
+    ];
+    headers
+        .iter()
+        .filter(|(k, _)| KEEP.contains(&k.as_str()) || k.as_str().starts_with("x-ratelimit-"))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// Everything the tee needs to write the `end` record.
+pub(crate) struct Exchange {
+    pub request_id: String,
+    pub started: Instant,
+    pub status: u16,
+    pub backend: String,
+    pub attempts: Vec<Attempt>,
+    pub ttfb_ms: f64,
+    pub headers: BTreeMap<String, String>,
+    pub content_type: Option<String>,
+    pub inflight: InFlight,
+}
+
+pub(crate) fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+pub(crate) fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Pumps the upstream body to the client channel and the recorder; see the module invariants.
+pub(crate) async fn pump(
+    upstream: reqwest::Response,
+    client: mpsc::Sender<Result<Bytes, io::Error>>,
+    ex: Exchange,
+    recorder: Recorder,
+    limits: LimitsConfig,
+    recorder_config: RecorderConfig,
+) {
+    let streamed = ex
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    let mut segmenter = Segmenter::new(ex.request_id.clone(), &recorder_config, !streamed);
+    let mut body = upstream.bytes_stream();
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let deadline = ex.started + Duration::from_millis(limits.total_timeout_ms);
+    let mut client_gone: Option<(Instant, u64)> = None;
+    let mut truncated = false;
+    let mut error: Option<ErrorInfo> = None;
+    loop {
+        let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
+        let next = match tokio::time::timeout(wait, body.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                let what = if Instant::now() >= deadline {
+                    "total"
+                } else {
+                    "idle"
+                };
+                error = Some(ErrorInfo {
+                    source: ErrorSource::Upstream,
+                    code: "BackendTimeout".into(),
+                    message: format!("Upstream body exceeded the {what} timeout."),
+                });
+                truncated = true;
+                if client_gone.is_none() {
+                    let _ = client
+                        .send(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "upstream timeout",
+                        )))
+                        .await;
+                }
+                break;
+            }
+        };
+        let chunk = match next {
+            None => break,
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                error = Some(ErrorInfo {
+                    source: ErrorSource::Upstream,
+                    code: "BackendStreamBroken".into(),
+                    message: format!("Upstream body failed: {e}"),
+                });
+                truncated = true;
+                if client_gone.is_none() {
+                    let _ = client
+                        .send(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "upstream body failed",
+                        )))
+                        .await;
+                }
+                break;
+            }
+        };
+        let at = micros_since(ex.started);
+        let len = chunk.len() as u64;
+        if client_gone.is_none() && client.send(Ok(chunk.clone())).await.is_err() {
+            client_gone = Some((Instant::now(), 0));
+        }
+        for segment in segmenter.push(&chunk, at) {
+            recorder.record(segment).await;
+        }
+        if let Some((since, drained)) = client_gone.as_mut() {
+            *drained += len;
+            if *drained > limits.max_drain_bytes
+                || since.elapsed() > Duration::from_millis(limits.max_drain_ms)
+            {
+                truncated = true;
+                break;
+            }
+        }
+    }
+    drop(client);
+    let (last, inline_body, segments, response_bytes) =
+        segmenter.finish(ex.content_type.as_deref());
+    if let Some(segment) = last {
+        recorder.record(segment).await;
+    }
+    let end = EndRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: ex.request_id,
+        seq: segments + 1,
+        time: chrono::Utc::now(),
+        status: ex.status,
+        backend: Some(ex.backend),
+        attempts: ex.attempts,
+        ttfb_ms: Some(ex.ttfb_ms),
+        total_ms: millis(ex.started.elapsed()),
+        headers: ex.headers,
+        content_type: ex.content_type,
+        body: inline_body,
+        client_disconnected: client_gone.is_some(),
+        truncated,
+        error,
+        segments,
+        response_bytes,
+    };
+    recorder.record(RawRecord::End(end)).await;
+    drop(ex.inflight);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config(max: usize, age_ms: u64, inline: usize) -> RecorderConfig {
+        RecorderConfig {
+            segment_max_bytes: max,
+            segment_max_age_ms: age_ms,
+            max_inline_body_bytes: inline,
+            ..Default::default()
+        }
+    }
+
+    fn bytes_of(records: &[RawRecord]) -> Vec<u8> {
+        records
+            .iter()
+            .flat_map(|r| match r {
+                RawRecord::Chunks(c) => c.data.to_bytes().unwrap(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segments_by_size_and_age() {
+        let mut s = Segmenter::new("r".into(), &config(10, 5, 0), false);
+        assert!(s.push(b"abc", 0).is_empty());
+        let cut = s.push(b"defghijklmn", 1000);
+        assert_eq!(cut.len(), 1);
+        let aged = s.push(b"o", 6000);
+        assert_eq!(aged.len(), 1, "segment older than max age is cut");
+        let (last, body, n, total) = s.finish(None);
+        assert!(last.is_none());
+        assert_eq!(body, Body::Empty);
+        assert_eq!(n, 2);
+        assert_eq!(total, 15);
+    }
+
+    #[test]
+    fn small_non_stream_body_stays_inline_and_large_spills() {
+        let mut s = Segmenter::new("r".into(), &config(4, 1000, 8), true);
+        assert!(s.push(br#"{"a":1}"#, 0).is_empty());
+        let (_, body, n, _) = s.finish(Some("application/json"));
+        assert_eq!(n, 0);
+        assert!(matches!(body, Body::Json { .. }));
+
+        let mut s = Segmenter::new("r".into(), &config(4, 1000, 8), true);
+        let mut recs = s.push(b"0123456789", 0);
+        let (last, body, n, _) = s.finish(Some("application/json"));
+        recs.extend(last);
+        assert_eq!(body, Body::Empty);
+        assert_eq!(n as usize, recs.len());
+        assert_eq!(bytes_of(&recs), b"0123456789");
+    }
+
+    proptest! {
+        #[test]
+        fn segments_preserve_every_byte_in_order(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 0..30), max in 1usize..40) {
+            let mut s = Segmenter::new("r".into(), &config(max, 1_000_000, 0), false);
+            let mut recs = Vec::new();
+            for (i, c) in chunks.iter().enumerate() {
+                recs.extend(s.push(c, i as u64));
+            }
+            let (last, _, n, total) = s.finish(None);
+            recs.extend(last);
+            let expected: Vec<u8> = chunks.concat();
+            prop_assert_eq!(bytes_of(&recs), expected.clone());
+            prop_assert_eq!(n as usize, recs.len());
+            prop_assert_eq!(total as usize, expected.len());
+            let seqs: Vec<u32> = recs.iter().map(RawRecord::seq).collect();
+            prop_assert_eq!(seqs, (1..=n).collect::<Vec<_>>());
+        }
+    }
+}
