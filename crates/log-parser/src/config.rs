@@ -1,0 +1,59 @@
+//! `ParserConfig` (the `[parser]` section).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParserConfig {
+    /// Raw records read from the change feed per page.
+    pub batch_size: usize,
+    /// Wait between polls when the feed is caught up.
+    pub poll_interval_ms: u64,
+    /// A request whose `end` record has not arrived after this long is recorded as incomplete.
+    pub incomplete_after_ms: u64,
+    /// Name of this consumer's checkpoint in the store.
+    pub checkpoint_name: String,
+    /// Price table file; the bundled table when absent.
+    pub price_table_path: Option<PathBuf>,
+    /// Deployment → model, for responses that do not name their model (errors, cut streams).
+    pub deployment_models: BTreeMap<String, String>,
+    /// Keep prompts and completions in consolidated records.
+    pub store_content: bool,
+}
+
+impl Default for ParserConfig {
+    fn default() -> Self {
+        ParserConfig {
+            batch_size: 1000,
+            poll_interval_ms: 200,
+            incomplete_after_ms: 15 * 60 * 1000,
+            checkpoint_name: "log-parser".into(),
+            price_table_path: None,
+            deployment_models: BTreeMap::new(),
+            store_content: true,
+        }
+    }
+}
+
+impl ParserConfig {
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.batch_size == 0 {
+            problems.push("parser.batch_size must be greater than 0".to_owned());
+        }
+        if self.poll_interval_ms == 0 {
+            problems.push("parser.poll_interval_ms must be greater than 0".to_owned());
+        }
+        if self.checkpoint_name.is_empty() {
+            problems.push("parser.checkpoint_name must not be empty".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Source → transforms → sinks: reads the change feed from the checkpoint, assembles each
+//! request once its `end` record and all its segments are stored, consolidates it, hands the
+//! records to every sink, and only then saves the checkpoint.
+//!
+//! Invariants:
+//! - the checkpoint (feed position + requests seen but not finished) is saved only after every
+//!   sink acknowledged the batch; a crash replays the page, and sinks are idempotent;
+//! - a request is assembled from the store by request id (`read_request`), so the order in
+//!   which its records arrive (spool replays may reorder them) does not matter;
+//! - a request without its `end` after `incomplete_after_ms` is recorded as incomplete with
+//!   what arrived; if the rest arrives later, the full record replaces it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tollgate_records::{ConsolidatedRecord, RawRecord};
+use tollgate_store::{ChangeFeed, Checkpoint, PendingRequest};
+use tollgate_tokens::PriceTable;
+
+use crate::config::ParserConfig;
+use crate::error::ParserError;
+use crate::sink::RecordSink;
+use crate::transform::consolidate::{self, Options, Parts};
+
+struct State {
+    checkpoint: Checkpoint,
+    loaded: bool,
+    /// Pending requests whose `end` has been seen (waiting only for segments).
+    ended: HashSet<String>,
+}
+
+/// Counters for operators and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParserStats {
+    pub raw_records: u64,
+    pub consolidated: u64,
+    pub incomplete: u64,
+}
+
+pub struct Parser {
+    feed: Arc<dyn ChangeFeed>,
+    sinks: Vec<Arc<dyn RecordSink>>,
+    config: ParserConfig,
+    prices: PriceTable,
+    state: Mutex<State>,
+    stats: std::sync::Mutex<ParserStats>,
+}
+
+impl Parser {
+    pub fn new(
+        config: ParserConfig,
+        feed: Arc<dyn ChangeFeed>,
+        sinks: Vec<Arc<dyn RecordSink>>,
+    ) -> Result<Self, ParserError> {
+        config.validate().map_err(ParserError::Config)?;
+        let prices = match &config.price_table_path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ParserError::PriceTable {
+                    path: path.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+                PriceTable::parse(&text)
+            }
+            None => PriceTable::bundled(),
+        }
+        .map_err(|e| ParserError::PriceTable {
+            path: config
+                .price_table_path
+                .as_ref()
+                .map_or_else(|| "(bundled)".to_owned(), |p| p.display().to_string()),
+            detail: e.to_string(),
+        })?;
+        tollgate_tokens::Encoding::warm_up();
+        Ok(Parser {
+            feed,
+            sinks,
+            config,
+            prices,
+            state: Mutex::new(State {
+                checkpoint: Checkpoint::default(),
+                loaded: false,
+                ended: HashSet::new(),
+            }),
+            stats: std::sync::Mutex::new(ParserStats::default()),
+        })
+    }
+
+    pub fn stats(&self) -> ParserStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn options(&self) -> Options<'_> {
+        Options {
+            deployment_models: &self.config.deployment_models,
+            prices: &self.prices,
+            store_content: self.config.store_content,
+        }
+    }
+
+    /// Processes one page of the feed; returns how many raw records it read.
+    pub async fn run_once(&self) -> Result<usize, ParserError> {
+        let mut state = self.state.lock().await;
+        let mut candidates: Vec<String> = Vec::new();
+        if !state.loaded {
+            if let Some(cp) = self
+                .feed
+                .load_checkpoint(&self.config.checkpoint_name)
+                .await?
+            {
+                // Requests pending at the last checkpoint may have ended since: look again.
+                candidates.extend(cp.pending.iter().map(|p| p.request_id.clone()));
+                state.checkpoint = cp;
+            }
+            state.loaded = true;
+        }
+        let page = self
+            .feed
+            .read(state.checkpoint.position.as_deref(), self.config.batch_size)
+            .await?;
+        let mut pending: HashMap<String, PendingRequest> = state
+            .checkpoint
+            .pending
+            .iter()
+            .map(|p| (p.request_id.clone(), p.clone()))
+            .collect();
+        let now = Utc::now();
+        for record in &page.records {
+            let id = record.request_id().to_owned();
+            pending.entry(id.clone()).or_insert_with(|| PendingRequest {
+                request_id: id.clone(),
+                first_seen: now,
+            });
+            if matches!(record, RawRecord::End(_)) {
+                state.ended.insert(id.clone());
+            }
+            if state.ended.contains(&id) {
+                candidates.push(id);
+            }
+        }
+        candidates.sort();
+        candidates.dedup();
+
+        let opts = self.options();
+        let mut out: Vec<ConsolidatedRecord> = Vec::new();
+        let mut finished: Vec<String> = Vec::new();
+        for id in candidates {
+            let parts = Parts::from_records(self.feed.read_request(&id).await?);
+            if !parts.is_complete() {
+                continue;
+            }
+            if let Some(r) = consolidate::consolidate(&parts, &opts) {
+                out.push(r);
+            }
+            finished.push(id);
+        }
+        let deadline = chrono::Duration::milliseconds(self.config.incomplete_after_ms as i64);
+        let expired: Vec<String> = pending
+            .values()
+            .filter(|p| !finished.contains(&p.request_id) && now - p.first_seen > deadline)
+            .map(|p| p.request_id.clone())
+            .collect();
+        let mut incomplete = 0u64;
+        for id in expired {
+            let parts = Parts::from_records(self.feed.read_request(&id).await?);
+            if let Some(r) = consolidate::consolidate(&parts, &opts) {
+                tracing::warn!(request_id = %id, "Request never completed; recording it as incomplete.");
+                out.push(r);
+                incomplete += 1;
+            }
+            finished.push(id);
+        }
+
+        for sink in &self.sinks {
+            sink.write(&out).await?;
+        }
+        for id in &finished {
+            pending.remove(id);
+            state.ended.remove(id);
+        }
+        let mut pending: Vec<PendingRequest> = pending.into_values().collect();
+        pending.sort_by(|a, b| {
+            a.first_seen
+                .cmp(&b.first_seen)
+                .then(a.request_id.cmp(&b.request_id))
+        });
+        let checkpoint = Checkpoint {
+            position: page.position.clone(),
+            pending,
+        };
+        if checkpoint != state.checkpoint {
+            self.feed
+                .save_checkpoint(&self.config.checkpoint_name, &checkpoint)
+                .await?;
+            state.checkpoint = checkpoint;
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.raw_records += page.records.len() as u64;
+        stats.consolidated += out.len() as u64;
+        stats.incomplete += incomplete;
+        Ok(page.records.len())
+    }
+
+    /// Processes pages until the feed has nothing new.
+    pub async fn catch_up(&self) -> Result<(), ParserError> {
+        while self.run_once().await? > 0 {}
+        Ok(())
+    }
+
+    /// Polls the feed until `cancel` fires, then catches up once more and returns.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        loop {
+            let wait = match self.run_once().await {
+                Ok(0) => poll,
+                Ok(_) => Duration::ZERO,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Parser pass failed; retrying.");
+                    poll
+                }
+            };
+            if cancel.is_cancelled() {
+                break;
+            }
+            if !wait.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => break,
+                }
+            }
+        }
+        if let Err(e) = self.catch_up().await {
+            tracing::error!(error = %e, "Final parser pass failed; the checkpoint keeps the rest for the next start.");
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Turns the raw records of one request into its consolidated record: stitch the response,
+//! take or estimate usage, price it, and apply the content policy.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tollgate_records::{
+    Body, ConsolidatedRecord, Consumer, Cost, EndRecord, ErrorInfo, ErrorSource, Latency,
+    RawRecord, RequestRecord, SCHEMA_VERSION,
+};
+use tollgate_tokens::PriceTable;
+
+use super::sse::SseParser;
+use super::stitch::{self, Stitched, StreamKind};
+use super::usage;
+
+/// What consolidation needs besides the records.
+pub struct Options<'a> {
+    /// Deployment → model, used when the response did not name its model.
+    pub deployment_models: &'a BTreeMap<String, String>,
+    pub prices: &'a PriceTable,
+    /// Keep prompts and completions in the record (otherwise only metadata and usage).
+    pub store_content: bool,
+}
+
+/// The parts of one request found in the store.
+#[derive(Default)]
+pub struct Parts {
+    pub request: Option<RequestRecord>,
+    pub segments: BTreeMap<u32, Vec<u8>>,
+    pub end: Option<EndRecord>,
+}
+
+impl Parts {
+    pub fn from_records(records: Vec<RawRecord>) -> Self {
+        let mut p = Parts::default();
+        for r in records {
+            match r {
+                RawRecord::Request(r) => p.request = Some(r),
+                RawRecord::Chunks(c) => {
+                    // Undecodable base64 cannot come from our writer; treat it as missing.
+                    if let Ok(bytes) = c.data.to_bytes() {
+                        p.segments.insert(c.seq, bytes);
+                    }
+                }
+                RawRecord::End(e) => p.end = Some(e),
+            }
+        }
+        p
+    }
+
+    /// Request and end present, and every segment the end counted.
+    pub fn is_complete(&self) -> bool {
+        match (&self.request, &self.end) {
+            (Some(_), Some(end)) => (1..=end.segments).all(|s| self.segments.contains_key(&s)),
+            _ => false,
+        }
+    }
+}
+
+fn stream_kind(operation: &str) -> StreamKind {
+    if operation == "completions" {
+        StreamKind::Completions
+    } else {
+        StreamKind::Chat
+    }
+}
+
+fn stitch_response(parts: &Parts, operation: &str) -> Stitched {
+    let end = parts.end.as_ref();
+    if let Some(json) = end.and_then(|e| e.body.as_json()) {
+        return stitch::from_body(json);
+    }
+    let bytes: Vec<u8> = parts.segments.values().flatten().copied().collect();
+    if bytes.is_empty() {
+        return Stitched::default();
+    }
+    let is_sse = end
+        .and_then(|e| e.content_type.as_deref())
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    if is_sse {
+        let mut p = SseParser::new();
+        let mut events = p.push(&bytes);
+        events.extend(p.finish());
+        return stitch::stitch_stream(stream_kind(operation), &events);
+    }
+    // A non-stream body too large to go inline was recorded as segments.
+    serde_json::from_slice::<Value>(&bytes)
+        .map(|v| stitch::from_body(&v))
+        .unwrap_or_default()
+}
+
+fn prompt_of(request: &RequestRecord) -> Option<Value> {
+    let body = request.body.as_json()?;
+    ["messages", "prompt", "input"]
+        .iter()
+        .find_map(|k| body.get(*k).cloned())
+}
+
+pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedRecord> {
+    let request = parts.request.as_ref();
+    let end = parts.end.as_ref();
+    let id = request
+        .map(|r| r.request_id.clone())
+        .or_else(|| end.map(|e| e.request_id.clone()))?;
+    let operation = request.map_or_else(|| "unknown".to_owned(), |r| r.operation.clone());
+    let deployment = request.and_then(|r| r.deployment.clone());
+    let stitched = stitch_response(parts, &operation);
+    let model = stitched.model.clone().or_else(|| {
+        deployment
+            .as_ref()
+            .and_then(|d| opts.deployment_models.get(d).cloned())
+    });
+    let status = end.map(|e| e.status);
+    let succeeded = status.is_some_and(|s| s < 400);
+
+    let usage = if succeeded {
+        stitched
+            .usage
+            .as_ref()
+            .and_then(usage::reported)
+            .or_else(|| {
+                let counting_model = model.as_deref().or(deployment.as_deref()).unwrap_or("");
+                usage::estimate(
+                    &operation,
+                    counting_model,
+                    request.and_then(|r| r.body.as_json()),
+                    &stitched,
+                )
+            })
+    } else {
+        None
+    };
+    let cost = match (&usage, &model) {
+        (Some(u), Some(m)) => opts
+            .prices
+            .cost(m, u.input_tokens, u.cached_input_tokens, u.output_tokens)
+            .map(|c| Cost {
+                input: c.input,
+                cached_input: c.cached_input,
+                output: c.output,
+                total: c.total,
+                currency: opts.prices.currency.clone(),
+                price_table_version: opts.prices.version.clone(),
+            }),
+        _ => None,
+    };
+
+    let complete = parts.is_complete();
+    let error = match (end, complete) {
+        (Some(e), _) if e.error.is_some() => e.error.clone(),
+        (Some(e), _) if e.status >= 400 => Some(upstream_error(e)),
+        (None, _) => Some(ErrorInfo {
+            source: ErrorSource::Internal,
+            code: "Incomplete".into(),
+            message: "No end record arrived before the parser's deadline.".into(),
+        }),
+        (Some(_), false) => Some(ErrorInfo {
+            source: ErrorSource::Internal,
+            code: "Incomplete".into(),
+            message: "Some response segments never arrived.".into(),
+        }),
+        _ => None,
+    };
+    let mut choices = stitched.choices;
+    let mut prompt = request.and_then(prompt_of);
+    if !opts.store_content {
+        prompt = None;
+        for c in &mut choices {
+            c.content = None;
+            c.refusal = None;
+            for t in &mut c.tool_calls {
+                t.arguments.clear();
+            }
+            if let Some(f) = &mut c.function_call {
+                f.arguments.clear();
+            }
+        }
+    }
+    Some(ConsolidatedRecord {
+        schema_version: SCHEMA_VERSION,
+        id,
+        time: request
+            .map(|r| r.time)
+            .or_else(|| end.map(|e| e.time))
+            .unwrap_or_default(),
+        consumer: request
+            .map(|r| r.consumer.clone())
+            .unwrap_or_else(Consumer::anonymous),
+        deployment,
+        model,
+        operation,
+        api_version: request.and_then(|r| r.api_version.clone()),
+        path: request.map(|r| r.path.clone()).unwrap_or_default(),
+        stream: request.is_some_and(|r| r.stream),
+        status,
+        backend: end.and_then(|e| e.backend.clone()),
+        attempts: end.map(|e| e.attempts.clone()).unwrap_or_default(),
+        latency: end.map(|e| Latency {
+            ttfb_ms: e.ttfb_ms,
+            total_ms: e.total_ms,
+        }),
+        usage,
+        cost,
+        prompt,
+        choices,
+        prompt_filter_results: stitched.prompt_filter_results,
+        response_id: stitched.id,
+        system_fingerprint: stitched.system_fingerprint,
+        response_headers: end.map(|e| e.headers.clone()).unwrap_or_default(),
+        client_ip: request.and_then(|r| r.client_ip.clone()),
+        user_agent: request.and_then(|r| r.user_agent.clone()),
+        client_disconnected: end.is_some_and(|e| e.client_disconnected),
+        complete,
+        error,
+    })
+}
+
+/// An error AOAI returned, summarised from its body.
+fn upstream_error(end: &EndRecord) -> ErrorInfo {
+    let err = end.body.as_json().and_then(|b| b.get("error"));
+    let code = err
+        .and_then(|e| e.get("code"))
+        .map(|c| match c {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_else(|| end.status.to_string());
+    let message = err
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| match &end.body {
+            Body::Text { text, .. } => text.chars().take(512).collect(),
+            _ => format!("HTTP {}", end.status),
+        });
+    ErrorInfo {
+        source: ErrorSource::Upstream,
+        code,
+        message,
+    }
+}

@@ -1,0 +1,6 @@
+//! Pure, synchronous transforms on owned data: SSE parsing, stitching, usage, consolidation.
+
+pub mod consolidate;
+pub mod sse;
+pub mod stitch;
+pub mod usage;
