@@ -1,1 +1,235 @@
-fn main() {}
+//! `tollgate`: the command line. Parses arguments, loads configuration, runs a command.
+
+mod config;
+mod keys;
+mod output;
+mod report;
+mod run;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use tollgate_store::RecordQuery;
+
+use crate::output::say;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A recording, metering gateway for Azure OpenAI"
+)]
+struct Cli {
+    /// Configuration file (TOML); see tollgate.example.toml.
+    #[arg(long, short, global = true, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Proxy + parser + embedded store in one process; starts the simulator when no backend
+    /// is configured.
+    Up {
+        /// Address to listen on (overrides `listen`).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Data directory of the embedded store (overrides `store.data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// The logging proxy alone.
+    Proxy {
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// The log parser alone.
+    Parser {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// The AOAI simulator alone.
+    Sim {
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Usage by consumer, deployment/model and day.
+    Report {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Window ending now, like 30d, 12h, 45m (ignored with --from).
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Window start: RFC 3339 or YYYY-MM-DD.
+        #[arg(long)]
+        from: Option<String>,
+        /// Window end (exclusive): RFC 3339 or YYYY-MM-DD.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        consumer: Option<String>,
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: report::Format,
+    },
+    /// Consumer keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Loads and validates the configuration and opens the store; exits non-zero on problems.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Prints a new random key and the configuration entry holding its hash.
+    New {
+        #[arg(long, default_value = "my-app")]
+        id: String,
+    },
+    /// Prints the SHA-256 of a key, for `proxy.consumers.key_sha256`.
+    Hash { key: String },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let path = cli.config.as_deref();
+    match cli.command {
+        Command::Up { listen, data_dir } => {
+            let mut config = config::load(path, data_dir.as_ref())?;
+            init_tracing(&config);
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            run::run(
+                config,
+                run::Parts {
+                    proxy: true,
+                    parser: true,
+                },
+            )
+            .await
+        }
+        Command::Proxy { listen, data_dir } => {
+            let mut config = config::load(path, data_dir.as_ref())?;
+            init_tracing(&config);
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            run::run(
+                config,
+                run::Parts {
+                    proxy: true,
+                    parser: false,
+                },
+            )
+            .await
+        }
+        Command::Parser { data_dir } => {
+            let config = config::load(path, data_dir.as_ref())?;
+            init_tracing(&config);
+            run::run(
+                config,
+                run::Parts {
+                    proxy: false,
+                    parser: true,
+                },
+            )
+            .await
+        }
+        Command::Sim { listen } => {
+            let mut config = config::load(path, None)?;
+            init_tracing(&config);
+            if let Some(l) = listen {
+                config.sim_listen = l;
+            }
+            run::sim(config).await
+        }
+        Command::Report {
+            data_dir,
+            since,
+            from,
+            to,
+            consumer,
+            deployment,
+            format,
+        } => {
+            let config = config::load(path, data_dir.as_ref())?;
+            let store = tollgate_store::open(&config.store)
+                .await
+                .context("store could not be opened")?;
+            let to = to.as_deref().map(report::parse_time).transpose()?;
+            let from = match from {
+                Some(f) => Some(report::parse_time(&f)?),
+                None => Some(to.unwrap_or_else(Utc::now) - report::parse_since(&since)?),
+            };
+            let query = RecordQuery {
+                from,
+                to,
+                consumer,
+                deployment,
+                limit: None,
+            };
+            let report = report::build(store, query).await?;
+            report::print(&report, format)
+        }
+        Command::Keys { command } => {
+            match command {
+                KeysCommand::New { id } => {
+                    let key = keys::new_key();
+                    say(&format!("key: {key}"));
+                    say("Give the key to the consumer; configure only its hash:");
+                    say(&format!(
+                        "[[proxy.consumers]]\nid = \"{id}\"\nkey_sha256 = [\"{}\"]",
+                        keys::hash(&key)
+                    ));
+                }
+                KeysCommand::Hash { key } => say(&keys::hash(&key)),
+            }
+            Ok(())
+        }
+        Command::Check => {
+            let config = config::load(path, None)?;
+            check(&config).await
+        }
+    }
+}
+
+async fn check(config: &config::Config) -> anyhow::Result<()> {
+    let store = tollgate_store::open(&config.store)
+        .await
+        .context("store healthcheck failed")?;
+    let proxy = tollgate_logging_proxy::Proxy::build(
+        &config.proxy,
+        tollgate_logging_proxy::ProxyDeps {
+            store: store as std::sync::Arc<dyn tollgate_store::RawWriter>,
+            data_dir: data_dir(config),
+            after_flush: None,
+        },
+    )?;
+    proxy.shutdown().await;
+    say("configuration ok; store reachable");
+    Ok(())
+}
+
+fn data_dir(config: &config::Config) -> PathBuf {
+    config
+        .store
+        .data_dir()
+        .map_or_else(|| PathBuf::from("./data"), PathBuf::from)
+}
+
+fn init_tracing(config: &config::Config) {
+    tollgate_telemetry::init_tracing(&tollgate_telemetry::TracingConfig {
+        filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.filter.clone())),
+        json: config.log.json,
+    });
+}

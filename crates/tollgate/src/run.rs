@@ -1,0 +1,278 @@
+//! Runs the services: proxy, parser, and (when no backend is configured) the simulator, in
+//! one process for `tollgate up`, or one of them for `tollgate proxy|parser|sim`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tollgate_aoai_sim::Simulator;
+use tollgate_log_parser::{OtlpSink, Parser, RecordSink, StoreSink};
+use tollgate_logging_proxy::config::{BackendConfig, ConsumerConfig};
+use tollgate_logging_proxy::{FlushHook, Proxy, ProxyDeps};
+use tollgate_store::{ChangeFeed, RawWriter, RequestStore};
+use tollgate_telemetry::{OtlpConfig, UsageExporter};
+
+use crate::config::Config;
+use crate::keys;
+use crate::output::say;
+
+/// The key of the demo consumer `tollgate up` creates when none is configured.
+pub(crate) const DEMO_KEY: &str = "tollgate-demo-key";
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parts {
+    pub(crate) proxy: bool,
+    pub(crate) parser: bool,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+async fn start_sim(
+    sim: Simulator,
+    listen: SocketAddr,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let router = sim.router();
+    tracker.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "Simulator server failed.");
+        }
+    });
+    Ok(addr)
+}
+
+/// `tollgate sim`: the simulator alone, until a signal.
+pub(crate) async fn sim(config: Config) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let sim = Simulator::new(config.sim.clone())?;
+    let addr = start_sim(sim, config.sim_listen, &tracker, cancel.clone()).await?;
+    say(&format!("simulator listening on http://{addr}"));
+    shutdown_signal().await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> {
+    let store = tollgate_store::open(&config.store)
+        .await
+        .context("store could not be opened")?;
+    let data_dir: PathBuf = config
+        .store
+        .data_dir()
+        .map_or_else(|| PathBuf::from("./data"), PathBuf::from);
+    let background = TaskTracker::new();
+    let sim_cancel = CancellationToken::new();
+    let mut sim_addr = None;
+    let mut demo_key = None;
+
+    if parts.proxy && config.proxy.backends.is_empty() {
+        let sim_key = keys::new_key();
+        let mut sim_config = config.sim.clone();
+        sim_config.api_key = Some(sim_key.clone());
+        let sim = Simulator::new(sim_config)?;
+        let addr = start_sim(
+            sim,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &background,
+            sim_cancel.clone(),
+        )
+        .await?;
+        config.proxy.backends.push(BackendConfig {
+            name: "aoai-sim".into(),
+            endpoint: format!("http://{addr}"),
+            api_key: Some(sim_key.into()),
+            deployments: config
+                .sim
+                .deployments
+                .iter()
+                .map(|d| d.name.clone())
+                .collect(),
+        });
+        for d in &config.sim.deployments {
+            config
+                .parser
+                .deployment_models
+                .entry(d.name.clone())
+                .or_insert_with(|| d.model.clone());
+        }
+        if config.proxy.consumers.is_empty() {
+            config.proxy.consumers.push(ConsumerConfig {
+                id: "demo".into(),
+                key_sha256: vec![keys::hash(DEMO_KEY)],
+            });
+            demo_key = Some(DEMO_KEY);
+        }
+        sim_addr = Some(addr);
+    }
+
+    let exporter = match OtlpConfig::from_env(|k| std::env::var(k).ok(), "tollgate-log-parser")? {
+        Some(c) if parts.parser => Some(Arc::new(UsageExporter::new(&c)?)),
+        _ => None,
+    };
+    let parser = if parts.parser {
+        let mut sinks: Vec<Arc<dyn RecordSink>> = vec![Arc::new(StoreSink::new(
+            store.clone() as Arc<dyn RequestStore>
+        ))];
+        if let Some(e) = &exporter {
+            sinks.push(Arc::new(OtlpSink::new(e.clone())));
+        }
+        Some(Arc::new(Parser::new(
+            config.parser.clone(),
+            store.clone() as Arc<dyn ChangeFeed>,
+            sinks,
+        )?))
+    } else {
+        None
+    };
+    let parser_cancel = CancellationToken::new();
+    if let Some(p) = &parser {
+        let p = p.clone();
+        let cancel = parser_cancel.clone();
+        background.spawn(async move { p.run(cancel).await });
+    }
+
+    let mut proxy_server = None;
+    if parts.proxy {
+        let hook: Option<FlushHook> = parser.clone().map(|p| {
+            let hook: FlushHook = Arc::new(move || {
+                let p = p.clone();
+                Box::pin(async move {
+                    if let Err(e) = p.catch_up().await {
+                        tracing::warn!(error = %e, "Parser catch-up after flush failed.");
+                    }
+                })
+            });
+            hook
+        });
+        let proxy = Proxy::build(
+            &config.proxy,
+            ProxyDeps {
+                store: store.clone() as Arc<dyn RawWriter>,
+                data_dir: data_dir.clone(),
+                after_flush: hook,
+            },
+        )?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let server_cancel = CancellationToken::new();
+        let router = proxy
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let stop = server_cancel.clone();
+        let handle = background.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        proxy_server = Some((proxy, server_cancel, handle));
+        banner(addr, sim_addr, demo_key, &data_dir, exporter.is_some());
+    } else {
+        say("parser running");
+    }
+
+    shutdown_signal().await;
+    tracing::info!("Shutting down: draining requests and records.");
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    if let Some((proxy, server_cancel, handle)) = proxy_server {
+        server_cancel.cancel();
+        match tokio::time::timeout(grace, handle).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "Proxy server failed."),
+            Ok(Err(e)) => tracing::error!(error = %e, "Proxy server task failed."),
+            Err(_) => tracing::warn!("Open connections outlived the shutdown grace period."),
+        }
+        proxy.shutdown().await;
+    }
+    parser_cancel.cancel();
+    sim_cancel.cancel();
+    background.close();
+    background.wait().await;
+    if let Some(e) = exporter {
+        tokio::task::spawn_blocking(move || e.shutdown()).await??;
+    }
+    say("stopped");
+    Ok(())
+}
+
+fn banner(
+    addr: SocketAddr,
+    sim: Option<SocketAddr>,
+    demo_key: Option<&str>,
+    data_dir: &std::path::Path,
+    otlp: bool,
+) {
+    say(&format!("listening on http://{addr}"));
+    if let Some(sim) = sim {
+        say(&format!(
+            "simulator on http://{sim} (deployments: gpt-4o, gpt-4o-mini, gpt-35-turbo, text-embedding-3-small)"
+        ));
+    }
+    say(&format!("store: embedded, {}", data_dir.display()));
+    say(&format!(
+        "otlp export: {}",
+        if otlp {
+            "on"
+        } else {
+            "off (set OTEL_EXPORTER_OTLP_ENDPOINT)"
+        }
+    ));
+    if let Some(key) = demo_key {
+        say("");
+        say("Try it:");
+        say(&format!(
+            "  curl -s http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 \\\n    -H 'api-key: {key}' -H 'content-type: application/json' \\\n    -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
+        ));
+        say("");
+        say("  from openai import AzureOpenAI");
+        say(&format!(
+            "  client = AzureOpenAI(azure_endpoint=\"http://{addr}\", api_key=\"{key}\", api_version=\"2024-10-21\")"
+        ));
+        say(
+            "  r = client.chat.completions.create(model=\"gpt-4o\", messages=[{\"role\": \"user\", \"content\": \"Hello\"}])",
+        );
+        say("  print(r.choices[0].message.content, r.usage)");
+        say("");
+        say(&format!(
+            "Then: tollgate report --data-dir {}",
+            data_dir.display()
+        ));
+    }
+}
