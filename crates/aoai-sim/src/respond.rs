@@ -169,7 +169,15 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     }
 
     let latency = Latency::from(sim, &parts.headers);
-    let seed = generate::stable_hash(&[deployment.name.as_bytes(), &bytes]);
+    // The seed ignores how the answer is delivered, so the same request streamed or not
+    // yields the same content and the same usage.
+    let mut seed_body = body.clone();
+    if let Some(map) = seed_body.as_object_mut() {
+        map.remove("stream");
+        map.remove("stream_options");
+    }
+    let seed =
+        generate::stable_hash(&[deployment.name.as_bytes(), seed_body.to_string().as_bytes()]);
     let plan = match op {
         Operation::Chat => chat(sim, deployment, &body, seed)?,
         Operation::Completions => completions(sim, deployment, &body, seed)?,

@@ -102,9 +102,8 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
     let mut demo_key = None;
 
     if parts.proxy && config.proxy.backends.is_empty() {
-        let sim_key = keys::new_key();
         let mut sim_config = config.sim.clone();
-        sim_config.api_key = Some(sim_key.clone());
+        let sim_key = sim_config.api_key.get_or_insert_with(keys::new_key).clone();
         let sim = Simulator::new(sim_config)?;
         let addr = start_sim(
             sim,

@@ -1,0 +1,12 @@
+//! Cross-crate integration tests: simulator + proxy + parser + store in-process on port 0,
+//! the OTLP export into an in-process receiver, and the `tollgate` binary driven by the real
+//! `openai` Python SDK.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "tests spawn their servers directly"
+)]
+
+mod e2e;
+mod harness;
+mod otlp;
+mod pipeline;

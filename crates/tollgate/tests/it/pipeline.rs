@@ -1,0 +1,389 @@
+//! Proxy → store → parser, asserting on the consolidated records.
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tollgate_records::{RawRecord, UsageSource};
+use tollgate_tokens::Encoding;
+
+use crate::harness::{self, API, KEY, frames, request_id};
+
+fn messages() -> Value {
+    json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Describe the sea"}])
+}
+
+#[tokio::test]
+async fn non_stream_usage_equals_the_simulators_and_is_priced() {
+    let s = harness::start(|_| {}).await;
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let aoai_request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(
+        resp.headers().contains_key("apim-request-id"),
+        "AOAI headers pass through"
+    );
+    let body: Value = resp.json().await.unwrap();
+    s.settle().await;
+
+    let r = s.record(&id).await;
+    let u = r.usage.as_ref().expect("usage");
+    assert_eq!(u.source, UsageSource::Reported);
+    assert_eq!(
+        u.input_tokens,
+        body["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u.output_tokens,
+        body["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u.total_tokens,
+        body["usage"]["total_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert_eq!(r.consumer.id, "tester");
+    assert_eq!(r.status, Some(200));
+    assert!(r.complete);
+    assert_eq!(
+        r.choices[0].content.as_deref(),
+        body["choices"][0]["message"]["content"].as_str()
+    );
+    assert_eq!(r.response_headers["x-request-id"], aoai_request_id);
+    let cost = r.cost.as_ref().expect("gpt-4o is priced");
+    let expected = u.input_tokens as f64 * 2.5 / 1e6 + u.output_tokens as f64 * 10.0 / 1e6;
+    assert!(
+        (cost.total - expected).abs() < 1e-12,
+        "{} vs {expected}",
+        cost.total
+    );
+    assert!(r.prompt_filter_results.is_some());
+}
+
+#[tokio::test]
+async fn include_usage_stream_takes_the_usage_frame() {
+    let s = harness::start(|_| {}).await;
+    let body =
+        json!({"messages": messages(), "stream": true, "stream_options": {"include_usage": true}});
+    let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+    let id = request_id(&resp);
+    let f = frames(&resp.text().await.unwrap());
+    let usage = f.last().unwrap()["usage"].clone();
+    s.settle().await;
+    let r = s.record(&id).await;
+    let u = r.usage.unwrap();
+    assert_eq!(u.source, UsageSource::Reported);
+    assert_eq!(u.input_tokens, usage["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(
+        u.output_tokens,
+        usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(r.stream);
+}
+
+#[tokio::test]
+async fn stream_without_usage_is_estimated_with_tiktoken() {
+    let s = harness::start(|_| {}).await;
+    let body = json!({"messages": messages(), "stream": true});
+    let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+    let id = request_id(&resp);
+    let f = frames(&resp.text().await.unwrap());
+    assert!(f.iter().all(|c| c.get("usage").is_none()));
+    let text: String = f
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    s.settle().await;
+    let r = s.record(&id).await;
+    let u = r.usage.unwrap();
+    assert_eq!(u.source, UsageSource::Estimated);
+    assert_eq!(u.output_tokens, Encoding::O200kBase.count(&text));
+    assert_eq!(
+        u.input_tokens,
+        tollgate_tokens::count_chat_prompt("gpt-4o-2024-08-06", &body)
+    );
+    assert_eq!(r.choices[0].content.as_deref(), Some(text.as_str()));
+
+    // The same request without streaming: the simulator reports exactly what we estimated.
+    let plain: Value = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        plain["usage"]["completion_tokens"].as_u64().unwrap(),
+        u.output_tokens
+    );
+    assert_eq!(
+        plain["usage"]["prompt_tokens"].as_u64().unwrap(),
+        u.input_tokens
+    );
+}
+
+#[tokio::test]
+async fn tool_call_streams_are_stitched_into_complete_arguments() {
+    let s = harness::start(|_| {}).await;
+    let tool = |name: &str| {
+        json!({"type": "function", "function": {"name": name, "description": "Look it up.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}, "days": {"type": "integer"}}}}})
+    };
+    let body = json!({"messages": messages(), "stream": true, "tool_choice": "required",
+                      "tools": [tool("weather"), tool("tides")]});
+    let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    let calls = &r.choices[0].tool_calls;
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].name, "weather");
+    assert_eq!(calls[1].name, "tides");
+    for c in calls {
+        let args: Value = serde_json::from_str(&c.arguments).expect("complete JSON arguments");
+        assert!(args["days"].is_i64());
+        assert!(c.id.as_deref().unwrap().starts_with("call_"));
+    }
+    assert_eq!(r.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+    let u = r.usage.unwrap();
+    assert_eq!(u.source, UsageSource::Estimated);
+    // Same request without streaming: the simulator's own count of the same calls.
+    let mut plain = body.clone();
+    plain.as_object_mut().unwrap().remove("stream");
+    let v: Value = s
+        .post(&s.chat_url("gpt-4o"), &plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        u.output_tokens
+    );
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        u.input_tokens
+    );
+}
+
+#[tokio::test]
+async fn client_that_disconnects_after_three_chunks_still_yields_a_complete_record() {
+    let s = harness::start(|_| {}).await;
+    let body =
+        json!({"messages": messages(), "stream": true, "stream_options": {"include_usage": true}});
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &body)
+        // Slow enough that the client is gone long before the stream ends.
+        .header("x-sim-inter-token-ms", "5")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let mut stream = resp.bytes_stream();
+    let mut seen = Vec::new();
+    while seen.iter().filter(|b| **b == b'\n').count() < 6 {
+        seen.extend_from_slice(&stream.next().await.expect("chunk").expect("bytes"));
+    }
+    drop(stream);
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert!(r.client_disconnected);
+    assert!(r.complete);
+    let u = r.usage.expect("usage recorded after the client left");
+    assert_eq!(
+        u.source,
+        UsageSource::Reported,
+        "the usage frame was still read from upstream"
+    );
+    let text = r.choices[0].content.clone().unwrap();
+    assert_eq!(u.output_tokens, Encoding::O200kBase.count(&text));
+    assert_eq!(r.choices[0].finish_reason.as_deref(), Some("stop"));
+}
+
+#[tokio::test]
+async fn unknown_deployment_and_bad_key_get_aoai_errors_and_are_recorded() {
+    let s = harness::start(|_| {}).await;
+    let resp = s
+        .post(&s.chat_url("nope"), &json!({"messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let missing = request_id(&resp);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "DeploymentNotFound");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist")
+    );
+
+    let resp = s
+        .http
+        .post(s.chat_url("gpt-4o"))
+        .header("api-key", "wrong")
+        .json(&json!({"messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let denied = request_id(&resp);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"]["code"], "401");
+    s.settle().await;
+
+    let r = s.record(&missing).await;
+    assert_eq!(
+        (r.status, r.error.as_ref().unwrap().code.as_str()),
+        (Some(404), "DeploymentNotFound")
+    );
+    assert!(r.usage.is_none());
+    let r = s.record(&denied).await;
+    assert_eq!(r.status, Some(401));
+    assert_eq!(r.consumer.id, "anonymous");
+    assert_eq!(
+        s.sim.requests_to("gpt-4o"),
+        0,
+        "rejected requests never reach AOAI"
+    );
+}
+
+#[tokio::test]
+async fn upstream_throttling_is_forwarded_with_its_headers_and_recorded() {
+    let s = harness::start(|_| {}).await;
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .header("x-sim-fault", "429;retry-after-ms=700")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after-ms"], "700");
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.status, Some(429));
+    assert_eq!(r.attempts[0].retry_after_ms, Some(700));
+    assert_eq!(r.error.as_ref().unwrap().code, "429");
+    assert_eq!(r.response_headers["retry-after-ms"], "700");
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_store() {
+    let s = harness::start(|_| {}).await;
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .header("cookie", "session=topsecret")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let raw = serde_json::to_string(&s.raw(&id).await).unwrap();
+    let consolidated = serde_json::to_string(&s.record(&id).await).unwrap();
+    for doc in [&raw, &consolidated] {
+        assert!(!doc.contains(KEY), "consumer key leaked");
+        assert!(!doc.contains(harness::SIM_KEY), "backend key leaked");
+        assert!(!doc.contains("topsecret"), "cookie leaked");
+    }
+    let RawRecord::Request(req) = &s.raw(&id).await[0] else {
+        panic!("first record is the request")
+    };
+    assert_eq!(req.headers["api-key"], "[redacted]");
+    assert_eq!(req.headers["cookie"], "[redacted]");
+}
+
+#[tokio::test]
+async fn store_outage_spools_and_replays_without_loss() {
+    let s = harness::start(|_| {}).await;
+    s.flaky
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let body = json!({"messages": [{"role": "user", "content": format!("q{i}")}], "stream": i % 2 == 0});
+        let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "the outage is invisible to clients");
+        ids.push(request_id(&resp));
+        resp.text().await.unwrap();
+    }
+    s.proxy.flush().await;
+    assert!(
+        s.proxy.recorder().spooled_bytes() > 0,
+        "records wait in the spool"
+    );
+    assert!(s.store.read(None, 100).await.unwrap().records.is_empty());
+    s.flaky
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    s.settle().await;
+    assert_eq!(s.proxy.recorder().spooled_bytes(), 0);
+    for id in &ids {
+        let r = s.record(id).await;
+        assert!(
+            r.complete && r.usage.is_some(),
+            "{id} fully recorded after replay"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_413() {
+    let s = harness::start(|c| c.limits.max_request_body_bytes = 64).await;
+    let body = json!({"messages": [{"role": "user", "content": "x".repeat(200)}]});
+    let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let id = request_id(&resp);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "RequestEntityTooLarge"
+    );
+    s.settle().await;
+    assert_eq!(s.record(&id).await.status, Some(413));
+}
+
+#[tokio::test]
+async fn embeddings_and_v1_surface() {
+    let s = harness::start(|_| {}).await;
+    let url = format!(
+        "{}/openai/deployments/text-embedding-3-small/embeddings?{API}",
+        s.base
+    );
+    let resp = s
+        .post(&url, &json!({"input": ["alpha beta", "gamma"]}))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let v: Value = resp.json().await.unwrap();
+    let resp = s
+        .http
+        .post(format!("{}/openai/v1/chat/completions", s.base))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "gpt-4o-mini", "messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v1 = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.operation, "embeddings");
+    assert_eq!(
+        r.usage.unwrap().input_tokens,
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    let r = s.record(&v1).await;
+    assert_eq!(r.deployment.as_deref(), Some("gpt-4o-mini"));
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+}
