@@ -529,7 +529,7 @@ fn chat(sim: &Simulator, d: &SimDeployment, body: &Value, seed: u64) -> Result<P
     let messages = body.get("messages").ok_or_else(|| {
         AoaiError::invalid_request("'messages' is a required property", Some("messages"))
     })?;
-    if !messages.as_array().is_some_and(|m| !m.is_empty()) {
+    if messages.as_array().is_none_or(|m| m.is_empty()) {
         return Err(AoaiError::invalid_request(
             "[] is too short - 'messages'",
             Some("messages"),

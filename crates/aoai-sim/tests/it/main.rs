@@ -3,6 +3,11 @@
     clippy::disallowed_methods,
     reason = "tests spawn the server task directly"
 )]
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers fail loudly"
+)]
 
 use serde_json::{Value, json};
 use tollgate_aoai_sim::{SimConfig, Simulator};

@@ -30,7 +30,8 @@ use tollgate_store::RawWriter;
 use self::spool::{Spool, SpoolError};
 
 enum Item {
-    Record(RawRecord),
+    // Boxed: records are large and the queue's slots are sized by the largest variant.
+    Record(Box<RawRecord>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -133,10 +134,10 @@ impl Recorder {
     /// Hands a record to the writer without waiting on the store.
     pub(crate) async fn record(&self, record: RawRecord) {
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        let record = match self.tx.try_send(Item::Record(record)) {
+        let record = match self.tx.try_send(Item::Record(Box::new(record))) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(Item::Record(r))) => r,
-            Err(mpsc::error::TrySendError::Closed(Item::Record(r))) => r,
+            Err(mpsc::error::TrySendError::Full(Item::Record(r))) => *r,
+            Err(mpsc::error::TrySendError::Closed(Item::Record(r))) => *r,
             Err(_) => return,
         };
         let spooled = {
@@ -149,7 +150,7 @@ impl Recorder {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Spool refused a record; waiting for queue space.");
-                if self.tx.send(Item::Record(record)).await.is_err() {
+                if self.tx.send(Item::Record(Box::new(record))).await.is_err() {
                     tracing::error!("Recorder stopped before a record could be queued.");
                 }
             }
@@ -236,7 +237,7 @@ impl Writer {
         let mut flushes = Vec::new();
         for item in items.drain(..) {
             match item {
-                Item::Record(r) => records.push(r),
+                Item::Record(r) => records.push(*r),
                 Item::Flush(done) => flushes.push(done),
             }
         }

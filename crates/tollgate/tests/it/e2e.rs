@@ -1,1 +1,187 @@
-//! placeholder
+//! `tollgate up` as a process, driven by the real `openai` Python SDK (tests/e2e), then
+//! `tollgate report --format json` must show the exact token totals.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+use crate::harness::sha;
+
+const KEY: &str = "e2e-consumer-key";
+const ADMIN_KEY: &str = "e2e-admin-key";
+const SIM_KEY: &str = "e2e-sim-key";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The Python with `openai` installed: `TOLLGATE_TEST_PYTHON` (set by tests/run.sh), else the
+/// workspace's `.venv`. A missing SDK fails the test rather than skipping it.
+fn python() -> PathBuf {
+    let path = std::env::var_os("TOLLGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    let ok = Command::new(&path)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import openai: run ./tests/run.sh, which installs it",
+        path.display()
+    );
+    path
+}
+
+struct Up {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Up {
+    /// Reads stdout until a line starts with `prefix`; returns the rest of that line.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        for line in self.lines.by_ref() {
+            let line = line.expect("stdout line");
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_owned();
+            }
+        }
+        panic!("tollgate exited before printing `{prefix}`");
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exact() {
+    let python = python();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nadmin_key_sha256 = \"{}\"\n[[proxy.consumers]]\nid = \"e2e\"\nkey_sha256 = [\"{}\"]\n[sim]\napi_key = \"{SIM_KEY}\"\n",
+            sha(ADMIN_KEY),
+            sha(KEY)
+        ),
+    )
+    .expect("write config");
+    let bin = env!("CARGO_BIN_EXE_tollgate");
+    let mut child = Command::new(bin)
+        .args(["up", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tollgate up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut up = Up {
+        child,
+        lines: BufReader::new(stdout).lines(),
+    };
+    let proxy = up.wait_for("listening on ");
+    let sim = up.wait_for("simulator on ");
+    let sim = sim
+        .split_whitespace()
+        .next()
+        .expect("simulator url")
+        .to_owned();
+
+    let script = workspace_root().join("tests/e2e/sdk_roundtrip.py");
+    let proxy_base = proxy.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args([
+                "--proxy",
+                &proxy,
+                "--sim",
+                &sim,
+                "--key",
+                KEY,
+                "--sim-key",
+                SIM_KEY,
+            ])
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: Value =
+        serde_json::from_str(stdout.lines().last().expect("totals line")).expect("totals JSON");
+
+    let flush = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{}/tollgate/admin/flush", proxy_base))
+        .header("api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("flush");
+    assert_eq!(flush.status(), 200);
+
+    let report = Command::new(bin)
+        .args(["report", "--format", "json", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("run report");
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report: Value = serde_json::from_slice(&report.stdout).expect("report JSON");
+    let totals = &report["totals"];
+    for key in ["requests", "inputTokens", "outputTokens", "totalTokens"] {
+        assert_eq!(totals[key], expected[key], "report {key}");
+    }
+    assert_eq!(totals["errors"], 0);
+    assert_eq!(
+        totals["estimatedRequests"], 1,
+        "only the stream without include_usage is estimated"
+    );
+    assert!(
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["consumer"] == "e2e")
+    );
+
+    // Ctrl-C drains and exits cleanly.
+    let pid = up.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest = up.wait_for("stopped");
+    assert!(rest.is_empty());
+    let status = up.child.wait().expect("exit status");
+    assert!(status.success(), "tollgate up exited with {status}");
+}

@@ -5,6 +5,11 @@
     clippy::disallowed_methods,
     reason = "tests spawn their servers directly"
 )]
+#![expect(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers fail loudly"
+)]
 
 mod e2e;
 mod harness;
