@@ -1,1 +1,408 @@
-fn main() {}
+//! Load benchmark: the same load generator against the simulator directly, through the proxy
+//! with a discarding store (the cost of proxying and teeing alone), and through the proxy with
+//! logging on (embedded store), in one run, non-stream and stream; then the proxy's memory with
+//! many open streams. Prints figures and ratios; asserts nothing.
+//!
+//! The proxy runs in a child process (this binary re-executed with `serve-proxy`) so its CPU
+//! and memory are its own; the simulator and the load generator share this process.
+//!
+//! Run: `cargo run --release -p tollgate-bench -- --seconds 10 --concurrency 64`
+
+#![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the benchmark owns its runtime and stops its tasks itself"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use axum::serve::ListenerExt;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use null_writer::NullWriter;
+use serde_json::json;
+use tollgate_aoai_sim::{SimConfig, Simulator};
+use tollgate_logging_proxy::config::{BackendConfig, ConsumerConfig};
+use tollgate_logging_proxy::{Proxy, ProxyConfig, ProxyDeps};
+use tollgate_store::RawWriter;
+
+const KEY: &str = "bench-key";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Seconds of load per scenario.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Open streams for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    open_streams: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Internal: run the proxy alone, print its address, serve until stdin closes.
+    ServeProxy {
+        #[arg(long)]
+        backend: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        null_store: bool,
+    },
+}
+
+mod null_writer {
+    use async_trait::async_trait;
+    use tollgate_records::RawRecord;
+    use tollgate_store::{RawWriter, StoreError};
+
+    /// Accepts and discards records: "logging off" at the store.
+    pub(crate) struct NullWriter;
+
+    #[async_trait]
+    impl RawWriter for NullWriter {
+        async fn append(&self, _batch: &[RawRecord]) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+}
+
+fn key_sha256() -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Some(Cmd::ServeProxy {
+            backend,
+            data_dir,
+            null_store,
+        }) => runtime.block_on(serve_proxy(backend, data_dir, null_store)),
+        None => runtime.block_on(bench(cli)),
+    }
+}
+
+async fn serve_proxy(backend: String, data_dir: PathBuf, null_store: bool) -> anyhow::Result<()> {
+    let store: Arc<dyn RawWriter> = if null_store {
+        Arc::new(NullWriter)
+    } else {
+        tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data_dir)).await?
+            as Arc<dyn RawWriter>
+    };
+    let config = ProxyConfig {
+        consumers: vec![ConsumerConfig {
+            id: "bench".into(),
+            key_sha256: vec![key_sha256()],
+        }],
+        backends: vec![BackendConfig {
+            name: "sim".into(),
+            endpoint: backend,
+            api_key: Some("sim".to_owned().into()),
+            deployments: vec!["gpt-4o".into()],
+        }],
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::build(
+        &config,
+        ProxyDeps {
+            store,
+            data_dir,
+            after_flush: None,
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let stop = async {
+        // The parent closes our stdin to stop us.
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut s = String::new();
+            let _ = std::io::stdin().read_line(&mut s);
+        })
+        .await;
+    };
+    axum::serve(
+        listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        proxy
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await?;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+struct ChildProxy {
+    child: Child,
+    addr: String,
+}
+
+impl ChildProxy {
+    fn start(backend: &str, null_store: bool, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["serve-proxy", "--backend", backend, "--data-dir"])
+            .arg(dir);
+        if null_store {
+            cmd.arg("--null-store");
+        }
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line.trim().to_owned();
+        if addr.is_empty() {
+            bail!("proxy child did not start");
+        }
+        Ok(ChildProxy { child, addr })
+    }
+
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Default)]
+struct Figures {
+    requests: usize,
+    errors: usize,
+    seconds: f64,
+    latency: Vec<Duration>,
+    ttfb: Vec<Duration>,
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1000.0
+}
+
+async fn load(base: &str, key: &str, stream: bool, seconds: u64, concurrency: usize) -> Figures {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(concurrency)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_default();
+    let url = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
+    let body = json!({"messages": [{"role": "user", "content": "benchmark"}], "stream": stream,
+                      "max_tokens": 48});
+    let body = Arc::new(serde_json::to_vec(&body).unwrap_or_default());
+    // Warm the connection pool and both tokenizers before measuring.
+    for _ in 0..concurrency.min(8) {
+        let _ = client
+            .post(&url)
+            .header("api-key", key)
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await;
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let url = url.clone();
+        let body = body.clone();
+        let key = key.to_owned();
+        tasks.spawn(async move {
+            let mut f = Figures::default();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let resp = client
+                    .post(&url)
+                    .header("api-key", &key)
+                    .header("content-type", "application/json")
+                    .body(body.to_vec())
+                    .send()
+                    .await;
+                let Ok(resp) = resp else {
+                    f.errors += 1;
+                    continue;
+                };
+                if !resp.status().is_success() {
+                    f.errors += 1;
+                }
+                let mut s = resp.bytes_stream();
+                let mut first = true;
+                while let Some(chunk) = s.next().await {
+                    if chunk.is_err() {
+                        f.errors += 1;
+                        break;
+                    }
+                    if first {
+                        f.ttfb.push(t0.elapsed());
+                        first = false;
+                    }
+                }
+                f.latency.push(t0.elapsed());
+                f.requests += 1;
+            }
+            f
+        });
+    }
+    let mut all = Figures::default();
+    while let Some(Ok(f)) = tasks.join_next().await {
+        all.requests += f.requests;
+        all.errors += f.errors;
+        all.latency.extend(f.latency);
+        all.ttfb.extend(f.ttfb);
+    }
+    all.seconds = start.elapsed().as_secs_f64();
+    all
+}
+
+async fn bench(cli: Cli) -> anyhow::Result<()> {
+    let sim = Simulator::new(SimConfig::default())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim_addr = listener.local_addr()?;
+    let router = sim.router();
+    let sim_task = tokio::spawn(async move {
+        axum::serve(
+            listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            router,
+        )
+        .await
+    });
+    let sim_base = format!("http://{sim_addr}");
+    let dir = tempfile::tempdir()?;
+    let null = ChildProxy::start(&sim_base, true, &dir.path().join("null"))?;
+    let logged = ChildProxy::start(&sim_base, false, &dir.path().join("logged"))?;
+    let idle_rss = logged.rss_mb();
+
+    println!(
+        "machine: {} cores; {} s per scenario; same load generator for every target",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cli.seconds
+    );
+    for concurrency in [1, cli.concurrency] {
+        println!();
+        println!("concurrency {concurrency}");
+        println!(
+            "{:<36} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}",
+            "scenario", "req/s", "p50 ms", "p99 ms", "ttfb p50", "ttfb p99", "errors"
+        );
+        let mut rows = Vec::new();
+        for stream in [false, true] {
+            for (name, base, key) in [
+                ("direct", sim_base.clone(), "sim"),
+                (
+                    "proxy, store discards",
+                    format!("http://{}", null.addr),
+                    KEY,
+                ),
+                ("proxy, logging on", format!("http://{}", logged.addr), KEY),
+            ] {
+                let mut f = load(&base, key, stream, cli.seconds, concurrency).await;
+                let rps = f.requests as f64 / f.seconds;
+                let (p50, p99) = (pct(&mut f.latency, 0.5), pct(&mut f.latency, 0.99));
+                let (t50, t99) = (pct(&mut f.ttfb, 0.5), pct(&mut f.ttfb, 0.99));
+                let label = format!("{name} ({})", if stream { "stream" } else { "non-stream" });
+                println!(
+                    "{label:<36} {rps:>9.0} {p50:>8.3} {p99:>8.3} {t50:>9.3} {t99:>9.3} {:>7}",
+                    f.errors
+                );
+                rows.push((stream, name, rps, p50, p99, t50, t99));
+            }
+        }
+        for stream in [false, true] {
+            let of = |n: &str| rows.iter().find(|r| r.0 == stream && r.1 == n).copied();
+            if let (Some(d), Some(l)) = (of("direct"), of("proxy, logging on")) {
+                let kind = if stream { "stream" } else { "non-stream" };
+                println!(
+                    "  {kind}, logging on vs direct: throughput {:.2}x; added p50 {:.3} ms, p99 {:.3} ms; added ttfb p50 {:.3} ms, p99 {:.3} ms",
+                    l.2 / d.2,
+                    l.3 - d.3,
+                    l.4 - d.4,
+                    l.5 - d.5,
+                    l.6 - d.6
+                );
+            }
+        }
+    }
+    println!();
+
+    // Memory with many open streams: slow streams, held open until all have started.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(cli.open_streams)
+        .build()?;
+    let url = format!(
+        "http://{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        logged.addr
+    );
+    let body = json!({"messages": [{"role": "user", "content": "hold"}], "stream": true});
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(cli.open_streams);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut holders = tokio::task::JoinSet::new();
+    for _ in 0..cli.open_streams {
+        let (client, url, body, tx, release) = (
+            client.clone(),
+            url.clone(),
+            body.clone(),
+            started_tx.clone(),
+            release.clone(),
+        );
+        holders.spawn(async move {
+            let resp = client
+                .post(&url)
+                .header("api-key", KEY)
+                .header("x-sim-inter-token-ms", "200")
+                .json(&body)
+                .send()
+                .await;
+            let Ok(resp) = resp else { return };
+            let mut s = resp.bytes_stream();
+            let _ = s.next().await;
+            let _ = tx.send(()).await;
+            release.notified().await;
+        });
+    }
+    drop(started_tx);
+    let mut open = 0;
+    while open < cli.open_streams && started_rx.recv().await.is_some() {
+        open += 1;
+    }
+    let busy_rss = logged.rss_mb();
+    println!("proxy RSS: {idle_rss:.1} MB idle, {busy_rss:.1} MB with {open} open streams");
+    release.notify_waiters();
+    holders.abort_all();
+    null.stop();
+    logged.stop();
+    sim_task.abort();
+    Ok(())
+}

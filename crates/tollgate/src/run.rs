@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,9 +65,14 @@ async fn start_sim(
     let addr = listener.local_addr()?;
     let router = sim.router();
     tracker.spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
+        let served = axum::serve(
+            listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            router,
+        )
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "Simulator server failed.");
         }
@@ -197,9 +203,14 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             .into_make_service_with_connect_info::<SocketAddr>();
         let stop = server_cancel.clone();
         let handle = background.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            axum::serve(
+                listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                router,
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
         });
         proxy_server = Some((proxy, server_cancel, handle));
         banner(addr, sim_addr, demo_key, &data_dir, exporter.is_some());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use axum::serve::ListenerExt;
 use sha2::{Digest, Sha256};
 use tollgate_aoai_sim::{SimConfig, Simulator};
 use tollgate_log_parser::{Parser, ParserConfig, RecordSink, StoreSink};
@@ -55,7 +56,9 @@ async fn serve(router: axum::Router) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         axum::serve(
-            listener,
+            listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .await
