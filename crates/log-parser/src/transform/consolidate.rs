@@ -75,9 +75,14 @@ fn stitch_response(parts: &Parts, operation: &str) -> Stitched {
     if bytes.is_empty() {
         return Stitched::default();
     }
-    let is_sse = end
-        .and_then(|e| e.content_type.as_deref())
-        .is_some_and(|c| c.starts_with("text/event-stream"));
+    // Without an end record there is no content type; a stream request's body is SSE.
+    let is_sse = match end {
+        Some(e) => e
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("text/event-stream")),
+        None => parts.request.as_ref().is_some_and(|r| r.stream),
+    };
     if is_sse {
         let mut p = SseParser::new();
         let mut events = p.push(&bytes);

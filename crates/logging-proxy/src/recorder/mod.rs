@@ -160,16 +160,22 @@ impl Recorder {
     /// Waits until all requests in flight have ended and everything recorded so far has been
     /// written (or spooled, if the store is failing).
     pub async fn flush(&self) {
-        loop {
-            let idle = self.idle.notified();
-            if self.inflight.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            idle.await;
-        }
+        self.wait_idle().await;
         let (done, wait) = oneshot::channel();
         if self.tx.send(Item::Flush(done)).await.is_ok() {
             let _ = wait.await;
+        }
+    }
+
+    /// Waits until every request in flight has handed over its `end` record (which may still
+    /// be queued).
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.inflight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 

@@ -22,11 +22,14 @@ pub(crate) const API: &str = "api-version=2024-10-21";
 pub(crate) struct Flaky {
     inner: Arc<dyn Store>,
     pub(crate) failing: AtomicBool,
+    /// While a test holds this lock, appends wait: the store is stalled.
+    pub(crate) stall: tokio::sync::Mutex<()>,
 }
 
 #[async_trait]
 impl RawWriter for Flaky {
     async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError> {
+        let _stalled = self.stall.lock().await;
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected outage".into()));
         }
@@ -106,6 +109,7 @@ pub(crate) async fn start_with_sinks(
     let flaky = Arc::new(Flaky {
         inner: store.clone(),
         failing: AtomicBool::new(false),
+        stall: tokio::sync::Mutex::new(()),
     });
     let proxy = Proxy::build(
         &config,

@@ -387,3 +387,53 @@ async fn embeddings_and_v1_surface() {
     assert_eq!(r.deployment.as_deref(), Some("gpt-4o-mini"));
     assert_eq!(r.model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_overflows_to_the_spool_and_loses_nothing() {
+    let s = harness::start(|c| {
+        c.recorder.queue_capacity = 1;
+        c.recorder.max_batch_records = 1;
+    })
+    .await;
+    // With the store stalled the writer holds one batch, the queue one record, and the rest of
+    // every request's records must overflow to the spool while clients are served as usual.
+    let stalled = s.flaky.stall.lock().await;
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let req = s.post(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": [{"role": "user", "content": format!("n{i}")}], "stream": i % 2 == 1}),
+        );
+        requests.spawn(async move {
+            let resp = req.send().await.unwrap();
+            let id = request_id(&resp);
+            resp.text().await.unwrap();
+            id
+        });
+    }
+    let ids = requests.join_all().await;
+    s.proxy.recorder().wait_idle().await;
+    let spooled = s
+        .proxy
+        .recorder()
+        .stats()
+        .spooled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    drop(stalled);
+    s.settle().await;
+    let stored = s.store.read(None, 10_000).await.unwrap().records.len() as u64;
+    assert_eq!(
+        spooled,
+        stored - 2,
+        "all but the writer's batch and the queue's slot were spooled"
+    );
+    for id in &ids {
+        let r = s.record(id).await;
+        assert!(r.complete && r.usage.is_some(), "{id} recorded in full");
+    }
+    assert_eq!(
+        s.proxy.recorder().spooled_bytes(),
+        0,
+        "the spool was replayed"
+    );
+}
