@@ -37,6 +37,9 @@ pub struct BackendConfig {
 pub struct LimitsConfig {
     /// Largest request body accepted; larger gets 413.
     pub max_request_body_bytes: usize,
+    /// Largest total size of the request headers (names + values) accepted; larger gets 431.
+    /// The HTTP server's own parser cap (about 400 KB) applies before this one.
+    pub max_header_bytes: usize,
     /// TCP connect timeout to a backend.
     pub connect_timeout_ms: u64,
     /// Time allowed from sending the request to receiving the response headers.
@@ -56,6 +59,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_request_body_bytes: 32 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 120_000,
             idle_timeout_ms: 60_000,
@@ -197,6 +201,7 @@ impl ProxyConfig {
         let l = &self.limits;
         for (name, v) in [
             ("max_request_body_bytes", l.max_request_body_bytes as u64),
+            ("max_header_bytes", l.max_header_bytes as u64),
             ("connect_timeout_ms", l.connect_timeout_ms),
             ("first_byte_timeout_ms", l.first_byte_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),

@@ -21,6 +21,8 @@ pub enum ProxyError {
     DeploymentNotFound,
     #[error("The request body is larger than the limit of {limit} bytes.")]
     RequestBodyTooLarge { limit: usize },
+    #[error("The request headers are larger than the limit of {limit} bytes.")]
+    RequestHeadersTooLarge { limit: usize },
     #[error("The request body could not be read: {0}")]
     RequestBodyUnreadable(String),
     #[error("The backend could not be reached.")]
@@ -46,6 +48,11 @@ impl ProxyError {
             ProxyError::RequestBodyTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestEntityTooLarge",
+                Downstream,
+            ),
+            ProxyError::RequestHeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "RequestHeadersTooLarge",
                 Downstream,
             ),
             ProxyError::RequestBodyUnreadable(_) => {

@@ -213,6 +213,20 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             .reject(&app, ProxyError::ConsumerKeyInvalid, vec![])
             .await;
     }
+    let header_limit = app.config.limits.max_header_bytes;
+    let header_bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.as_bytes().len())
+        .sum();
+    if header_bytes > header_limit {
+        record.headers.clear();
+        app.recorder.record(RawRecord::Request(record)).await;
+        let error = ProxyError::RequestHeadersTooLarge {
+            limit: header_limit,
+        };
+        return recording.reject(&app, error, vec![]).await;
+    }
 
     let limit = app.config.limits.max_request_body_bytes;
     let bytes = match axum::body::to_bytes(body, limit).await {

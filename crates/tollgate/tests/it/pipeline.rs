@@ -352,6 +352,26 @@ async fn oversized_bodies_are_refused_with_413() {
 }
 
 #[tokio::test]
+async fn oversized_headers_are_refused_with_431() {
+    let s = harness::start(|c| c.limits.max_header_bytes = 512).await;
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .header("x-padding", "p".repeat(600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    let id = request_id(&resp);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "RequestHeadersTooLarge"
+    );
+    s.settle().await;
+    assert_eq!(s.record(&id).await.status, Some(431));
+    assert_eq!(s.sim.requests_to("gpt-4o"), 0);
+}
+
+#[tokio::test]
 async fn embeddings_and_v1_surface() {
     let s = harness::start(|_| {}).await;
     let url = format!(
