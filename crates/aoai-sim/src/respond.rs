@@ -729,17 +729,17 @@ fn chat(sim: &Simulator, d: &SimDeployment, body: &Value, seed: u64) -> Result<P
             false,
         ));
     }
-    if include_usage {
+    let usage_frame = include_usage.then(|| {
         let mut last = chunk(json!([]));
         last["usage"] = usage_json(prompt_tokens, completion_tokens);
-        frames.push((sse(&last), false));
-    }
-    frames.push((Bytes::from_static(DONE), false));
-    Ok(Plan {
-        body: Planned::Stream(frames),
+        last
+    });
+    Ok(finish_stream(
+        frames,
+        usage_frame,
         prompt_tokens,
         completion_tokens,
-    })
+    ))
 }
 
 fn completions(
@@ -827,17 +827,17 @@ fn completions(
                         "content_filter_results": {}}]);
         frames.push((sse(&chunk(c)), false));
     }
-    if include_usage {
+    let usage_frame = include_usage.then(|| {
         let mut last = chunk(json!([]));
         last["usage"] = usage_json(prompt_tokens, completion_tokens);
-        frames.push((sse(&last), false));
-    }
-    frames.push((Bytes::from_static(DONE), false));
-    Ok(Plan {
-        body: Planned::Stream(frames),
+        last
+    });
+    Ok(finish_stream(
+        frames,
+        usage_frame,
         prompt_tokens,
         completion_tokens,
-    })
+    ))
 }
 
 fn embeddings(d: &SimDeployment, body: &Value, seed: u64) -> Result<Plan, AoaiError> {
@@ -887,6 +887,24 @@ fn embeddings(d: &SimDeployment, body: &Value, seed: u64) -> Result<Plan, AoaiEr
         prompt_tokens,
         completion_tokens: 0,
     })
+}
+
+/// Ends a stream as AOAI does: the usage frame (only when asked), then `data: [DONE]`.
+fn finish_stream(
+    mut frames: Vec<(Bytes, bool)>,
+    usage_frame: Option<Value>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> Plan {
+    if let Some(last) = usage_frame {
+        frames.push((sse(&last), false));
+    }
+    frames.push((Bytes::from_static(DONE), false));
+    Plan {
+        body: Planned::Stream(frames),
+        prompt_tokens,
+        completion_tokens,
+    }
 }
 
 fn chrono_now() -> u64 {

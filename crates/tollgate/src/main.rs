@@ -104,46 +104,25 @@ async fn main() -> anyhow::Result<()> {
     let path = cli.config.as_deref();
     match cli.command {
         Command::Up { listen, data_dir } => {
-            let mut config = config::load(path, data_dir.as_ref())?;
-            init_tracing(&config);
-            if let Some(l) = listen {
-                config.listen = l;
-            }
-            run::run(
-                config,
-                run::Parts {
-                    proxy: true,
-                    parser: true,
-                },
-            )
-            .await
+            let parts = run::Parts {
+                proxy: true,
+                parser: true,
+            };
+            services(path, data_dir, listen, parts).await
         }
         Command::Proxy { listen, data_dir } => {
-            let mut config = config::load(path, data_dir.as_ref())?;
-            init_tracing(&config);
-            if let Some(l) = listen {
-                config.listen = l;
-            }
-            run::run(
-                config,
-                run::Parts {
-                    proxy: true,
-                    parser: false,
-                },
-            )
-            .await
+            let parts = run::Parts {
+                proxy: true,
+                parser: false,
+            };
+            services(path, data_dir, listen, parts).await
         }
         Command::Parser { data_dir } => {
-            let config = config::load(path, data_dir.as_ref())?;
-            init_tracing(&config);
-            run::run(
-                config,
-                run::Parts {
-                    proxy: false,
-                    parser: true,
-                },
-            )
-            .await
+            let parts = run::Parts {
+                proxy: false,
+                parser: true,
+            };
+            services(path, data_dir, None, parts).await
         }
         Command::Sim { listen } => {
             let mut config = config::load(path, None)?;
@@ -201,6 +180,21 @@ async fn main() -> anyhow::Result<()> {
             check(&config).await
         }
     }
+}
+
+/// Loads the configuration, applies the flags, and runs the chosen services until a signal.
+async fn services(
+    path: Option<&std::path::Path>,
+    data_dir: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    parts: run::Parts,
+) -> anyhow::Result<()> {
+    let mut config = config::load(path, data_dir.as_ref())?;
+    init_tracing(&config);
+    if let Some(l) = listen {
+        config.listen = l;
+    }
+    run::run(config, parts).await
 }
 
 async fn check(config: &config::Config) -> anyhow::Result<()> {

@@ -56,6 +56,32 @@ fn merge_filters(slot: &mut Option<Value>, update: Option<&Value>) {
     }
 }
 
+/// A frame's choices with their indexes.
+fn choices(frame: &Value) -> impl Iterator<Item = (u32, &Value)> {
+    frame
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c.get("index").and_then(Value::as_u64).unwrap_or(0) as u32,
+                c,
+            )
+        })
+}
+
+/// The parts of a choice every shape carries: its finish reason and filter annotations.
+fn close(choice: &mut Choice, c: &Value) {
+    if let Some(reason) = non_empty(c.get("finish_reason")) {
+        choice.finish_reason = Some(reason);
+    }
+    merge_filters(
+        &mut choice.content_filter_results,
+        c.get("content_filter_results"),
+    );
+}
+
 #[derive(Default)]
 struct Builder {
     out: Stitched,
@@ -96,13 +122,7 @@ impl Builder {
 
     fn chat_chunk(&mut self, frame: &Value) {
         self.header(frame);
-        for c in frame
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+        for (index, c) in choices(frame) {
             let choice = self.choice(index);
             if let Some(delta) = c.get("delta") {
                 if let Some(role) = non_empty(delta.get("role")) {
@@ -156,34 +176,16 @@ impl Builder {
                 }
             }
             let choice = self.choice(index);
-            if let Some(reason) = non_empty(c.get("finish_reason")) {
-                choice.finish_reason = Some(reason);
-            }
-            merge_filters(
-                &mut choice.content_filter_results,
-                c.get("content_filter_results"),
-            );
+            close(choice, c);
         }
     }
 
     fn completions_chunk(&mut self, frame: &Value) {
         self.header(frame);
-        for c in frame
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+        for (index, c) in choices(frame) {
             let choice = self.choice(index);
             append(&mut choice.content, c.get("text"));
-            if let Some(reason) = non_empty(c.get("finish_reason")) {
-                choice.finish_reason = Some(reason);
-            }
-            merge_filters(
-                &mut choice.content_filter_results,
-                c.get("content_filter_results"),
-            );
+            close(choice, c);
         }
     }
 
@@ -227,13 +229,7 @@ pub fn stitch_stream(kind: StreamKind, events: &[SseEvent]) -> Stitched {
 pub fn from_body(body: &Value) -> Stitched {
     let mut b = Builder::default();
     b.header(body);
-    for c in body
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let index = c.get("index").and_then(Value::as_u64).unwrap_or(0) as u32;
+    for (index, c) in choices(body) {
         let choice = b.choice(index);
         if let Some(m) = c.get("message") {
             choice.role = non_empty(m.get("role"));
@@ -280,11 +276,7 @@ pub fn from_body(body: &Value) -> Stitched {
         } else {
             choice.content = c.get("text").and_then(Value::as_str).map(str::to_owned);
         }
-        choice.finish_reason = non_empty(c.get("finish_reason"));
-        merge_filters(
-            &mut choice.content_filter_results,
-            c.get("content_filter_results"),
-        );
+        close(choice, c);
     }
     b.finish()
 }

@@ -143,18 +143,20 @@ fn assert_export(
         .flat_map(|s| &s.log_records)
         .collect();
     assert_eq!(records.len(), 2, "one log record per request");
-    for (id, rec) in [(chat_id, chat_rec), (stream_id, stream_rec)] {
-        let log = records
+    let attrs_of = |id: &str| {
+        records
             .iter()
-            .find(|l| {
-                attrs(&l.attributes)
-                    .get("tollgate.request.id")
-                    .map(|v| string(Some(v)))
-                    == Some(id)
-            })
-            .expect("log record for the request");
+            .map(|l| (l, attrs(&l.attributes)))
+            .find(|(_, a)| a.get("tollgate.request.id").map(|v| string(Some(v))) == Some(id))
+            .expect("log record for the request")
+    };
+    for (id, rec, source) in [
+        (chat_id, chat_rec, "reported"),
+        (stream_id, stream_rec, "estimated"),
+    ] {
+        let (log, a) = attrs_of(id);
         assert_eq!(log.event_name, "tollgate.request");
-        let a = attrs(&log.attributes);
+        assert_eq!(string(a.get("tollgate.usage.source")), source);
         let usage = rec.usage.as_ref().unwrap();
         assert_eq!(
             int(a.get("gen_ai.usage.input_tokens")),
@@ -177,20 +179,6 @@ fn assert_export(
         assert_eq!(string(a.get("tollgate.consumer.id")), "tester");
         assert_eq!(int(a.get("http.response.status_code")), 200);
     }
-    let source = |id: &str| {
-        let log = records
-            .iter()
-            .find(|l| {
-                attrs(&l.attributes)
-                    .get("tollgate.request.id")
-                    .map(|v| string(Some(v)))
-                    == Some(id)
-            })
-            .unwrap();
-        string(attrs(&log.attributes).get("tollgate.usage.source")).to_owned()
-    };
-    assert_eq!(source(chat_id), "reported");
-    assert_eq!(source(stream_id), "estimated");
 
     // Metrics are cumulative: the last export holds the totals.
     let last = got.metrics.last().expect("metrics exported");
