@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::Utc;
 use secrecy::ExposeSecret;
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate_records::{
@@ -243,20 +242,15 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             return recording.reject(&app, error, vec![]).await;
         }
     };
-    let json = content_type
-        .as_deref()
-        .filter(|c| c.contains("json"))
-        .and_then(|_| serde_json::from_slice::<Value>(&bytes).ok());
-    if let Some(json) = &json {
-        record.stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    record.body = RecordBody::from_bytes(content_type.as_deref(), &bytes);
+    if let RecordBody::Json { json } = &record.body
+        && let Ok(peek) = serde_json::from_str::<Peek<'_>>(json.as_str())
+    {
+        record.stream = peek.stream.unwrap_or(false);
         if route.v1 {
-            record.deployment = json.get("model").and_then(Value::as_str).map(str::to_owned);
+            record.deployment = peek.model.map(|m| m.into_owned());
         }
     }
-    record.body = match json {
-        Some(json) => RecordBody::Json { json },
-        None => RecordBody::from_bytes(content_type.as_deref(), &bytes),
-    };
     let deployment = record.deployment.clone();
     app.recorder.record(RawRecord::Request(record)).await;
 
@@ -392,6 +386,15 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
         out.append(k.clone(), v.clone());
     }
     with_request_id(response, &request_id)
+}
+
+/// The two fields of a request body the proxy needs, read without building the whole document.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The backend's requested back-off: `retry-after-ms`, `x-ms-retry-after-ms`, then

@@ -99,6 +99,51 @@ impl Consumer {
     }
 }
 
+/// A JSON document kept as its text. The proxy never builds a `serde_json::Value` tree for
+/// bodies it only passes along: it validates the bytes once and writes them out verbatim
+/// (as embedded JSON, not as a string), which keeps allocation off the request path. Readers
+/// parse it when they need it ([`JsonText::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonText(String);
+
+impl JsonText {
+    /// Validates `bytes` as one JSON value.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let raw: &serde_json::value::RawValue = serde_json::from_slice(bytes).ok()?;
+        Some(JsonText(raw.get().to_owned()))
+    }
+
+    pub fn from_value(value: &Value) -> Self {
+        JsonText(value.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn parse(&self) -> Option<Value> {
+        serde_json::from_str(&self.0).ok()
+    }
+}
+
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Always valid (checked at construction); the fallback only guards against misuse.
+        match serde_json::from_str::<&serde_json::value::RawValue>(&self.0) {
+            Ok(raw) => raw.serialize(serializer),
+            Err(_) => serializer.serialize_str(&self.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Through a `Value`, because records are internally tagged enums, whose buffered
+        // deserialisation cannot hand out raw JSON. Readers are off the request path.
+        Value::deserialize(deserializer).map(|v| JsonText(v.to_string()))
+    }
+}
+
 /// A request or response body: JSON stays JSON so stores can query into it; anything else is
 /// kept as text, or base64 when it is not UTF-8.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -107,7 +152,7 @@ pub enum Body {
     #[default]
     Empty,
     Json {
-        json: Value,
+        json: JsonText,
     },
     Text {
         #[serde(rename = "contentType")]
@@ -130,7 +175,7 @@ impl Body {
         }
         let content_type = content_type.unwrap_or("application/octet-stream");
         if content_type.contains("json")
-            && let Ok(json) = serde_json::from_slice::<Value>(bytes)
+            && let Some(json) = JsonText::from_slice(bytes)
         {
             return Body::Json { json };
         }
@@ -146,10 +191,17 @@ impl Body {
         }
     }
 
-    pub fn as_json(&self) -> Option<&Value> {
+    /// The body parsed as JSON, when it is JSON.
+    pub fn parse_json(&self) -> Option<Value> {
         match self {
-            Body::Json { json } => Some(json),
+            Body::Json { json } => json.parse(),
             _ => None,
+        }
+    }
+
+    pub fn json(value: &Value) -> Self {
+        Body::Json {
+            json: JsonText::from_value(value),
         }
     }
 }
@@ -463,6 +515,40 @@ mod tests {
         let data = SegmentData::from_bytes(&bytes);
         assert!(matches!(data, SegmentData::Base64(_)));
         assert_eq!(data.to_bytes().unwrap(), bytes);
+    }
+
+    #[test]
+    fn json_bodies_are_stored_as_embedded_json_and_read_back() {
+        let rec = RawRecord::Request(RequestRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: "r".into(),
+            time: Utc::now(),
+            method: "POST".into(),
+            path: "/".into(),
+            query: None,
+            deployment: None,
+            api_version: None,
+            operation: "chat.completions".into(),
+            stream: false,
+            consumer: Consumer::anonymous(),
+            client_ip: None,
+            user_agent: None,
+            headers: BTreeMap::new(),
+            body: Body::from_bytes(Some("application/json"), br#"{"b": [1, 2], "a": "x"}"#),
+        });
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(
+            text.contains(r#""json":{"b": [1, 2], "a": "x"}"#),
+            "verbatim: {text}"
+        );
+        let back: RawRecord = serde_json::from_str(&text).unwrap();
+        let RawRecord::Request(back) = back else {
+            panic!("request")
+        };
+        assert_eq!(
+            back.body.parse_json().unwrap(),
+            serde_json::json!({"a": "x", "b": [1, 2]})
+        );
     }
 
     #[test]

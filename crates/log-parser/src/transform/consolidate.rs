@@ -68,8 +68,8 @@ fn stream_kind(operation: &str) -> StreamKind {
 
 fn stitch_response(parts: &Parts, operation: &str) -> Stitched {
     let end = parts.end.as_ref();
-    if let Some(json) = end.and_then(|e| e.body.as_json()) {
-        return stitch::from_body(json);
+    if let Some(json) = end.and_then(|e| e.body.parse_json()) {
+        return stitch::from_body(&json);
     }
     let bytes: Vec<u8> = parts.segments.values().flatten().copied().collect();
     if bytes.is_empty() {
@@ -95,8 +95,7 @@ fn stitch_response(parts: &Parts, operation: &str) -> Stitched {
         .unwrap_or_default()
 }
 
-fn prompt_of(request: &RequestRecord) -> Option<Value> {
-    let body = request.body.as_json()?;
+fn prompt_of(body: &Value) -> Option<Value> {
     ["messages", "prompt", "input"]
         .iter()
         .find_map(|k| body.get(*k).cloned())
@@ -118,6 +117,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     });
     let status = end.map(|e| e.status);
     let succeeded = status.is_some_and(|s| s < 400);
+    let request_json = request.and_then(|r| r.body.parse_json());
 
     let usage = if succeeded {
         stitched
@@ -126,12 +126,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
             .and_then(usage::reported)
             .or_else(|| {
                 let counting_model = model.as_deref().or(deployment.as_deref()).unwrap_or("");
-                usage::estimate(
-                    &operation,
-                    counting_model,
-                    request.and_then(|r| r.body.as_json()),
-                    &stitched,
-                )
+                usage::estimate(&operation, counting_model, request_json.as_ref(), &stitched)
             })
     } else {
         None
@@ -168,7 +163,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         _ => None,
     };
     let mut choices = stitched.choices;
-    let mut prompt = request.and_then(prompt_of);
+    let mut prompt = request_json.as_ref().and_then(prompt_of);
     if !opts.store_content {
         prompt = None;
         for c in &mut choices {
@@ -223,7 +218,8 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
 
 /// An error AOAI returned, summarised from its body.
 fn upstream_error(end: &EndRecord) -> ErrorInfo {
-    let err = end.body.as_json().and_then(|b| b.get("error"));
+    let body = end.body.parse_json();
+    let err = body.as_ref().and_then(|b| b.get("error"));
     let code = err
         .and_then(|e| e.get("code"))
         .map(|c| match c {

@@ -28,9 +28,7 @@ fn chat_request(id: &str) -> RawRecord {
     let RawRecord::Request(mut r) = sample_request(id) else {
         unreachable!()
     };
-    r.body = Body::Json {
-        json: json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}),
-    };
+    r.body = Body::json(&json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}));
     RawRecord::Request(r)
 }
 
