@@ -78,6 +78,8 @@ pub struct RecorderConfig {
     pub queue_capacity: usize,
     /// Most records written to the store in one batch.
     pub max_batch_records: usize,
+    /// Longest a record waits for its batch to fill before it is written (0: write at once).
+    pub flush_interval_ms: u64,
     /// A stream segment is cut when it reaches this size…
     pub segment_max_bytes: usize,
     /// …or this age, so a long stream is a handful of documents.
@@ -101,6 +103,7 @@ impl Default for RecorderConfig {
         RecorderConfig {
             queue_capacity: 16_384,
             max_batch_records: 512,
+            flush_interval_ms: 10,
             segment_max_bytes: 64 * 1024,
             segment_max_age_ms: 1_000,
             max_inline_body_bytes: 1024 * 1024,

@@ -73,6 +73,7 @@ impl Proxy {
         let settings = recorder::RecorderSettings {
             queue_capacity: r.queue_capacity,
             max_batch_records: r.max_batch_records,
+            flush_interval: Duration::from_millis(r.flush_interval_ms),
             spool_dir: r
                 .spool_dir
                 .clone()

@@ -61,6 +61,7 @@ pub struct Recorder {
 pub(crate) struct RecorderSettings {
     pub queue_capacity: usize,
     pub max_batch_records: usize,
+    pub flush_interval: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
     pub spool_file_max_bytes: u64,
@@ -106,6 +107,7 @@ impl Recorder {
             store,
             spool,
             max_batch: settings.max_batch_records,
+            linger: settings.flush_interval,
             retry_interval: settings.retry_interval,
             next_retry: Instant::now(),
             stats: recorder.stats.clone(),
@@ -193,6 +195,7 @@ struct Writer {
     store: Arc<dyn RawWriter>,
     spool: Arc<Mutex<Spool>>,
     max_batch: usize,
+    linger: Duration,
     retry_interval: Duration,
     next_retry: Instant,
     stats: Arc<RecorderStats>,
@@ -227,7 +230,28 @@ impl Writer {
                 self.replay().await;
                 return;
             }
+            self.linger(&mut items).await;
             self.process(&mut items).await;
+        }
+    }
+
+    /// Waits up to the flush interval for a fuller batch: one store transaction for many
+    /// records costs far less than one per record, and only the records wait, not clients.
+    /// A flush request ends the wait at once.
+    async fn linger(&mut self, items: &mut Vec<Item>) {
+        let is_flush = |i: &Item| matches!(i, Item::Flush(_));
+        if self.linger.is_zero() || items.iter().any(is_flush) {
+            return;
+        }
+        let deadline = Instant::now() + self.linger;
+        while items.len() < self.max_batch {
+            let before = items.len();
+            let room = self.max_batch - before;
+            match tokio::time::timeout_at(deadline, self.rx.recv_many(items, room)).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if items[before..].iter().any(is_flush) => return,
+                Ok(_) => {}
+            }
         }
     }
 
