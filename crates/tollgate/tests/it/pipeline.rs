@@ -457,3 +457,30 @@ async fn a_full_queue_overflows_to_the_spool_and_loses_nothing() {
         "the spool was replayed"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_cut_mid_stream_is_recorded_with_what_arrived() {
+    let s = harness::start(|_| {}).await;
+    let resp = s
+        .post(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": messages(), "stream": true}),
+        )
+        .header("x-sim-fault", "reset-after-chunks=4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert!(resp.text().await.is_err(), "the client sees the cut too");
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.error.as_ref().unwrap().code, "BackendStreamBroken");
+    // Frames: annotation, role, then two content deltas before the cut.
+    let text = r.choices[0].content.clone().unwrap();
+    assert!(!text.is_empty());
+    let u = r.usage.unwrap();
+    assert_eq!(u.source, UsageSource::Estimated);
+    assert_eq!(u.output_tokens, Encoding::O200kBase.count(&text));
+    assert_eq!(r.choices[0].finish_reason, None);
+}
