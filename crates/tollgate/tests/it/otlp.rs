@@ -182,13 +182,34 @@ fn assert_export(
 
     // Metrics are cumulative: the last export holds the totals.
     let last = got.metrics.last().expect("metrics exported");
-    let token_metric = last
-        .resource_metrics
+    let metric_named = |name: &str| {
+        last.resource_metrics
+            .iter()
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .find(|m| m.name == name)
+            .expect("metric exported")
+    };
+    let duration = metric_named("gen_ai.client.operation.duration");
+    assert_eq!(duration.unit, "s");
+    let Some(metric::Data::Histogram(d)) = &duration.data else {
+        panic!("a histogram")
+    };
+    let seconds: f64 = [chat_rec, stream_rec]
         .iter()
-        .flat_map(|r| &r.scope_metrics)
-        .flat_map(|s| &s.metrics)
-        .find(|m| m.name == "gen_ai.client.token.usage")
-        .expect("token usage histogram");
+        .map(|r| r.latency.as_ref().unwrap().total_ms / 1000.0)
+        .sum();
+    assert_eq!(
+        d.data_points.iter().map(|p| p.count).sum::<u64>(),
+        2,
+        "one duration per request"
+    );
+    let exported: f64 = d.data_points.iter().map(|p| p.sum.unwrap_or(0.0)).sum();
+    assert!(
+        (exported - seconds).abs() < 1e-9,
+        "{exported} s exported, {seconds} s recorded"
+    );
+    let token_metric = metric_named("gen_ai.client.token.usage");
     assert_eq!(token_metric.unit, "{token}");
     let Some(metric::Data::Histogram(h)) = &token_metric.data else {
         panic!("a histogram")
