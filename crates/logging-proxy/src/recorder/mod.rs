@@ -46,13 +46,17 @@ pub struct RecorderStats {
 }
 
 /// Headroom below the spool cap at which new requests are refused, so the requests already
-/// accepted still have room for their records.
-const SPOOL_HEADROOM_BYTES: u64 = 8 * 1024 * 1024;
+/// accepted still have room for their records: a quarter of the cap, at most 8 MiB.
+fn spool_headroom(max_bytes: u64) -> u64 {
+    (max_bytes / 4).min(8 * 1024 * 1024)
+}
 
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Item>,
     spool: Arc<Mutex<Spool>>,
+    spool_disk_bytes: Arc<AtomicU64>,
+    spool_max_bytes: u64,
     inflight: Arc<AtomicUsize>,
     idle: Arc<Notify>,
     stats: Arc<RecorderStats>,
@@ -89,15 +93,19 @@ impl Recorder {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Recorder, SpoolError> {
-        let spool = Arc::new(Mutex::new(Spool::open(
+        let spool = Spool::open(
             &settings.spool_dir,
             settings.spool_max_bytes,
             settings.spool_file_max_bytes,
-        )?));
+        )?;
+        let (spool_disk_bytes, spool_max_bytes) = spool.gauge();
+        let spool = Arc::new(Mutex::new(spool));
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let recorder = Recorder {
             tx,
             spool: spool.clone(),
+            spool_disk_bytes,
+            spool_max_bytes,
             inflight: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
             stats: Arc::new(RecorderStats::default()),
@@ -122,8 +130,8 @@ impl Recorder {
 
     /// Whether a new request may be accepted: false once the spool is nearly full.
     pub(crate) fn can_accept(&self) -> bool {
-        let spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-        !spool.is_nearly_full(SPOOL_HEADROOM_BYTES)
+        let headroom = spool_headroom(self.spool_max_bytes);
+        self.spool_disk_bytes.load(Ordering::Relaxed) + headroom <= self.spool_max_bytes
     }
 
     pub(crate) fn begin(&self) -> InFlight {

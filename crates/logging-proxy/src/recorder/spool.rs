@@ -15,6 +15,8 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tollgate_records::RawRecord;
 
@@ -48,6 +50,9 @@ pub(crate) struct Spool {
     next_id: u64,
     /// Records dropped as corrupt while reading (crash tails).
     pub(crate) corrupt_records: u64,
+    /// Bytes in spool files, published for readers that must not take the spool's lock
+    /// (the admission check on every request).
+    disk_bytes: Arc<AtomicU64>,
 }
 
 /// Records read from the spool, to acknowledge after the store confirmed them.
@@ -79,6 +84,7 @@ impl Spool {
             .collect();
         files.sort_by_key(|f| f.id);
         let next_id = files.last().map_or(0, |f| f.id + 1);
+        let disk_bytes = Arc::new(AtomicU64::new(files.iter().map(|f| f.size).sum()));
         Ok(Spool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -88,6 +94,7 @@ impl Spool {
             read_offset: 0,
             next_id,
             corrupt_records: 0,
+            disk_bytes,
         })
     }
 
@@ -104,9 +111,14 @@ impl Spool {
         self.pending_bytes() == 0
     }
 
-    /// Whether less than `headroom` bytes are left.
-    pub(crate) fn is_nearly_full(&self, headroom: u64) -> bool {
-        self.files.iter().map(|f| f.size).sum::<u64>() + headroom > self.max_bytes
+    /// A lock-free view of the bytes on disk and the cap.
+    pub(crate) fn gauge(&self) -> (Arc<AtomicU64>, u64) {
+        (self.disk_bytes.clone(), self.max_bytes)
+    }
+
+    fn publish(&self) {
+        let total = self.files.iter().map(|f| f.size).sum();
+        self.disk_bytes.store(total, Ordering::Relaxed);
     }
 
     pub(crate) fn append(&mut self, records: &[RawRecord]) -> Result<(), SpoolError> {
@@ -145,6 +157,7 @@ impl Spool {
         };
         w.write_all(&buf)?;
         last.size += buf.len() as u64;
+        self.publish();
         Ok(())
     }
 
@@ -200,6 +213,7 @@ impl Spool {
                 if let Some(f) = self.files.front_mut() {
                     f.size = offset as u64;
                 }
+                self.publish();
                 continue;
             }
             return Ok(Some(SpoolBatch {
@@ -238,6 +252,7 @@ impl Spool {
             }
         }
         self.read_offset = 0;
+        self.publish();
         Ok(())
     }
 }
@@ -313,7 +328,13 @@ mod tests {
     fn full_spool_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 400, 400).unwrap();
+        let (gauge, max) = spool.gauge();
+        assert_eq!((gauge.load(Ordering::Relaxed), max), (0, 400));
         spool.append(&[sample_request("a")]).unwrap();
+        assert!(
+            gauge.load(Ordering::Relaxed) > 0,
+            "the gauge follows appends"
+        );
         assert!(matches!(
             spool.append(&[sample_request("b")]),
             Err(SpoolError::Full { .. })

@@ -484,3 +484,46 @@ async fn an_upstream_cut_mid_stream_is_recorded_with_what_arrived() {
     assert_eq!(u.output_tokens, Encoding::O200kBase.count(&text));
     assert_eq!(r.choices[0].finish_reason, None);
 }
+
+#[tokio::test]
+async fn a_full_spool_refuses_new_requests_instead_of_losing_them() {
+    let s = harness::start(|c| {
+        c.recorder.spool_max_bytes = 16 * 1024;
+        c.recorder.spool_file_max_bytes = 4 * 1024;
+    })
+    .await;
+    s.flaky
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..100 {
+        let body = json!({"messages": [{"role": "user", "content": format!("fill {i}")}]});
+        let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+        if resp.status() == 503 {
+            refused = Some(resp.json::<Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(resp.status(), 200);
+        accepted.push(request_id(&resp));
+        resp.text().await.unwrap();
+        s.proxy.flush().await;
+    }
+    let refused = refused.expect("the proxy stops accepting before the spool overflows");
+    assert_eq!(refused["error"]["code"], "RecorderFull");
+    assert!(!accepted.is_empty());
+
+    s.flaky
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    s.settle().await;
+    for id in &accepted {
+        assert!(s.record(id).await.complete, "{id} accepted, so recorded");
+    }
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "accepting again once the spool drained");
+}
