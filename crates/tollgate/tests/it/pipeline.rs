@@ -527,3 +527,77 @@ async fn a_full_spool_refuses_new_requests_instead_of_losing_them() {
         .unwrap();
     assert_eq!(resp.status(), 200, "accepting again once the spool drained");
 }
+
+#[tokio::test]
+async fn n_choices_and_legacy_completions_streams_are_stitched_and_counted() {
+    let s = harness::start(|_| {}).await;
+    let chat = json!({"messages": messages(), "n": 3, "stream": true});
+    let resp = s.post(&s.chat_url("gpt-4o"), &chat).send().await.unwrap();
+    let chat_id = request_id(&resp);
+    resp.text().await.unwrap();
+    let url = format!(
+        "{}/openai/deployments/gpt-35-turbo/completions?{API}",
+        s.base
+    );
+    let completions = json!({"prompt": "Once upon a time", "max_tokens": 20, "stream": true});
+    let resp = s.post(&url, &completions).send().await.unwrap();
+    let completions_id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+
+    let r = s.record(&chat_id).await;
+    assert_eq!(r.choices.len(), 3);
+    assert!(
+        r.choices
+            .iter()
+            .all(|c| c.finish_reason.is_some() && c.content.is_some())
+    );
+    let mut plain = chat.clone();
+    plain.as_object_mut().unwrap().remove("stream");
+    let v: Value = s
+        .post(&s.chat_url("gpt-4o"), &plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (i, c) in r.choices.iter().enumerate() {
+        assert_eq!(
+            c.content.as_deref(),
+            v["choices"][i]["message"]["content"].as_str()
+        );
+    }
+    assert_eq!(
+        r.usage.unwrap().output_tokens,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+
+    let r = s.record(&completions_id).await;
+    assert_eq!(r.operation, "completions");
+    let mut plain = completions.clone();
+    plain.as_object_mut().unwrap().remove("stream");
+    let v: Value = s
+        .post(&url, &plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.choices[0].content.as_deref(),
+        v["choices"][0]["text"].as_str()
+    );
+    let u = r.usage.unwrap();
+    assert_eq!(u.source, UsageSource::Estimated);
+    assert_eq!(
+        u.input_tokens,
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        u.output_tokens,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(r.model.as_deref(), Some("gpt-35-turbo-0125"));
+}
