@@ -12,11 +12,9 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use chrono::Utc;
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tollgate_records::{
     Attempt, Body as RecordBody, Consumer, EndRecord, ErrorInfo, RawRecord, RequestRecord,
     SCHEMA_VERSION,
@@ -363,19 +361,15 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             .map(str::to_owned),
         inflight: recording.inflight,
     };
-    // A small buffer: enough to keep the pump ahead of the client by a few chunks, small
-    // enough that a slow client slows the upstream read (backpressure) instead of buffering.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    app.requests.spawn(tee::pump(
+    let body = tee::TeeBody::new(
         upstream,
-        tx,
         exchange,
         app.recorder.clone(),
+        app.requests.clone(),
         app.config.limits.clone(),
-        app.config.recorder.clone(),
-    ));
-
-    let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+        &app.config.recorder,
+    );
+    let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() =
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let out = response.headers_mut();

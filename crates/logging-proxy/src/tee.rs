@@ -1,22 +1,26 @@
-//! The tee: one tracked task per response reads the upstream body, passes each chunk to the
+//! The tee: the client's response body wraps the upstream body, passes each chunk to the
 //! client untouched, and hands the bytes to the recorder as segments.
 //!
 //! Invariants:
-//! - per chunk the work is O(chunk): a refcounted `Bytes` goes to the client first, then its
-//!   bytes are appended to the current segment; nothing waits on the store;
+//! - per chunk the work is O(chunk): the chunk's bytes are appended to the current segment and
+//!   the refcounted `Bytes` goes to the client; nothing waits on the store (records are handed
+//!   over with `try_record`, never awaited in the poll);
 //! - the `end` record is emitted exactly once, when the upstream body ends, fails, times out,
 //!   or the drain bound after a client disconnect is reached;
 //! - a client that disconnects does not stop the reading: the task keeps reading the upstream
 //!   (at most `max_drain_bytes` / `max_drain_ms` more) so AOAI's usage frame is still recorded.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use futures_util::{Stream, StreamExt};
+use tokio::time::{Instant, Sleep};
+use tokio_util::task::TaskTracker;
 use tollgate_records::{
     Attempt, Body, ChunksRecord, EndRecord, ErrorInfo, ErrorSource, RawRecord, SCHEMA_VERSION,
     SegmentData,
@@ -156,119 +160,264 @@ pub(crate) fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Pumps the upstream body to the client channel and the recorder; see the module invariants.
-pub(crate) async fn pump(
-    upstream: reqwest::Response,
-    client: mpsc::Sender<Result<Bytes, io::Error>>,
+type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// What the tee carries from the first chunk to the `end` record.
+struct Tee {
+    upstream: Upstream,
+    segmenter: Segmenter,
     ex: Exchange,
     recorder: Recorder,
+    requests: TaskTracker,
     limits: LimitsConfig,
-    recorder_config: RecorderConfig,
-) {
-    let streamed = ex
-        .content_type
-        .as_deref()
-        .is_some_and(|c| c.starts_with("text/event-stream"));
-    let mut segmenter = Segmenter::new(ex.request_id.clone(), &recorder_config, !streamed);
-    let mut body = upstream.bytes_stream();
-    let idle = Duration::from_millis(limits.idle_timeout_ms);
-    let deadline = ex.started + Duration::from_millis(limits.total_timeout_ms);
-    let mut client_gone: Option<(Instant, u64)> = None;
-    let mut truncated = false;
-    let mut error: Option<ErrorInfo> = None;
-    loop {
-        let wait = idle.min(deadline.saturating_duration_since(Instant::now()));
-        let next = match tokio::time::timeout(wait, body.next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                let what = if Instant::now() >= deadline {
+    deadline: Instant,
+    error: Option<ErrorInfo>,
+    truncated: bool,
+    /// The upstream's `content-length`, and how much of it the client has been given: hyper
+    /// stops polling (and drops the body) once a sized body is complete, which is not a
+    /// disconnect.
+    expected_len: Option<u64>,
+    sent: u64,
+}
+
+impl Tee {
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        self.sent += chunk.len() as u64;
+        let at = micros_since(self.ex.started);
+        for segment in self.segmenter.push(chunk, at) {
+            hand_over(&self.recorder, &self.requests, segment);
+        }
+    }
+
+    fn fail(&mut self, code: &str, message: String) {
+        self.error = Some(ErrorInfo {
+            source: ErrorSource::Upstream,
+            code: code.into(),
+            message,
+        });
+        self.truncated = true;
+    }
+
+    /// The next wake-up for the silence and total timeouts.
+    fn timer_deadline(&self) -> Instant {
+        (Instant::now() + Duration::from_millis(self.limits.idle_timeout_ms)).min(self.deadline)
+    }
+
+    /// Writes the last segment and the `end` record; the request is then done.
+    fn finish(self, client_disconnected: bool) {
+        let Tee {
+            segmenter,
+            ex,
+            recorder,
+            requests,
+            error,
+            truncated,
+            ..
+        } = self;
+        let (last, inline_body, segments, response_bytes) =
+            segmenter.finish(ex.content_type.as_deref());
+        if let Some(segment) = last {
+            hand_over(&recorder, &requests, segment);
+        }
+        let end = EndRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: ex.request_id,
+            seq: segments + 1,
+            time: chrono::Utc::now(),
+            status: ex.status,
+            backend: Some(ex.backend),
+            attempts: ex.attempts,
+            ttfb_ms: Some(ex.ttfb_ms),
+            total_ms: millis(ex.started.elapsed()),
+            headers: ex.headers,
+            content_type: ex.content_type,
+            body: inline_body,
+            client_disconnected,
+            truncated,
+            error,
+            segments,
+            response_bytes,
+        };
+        hand_over(&recorder, &requests, RawRecord::End(end));
+        // Dropping the guard after the end record is handed over is what `flush` waits for.
+        drop(ex.inflight);
+    }
+}
+
+/// Gives a record to the recorder without blocking the poll that produced it; in the rare case
+/// that queue and spool are both full, a tracked task waits for queue space.
+fn hand_over(recorder: &Recorder, requests: &TaskTracker, record: RawRecord) {
+    if let Err(record) = recorder.try_record(record) {
+        let recorder = recorder.clone();
+        requests.spawn(async move { recorder.record(*record).await });
+    }
+}
+
+/// The client's response body: polled by the client's connection, it yields each upstream chunk
+/// untouched and records it on the way. If the client goes away first, `Drop` moves the rest of
+/// the reading into a tracked task ([`drain`]), so what AOAI still sends — its usage frame
+/// above all — is recorded.
+pub(crate) struct TeeBody {
+    tee: Option<Tee>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl TeeBody {
+    pub(crate) fn new(
+        upstream: reqwest::Response,
+        ex: Exchange,
+        recorder: Recorder,
+        requests: TaskTracker,
+        limits: LimitsConfig,
+        recorder_config: &RecorderConfig,
+    ) -> Self {
+        let streamed = ex
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let segmenter = Segmenter::new(ex.request_id.clone(), recorder_config, !streamed);
+        let deadline = ex.started + Duration::from_millis(limits.total_timeout_ms);
+        let expected_len = upstream.content_length();
+        let tee = Tee {
+            expected_len,
+            sent: 0,
+            upstream: Box::pin(upstream.bytes_stream()),
+            segmenter,
+            ex,
+            recorder,
+            requests,
+            limits,
+            deadline,
+            error: None,
+            truncated: false,
+        };
+        let timer = Box::pin(tokio::time::sleep_until(tee.timer_deadline()));
+        TeeBody {
+            tee: Some(tee),
+            timer,
+        }
+    }
+}
+
+impl Stream for TeeBody {
+    type Item = Result<Bytes, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(tee) = this.tee.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match tee.upstream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                tee.on_chunk(&chunk);
+                let next = tee.timer_deadline();
+                this.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tee.fail("BackendStreamBroken", format!("Upstream body failed: {e}"));
+                if let Some(tee) = this.tee.take() {
+                    tee.finish(false);
+                }
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "upstream body failed",
+                ))))
+            }
+            Poll::Ready(None) => {
+                if let Some(tee) = this.tee.take() {
+                    tee.finish(false);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let what = if Instant::now() >= tee.deadline {
                     "total"
                 } else {
                     "idle"
                 };
-                error = Some(ErrorInfo {
-                    source: ErrorSource::Upstream,
-                    code: "BackendTimeout".into(),
-                    message: format!("Upstream body exceeded the {what} timeout."),
-                });
-                truncated = true;
-                if client_gone.is_none() {
-                    let _ = client
-                        .send(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "upstream timeout",
-                        )))
-                        .await;
+                tee.fail(
+                    "BackendTimeout",
+                    format!("Upstream body exceeded the {what} timeout."),
+                );
+                if let Some(tee) = this.tee.take() {
+                    tee.finish(false);
+                }
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "upstream timeout",
+                ))))
+            }
+        }
+    }
+}
+
+impl Drop for TeeBody {
+    fn drop(&mut self) {
+        let Some(mut tee) = self.tee.take() else {
+            return;
+        };
+        // Dropped before the upstream ended: the client went away, unless it already had the
+        // whole sized body.
+        let disconnected = tee.expected_len != Some(tee.sent);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let requests = tee.requests.clone();
+            requests.spawn(drain(tee, disconnected));
+        } else {
+            tee.truncated = true;
+            tee.finish(disconnected);
+        }
+    }
+}
+
+/// Reads the rest of the upstream once the client stopped polling (it left, or it already had a
+/// complete sized body), within `max_drain_bytes` and `max_drain_ms` (and the usual timeouts),
+/// then records the end.
+async fn drain(mut tee: Tee, client_disconnected: bool) {
+    let since = Instant::now();
+    let drain_until = since + Duration::from_millis(tee.limits.max_drain_ms);
+    let mut drained = 0u64;
+    loop {
+        let wait_until = tee.timer_deadline().min(drain_until);
+        let next = match tokio::time::timeout_at(wait_until, tee.upstream.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                if Instant::now() >= drain_until {
+                    tee.truncated = true;
+                } else {
+                    let what = if Instant::now() >= tee.deadline {
+                        "total"
+                    } else {
+                        "idle"
+                    };
+                    tee.fail(
+                        "BackendTimeout",
+                        format!("Upstream body exceeded the {what} timeout."),
+                    );
                 }
                 break;
             }
         };
-        let chunk = match next {
+        match next {
             None => break,
-            Some(Ok(chunk)) => chunk,
-            Some(Err(e)) => {
-                error = Some(ErrorInfo {
-                    source: ErrorSource::Upstream,
-                    code: "BackendStreamBroken".into(),
-                    message: format!("Upstream body failed: {e}"),
-                });
-                truncated = true;
-                if client_gone.is_none() {
-                    let _ = client
-                        .send(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            "upstream body failed",
-                        )))
-                        .await;
+            Some(Ok(chunk)) => {
+                tee.on_chunk(&chunk);
+                drained += chunk.len() as u64;
+                if drained > tee.limits.max_drain_bytes {
+                    tee.truncated = true;
+                    break;
                 }
-                break;
             }
-        };
-        let at = micros_since(ex.started);
-        let len = chunk.len() as u64;
-        if client_gone.is_none() && client.send(Ok(chunk.clone())).await.is_err() {
-            client_gone = Some((Instant::now(), 0));
-        }
-        for segment in segmenter.push(&chunk, at) {
-            recorder.record(segment).await;
-        }
-        if let Some((since, drained)) = client_gone.as_mut() {
-            *drained += len;
-            if *drained > limits.max_drain_bytes
-                || since.elapsed() > Duration::from_millis(limits.max_drain_ms)
-            {
-                truncated = true;
+            Some(Err(e)) => {
+                tee.fail("BackendStreamBroken", format!("Upstream body failed: {e}"));
                 break;
             }
         }
     }
-    drop(client);
-    let (last, inline_body, segments, response_bytes) =
-        segmenter.finish(ex.content_type.as_deref());
-    if let Some(segment) = last {
-        recorder.record(segment).await;
-    }
-    let end = EndRecord {
-        schema_version: SCHEMA_VERSION,
-        request_id: ex.request_id,
-        seq: segments + 1,
-        time: chrono::Utc::now(),
-        status: ex.status,
-        backend: Some(ex.backend),
-        attempts: ex.attempts,
-        ttfb_ms: Some(ex.ttfb_ms),
-        total_ms: millis(ex.started.elapsed()),
-        headers: ex.headers,
-        content_type: ex.content_type,
-        body: inline_body,
-        client_disconnected: client_gone.is_some(),
-        truncated,
-        error,
-        segments,
-        response_bytes,
-    };
-    recorder.record(RawRecord::End(end)).await;
-    drop(ex.inflight);
+    tee.finish(client_disconnected);
 }
 
 #[cfg(test)]

@@ -143,26 +143,36 @@ impl Recorder {
 
     /// Hands a record to the writer without waiting on the store.
     pub(crate) async fn record(&self, record: RawRecord) {
+        if let Err(record) = self.try_record(record) {
+            tracing::warn!("Queue and spool are full; waiting for queue space.");
+            if self.tx.send(Item::Record(record)).await.is_err() {
+                tracing::error!("Recorder stopped before a record could be queued.");
+            }
+        }
+    }
+
+    /// Hands a record over without waiting: to the queue, else to the spool. Gives the record
+    /// back only when both are full; the caller must then wait with [`Recorder::record`].
+    pub(crate) fn try_record(&self, record: RawRecord) -> Result<(), Box<RawRecord>> {
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
         let record = match self.tx.try_send(Item::Record(Box::new(record))) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(Item::Record(r))) => *r,
-            Err(mpsc::error::TrySendError::Closed(Item::Record(r))) => *r,
-            Err(_) => return,
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(Item::Record(r))) => r,
+            Err(mpsc::error::TrySendError::Closed(Item::Record(r))) => r,
+            Err(_) => return Ok(()),
         };
         let spooled = {
             let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-            spool.append(std::slice::from_ref(&record))
+            spool.append(std::slice::from_ref(record.as_ref()))
         };
         match spooled {
             Ok(()) => {
                 self.stats.spooled.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
             Err(e) => {
-                tracing::warn!(error = %e, "Spool refused a record; waiting for queue space.");
-                if self.tx.send(Item::Record(Box::new(record))).await.is_err() {
-                    tracing::error!("Recorder stopped before a record could be queued.");
-                }
+                tracing::warn!(error = %e, "Spool refused a record.");
+                Err(record)
             }
         }
     }

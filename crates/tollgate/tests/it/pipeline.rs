@@ -30,6 +30,10 @@ async fn non_stream_usage_equals_the_simulators_and_is_priced() {
     s.settle().await;
 
     let r = s.record(&id).await;
+    assert!(
+        !r.client_disconnected,
+        "a client that read everything did not disconnect"
+    );
     let u = r.usage.as_ref().expect("usage");
     assert_eq!(u.source, UsageSource::Reported);
     assert_eq!(
@@ -74,6 +78,7 @@ async fn include_usage_stream_takes_the_usage_frame() {
     let usage = f.last().unwrap()["usage"].clone();
     s.settle().await;
     let r = s.record(&id).await;
+    assert!(!r.client_disconnected);
     let u = r.usage.unwrap();
     assert_eq!(u.source, UsageSource::Reported);
     assert_eq!(u.input_tokens, usage["prompt_tokens"].as_u64().unwrap());
@@ -600,4 +605,34 @@ async fn n_choices_and_legacy_completions_streams_are_stitched_and_counted() {
         v["usage"]["completion_tokens"].as_u64().unwrap()
     );
     assert_eq!(r.model.as_deref(), Some("gpt-35-turbo-0125"));
+}
+
+#[tokio::test]
+async fn a_silent_upstream_hits_the_idle_timeout_and_is_recorded() {
+    let s = harness::start(|c| c.limits.idle_timeout_ms = 100).await;
+    let resp = s
+        .post(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": messages(), "stream": true}),
+        )
+        .header("x-sim-inter-token-ms", "2000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert!(
+        resp.text().await.is_err(),
+        "the stream is cut for the client"
+    );
+    s.settle().await;
+    let r = s.record(&id).await;
+    let e = r.error.expect("timeout recorded");
+    assert_eq!(e.code, "BackendTimeout");
+    assert!(e.message.contains("idle"), "{}", e.message);
+    assert_eq!(
+        r.choices[0].role.as_deref(),
+        Some("assistant"),
+        "frames before the silence kept"
+    );
 }
