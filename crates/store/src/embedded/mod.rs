@@ -2,8 +2,9 @@
 //!
 //! - `raw`: append-only; `pos INTEGER PRIMARY KEY AUTOINCREMENT` is the change feed position.
 //!   SQLite serialises writers and assigns `pos` at commit order, so a reader that has seen
-//!   position p never later finds a committed row below p. `id` is unique and inserts use
-//!   `OR IGNORE`, which makes replays idempotent.
+//!   position p never later finds a committed row below p. `(request_id, seq)` — the record id
+//!   — is unique and inserts use `OR IGNORE`, which makes replays idempotent; the same index
+//!   serves reads of one request.
 //! - `checkpoints`: one JSON checkpoint per feed consumer name.
 //! - `requests`: consolidated records, with the fields reports group by as indexed columns
 //!   and the full record as JSON.
@@ -31,13 +32,12 @@ pub const DATABASE_FILE: &str = "tollgate.sqlite";
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS raw (
     pos INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
     request_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     kind TEXT NOT NULL,
-    doc TEXT NOT NULL
+    doc TEXT NOT NULL,
+    UNIQUE (request_id, seq)
 );
-CREATE INDEX IF NOT EXISTS raw_request ON raw (request_id, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT PRIMARY KEY,
     doc TEXT NOT NULL
@@ -152,7 +152,7 @@ impl RawWriter for EmbeddedStore {
             .iter()
             .map(|r| {
                 let doc = serde_json::to_string(r).map_err(corrupt)?;
-                Ok((r.id(), r.request_id().to_owned(), r.seq(), r.kind(), doc))
+                Ok((r.request_id().to_owned(), r.seq(), r.kind(), doc))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         self.write(move |conn| {
@@ -160,11 +160,11 @@ impl RawWriter for EmbeddedStore {
             {
                 let mut stmt = tx
                     .prepare_cached(
-                        "INSERT OR IGNORE INTO raw (id, request_id, seq, kind, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        "INSERT OR IGNORE INTO raw (request_id, seq, kind, doc) VALUES (?1, ?2, ?3, ?4)",
                     )
                     .map_err(io)?;
-                for (id, request_id, seq, kind, doc) in &rows {
-                    stmt.execute(params![id, request_id, seq, kind, doc]).map_err(io)?;
+                for (request_id, seq, kind, doc) in &rows {
+                    stmt.execute(params![request_id, seq, kind, doc]).map_err(io)?;
                 }
             }
             tx.commit().map_err(io)
