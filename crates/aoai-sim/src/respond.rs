@@ -729,11 +729,7 @@ fn chat(sim: &Simulator, d: &SimDeployment, body: &Value, seed: u64) -> Result<P
             false,
         ));
     }
-    let usage_frame = include_usage.then(|| {
-        let mut last = chunk(json!([]));
-        last["usage"] = usage_json(prompt_tokens, completion_tokens);
-        last
-    });
+    let usage_frame = include_usage.then(|| chunk(json!([])));
     Ok(finish_stream(
         frames,
         usage_frame,
@@ -827,11 +823,7 @@ fn completions(
                         "content_filter_results": {}}]);
         frames.push((sse(&chunk(c)), false));
     }
-    let usage_frame = include_usage.then(|| {
-        let mut last = chunk(json!([]));
-        last["usage"] = usage_json(prompt_tokens, completion_tokens);
-        last
-    });
+    let usage_frame = include_usage.then(|| chunk(json!([])));
     Ok(finish_stream(
         frames,
         usage_frame,
@@ -889,14 +881,16 @@ fn embeddings(d: &SimDeployment, body: &Value, seed: u64) -> Result<Plan, AoaiEr
     })
 }
 
-/// Ends a stream as AOAI does: the usage frame (only when asked), then `data: [DONE]`.
+/// Ends a stream as AOAI does: the usage frame (only when asked; `usage_frame` is an empty-choices
+/// chunk to carry it), then `data: [DONE]`.
 fn finish_stream(
     mut frames: Vec<(Bytes, bool)>,
     usage_frame: Option<Value>,
     prompt_tokens: u64,
     completion_tokens: u64,
 ) -> Plan {
-    if let Some(last) = usage_frame {
+    if let Some(mut last) = usage_frame {
+        last["usage"] = usage_json(prompt_tokens, completion_tokens);
         frames.push((sse(&last), false));
     }
     frames.push((Bytes::from_static(DONE), false));

@@ -198,6 +198,19 @@ impl Tee {
         self.truncated = true;
     }
 
+    /// Records which of the two timeouts fired.
+    fn timed_out(&mut self) {
+        let what = if Instant::now() >= self.deadline {
+            "total"
+        } else {
+            "idle"
+        };
+        self.fail(
+            "BackendTimeout",
+            format!("Upstream body exceeded the {what} timeout."),
+        );
+    }
+
     /// The next wake-up for the silence and total timeouts.
     fn timer_deadline(&self) -> Instant {
         (Instant::now() + Duration::from_millis(self.limits.idle_timeout_ms)).min(self.deadline)
@@ -334,15 +347,7 @@ impl Stream for TeeBody {
                 if this.timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                let what = if Instant::now() >= tee.deadline {
-                    "total"
-                } else {
-                    "idle"
-                };
-                tee.fail(
-                    "BackendTimeout",
-                    format!("Upstream body exceeded the {what} timeout."),
-                );
+                tee.timed_out();
                 if let Some(tee) = this.tee.take() {
                     tee.finish(false);
                 }
@@ -388,15 +393,7 @@ async fn drain(mut tee: Tee, client_disconnected: bool) {
                 if Instant::now() >= drain_until {
                     tee.truncated = true;
                 } else {
-                    let what = if Instant::now() >= tee.deadline {
-                        "total"
-                    } else {
-                        "idle"
-                    };
-                    tee.fail(
-                        "BackendTimeout",
-                        format!("Upstream body exceeded the {what} timeout."),
-                    );
+                    tee.timed_out();
                 }
                 break;
             }
