@@ -4,7 +4,8 @@
 //! 1. `CatchPanicLayer` — a panic in a handler becomes a 500 instead of a dropped connection.
 //! 2. `SetSensitiveRequestHeadersLayer` — marks `api-key`, `Authorization`, `Cookie` sensitive
 //!    so no `Debug`/trace output prints them.
-//! 3. routes: `/healthz`, `/readyz` (unauthenticated), `/tollgate/admin/flush` (admin key), and
+//! 3. routes: `/healthz`, `/readyz` (unauthenticated), `/tollgate/admin/flush` and
+//!    `/tollgate/admin/metrics` (admin key), and
 //!    everything else to `forward::handle`, which runs the request phases (admit, auth, body
 //!    limit, record, route, forward, tee) in order — see its module doc.
 //!
@@ -38,6 +39,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/tollgate/admin/flush", post(flush))
+        .route("/tollgate/admin/metrics", get(metrics))
         .fallback(forward::handle)
         .with_state(state)
         .layer(
@@ -63,18 +65,86 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The admin endpoints exist only with an admin key configured, and answer only to it.
+fn admin_denied(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(admin) = app.config.admin_key else {
+        return Some(ProxyError::RouteNotFound.into_response());
+    };
+    let entries = [("admin".to_owned(), admin)];
+    let allowed = auth::presented_key(headers)
+        .and_then(|k| auth::find(&entries, k))
+        .is_some();
+    (!allowed).then(|| ProxyError::ConsumerKeyInvalid.into_response())
+}
+
+/// The recorder's counters in the Prometheus text format.
+async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Some(denied) = admin_denied(&app, &headers) {
+        return denied;
+    }
+    let r = &app.recorder;
+    let s = r.stats();
+    let rows: [(&str, &str, &str, u64); 7] = [
+        (
+            "tollgate_recorder_records_enqueued_total",
+            "counter",
+            "Raw records handed to the recorder.",
+            s.enqueued.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_written_total",
+            "counter",
+            "Raw records the store confirmed.",
+            s.written.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_spooled_total",
+            "counter",
+            "Raw records that went to the on-disk spool.",
+            s.spooled.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_replayed_total",
+            "counter",
+            "Raw records replayed from the spool into the store.",
+            s.replayed.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_store_errors_total",
+            "counter",
+            "Failed store writes.",
+            s.store_errors.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_spool_bytes",
+            "gauge",
+            "Bytes waiting in the spool.",
+            r.spooled_bytes(),
+        ),
+        (
+            "tollgate_proxy_requests_in_flight",
+            "gauge",
+            "Requests whose end record is not yet handed over.",
+            r.in_flight() as u64,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
 /// Waits until every request so far is recorded and, when a hook is set (`tollgate up`), the
 /// parser has consolidated it.
 async fn flush(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let Some(admin) = app.config.admin_key else {
-        return ProxyError::RouteNotFound.into_response();
-    };
-    let entries = [("admin".to_owned(), admin)];
-    let allowed = auth::presented_key(&headers)
-        .and_then(|k| auth::find(&entries, k))
-        .is_some();
-    if !allowed {
-        return ProxyError::ConsumerKeyInvalid.into_response();
+    if let Some(denied) = admin_denied(&app, &headers) {
+        return denied;
     }
     app.recorder.flush().await;
     if let Some(hook) = &app.after_flush {

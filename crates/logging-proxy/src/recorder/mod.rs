@@ -199,6 +199,11 @@ impl Recorder {
         }
     }
 
+    /// Requests accepted whose `end` record has not been handed over yet.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
     /// Bytes waiting in the spool.
     pub fn spooled_bytes(&self) -> u64 {
         self.spool

@@ -185,3 +185,65 @@ async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exac
     let status = up.child.wait().expect("exit status");
     assert!(status.success(), "tollgate up exited with {status}");
 }
+
+#[test]
+fn check_lists_every_problem_and_env_overrides_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ntype = \"embedded\"\ndata_dir = \"{}\"\n[[proxy.backends]]\nname = \"b\"\nendpoint = \"ftp://nowhere\"\ndeployments = [\"d\"]\n[[proxy.consumers]]\nid = \"c\"\nkey_sha256 = [\"not-hex\"]\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write config");
+    let bin = env!("CARGO_BIN_EXE_tollgate");
+    let out = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("TOLLGATE__PROXY__LIMITS__IDLE_TIMEOUT_MS", "0")
+        .output()
+        .expect("run check");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for problem in [
+        "endpoint `ftp://nowhere`",
+        "key_sha256 `not-hex`",
+        "idle_timeout_ms",
+    ] {
+        assert!(err.contains(problem), "`{problem}` missing from:\n{err}");
+    }
+
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ntype = \"embedded\"\ndata_dir = \"{}\"\n[[proxy.consumers]]\nid = \"c\"\nkey_sha256 = [\"{}\"]\n",
+            dir.path().join("data").display(),
+            sha("k")
+        ),
+    )
+    .expect("write config");
+    let ok = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration ok"));
+
+    let typo = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("TOLLGATE__PROXY__LIMITS__IDLE_TIMEOUT", "5")
+        .output()
+        .expect("check");
+    assert!(
+        !typo.status.success(),
+        "unknown keys from the environment are errors too"
+    );
+}

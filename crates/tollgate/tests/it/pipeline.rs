@@ -636,3 +636,48 @@ async fn a_silent_upstream_hits_the_idle_timeout_and_is_recorded() {
         "frames before the silence kept"
     );
 }
+
+#[tokio::test]
+async fn admin_metrics_need_the_admin_key_and_count_records() {
+    let s = harness::start(|c| c.admin_key_sha256 = Some(harness::sha("admin"))).await;
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .send()
+        .await
+        .unwrap();
+    resp.text().await.unwrap();
+    s.proxy.flush().await;
+    let url = format!("{}/tollgate/admin/metrics", s.base);
+    let denied = s
+        .http
+        .get(&url)
+        .header("api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401, "a consumer key is not the admin key");
+    let text = s
+        .http
+        .get(&url)
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+    };
+    assert_eq!(
+        value("tollgate_recorder_records_written_total"),
+        2,
+        "request + end"
+    );
+    assert_eq!(value("tollgate_recorder_records_enqueued_total"), 2);
+    assert_eq!(value("tollgate_recorder_spool_bytes"), 0);
+    assert_eq!(value("tollgate_proxy_requests_in_flight"), 0);
+}
