@@ -119,15 +119,24 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     let succeeded = status.is_some_and(|s| s < 400);
     let request_json = request.and_then(|r| r.body.parse_json());
 
+    let counting_model = model.as_deref().or(deployment.as_deref()).unwrap_or("");
     let usage = if succeeded {
         stitched
             .usage
             .as_ref()
             .and_then(usage::reported)
             .or_else(|| {
-                let counting_model = model.as_deref().or(deployment.as_deref()).unwrap_or("");
                 usage::estimate(&operation, counting_model, request_json.as_ref(), &stitched)
             })
+    } else if prompt_was_filtered(end) {
+        // AOAI charges the prompt of a request its content filter blocked (HTTP 400,
+        // `content_filter`) and reports no usage for it: count the prompt, nothing else.
+        usage::estimate(
+            &operation,
+            counting_model,
+            request_json.as_ref(),
+            &Stitched::default(),
+        )
     } else {
         None
     };
@@ -216,6 +225,18 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     })
 }
 
+fn prompt_was_filtered(end: Option<&EndRecord>) -> bool {
+    let Some(end) = end.filter(|e| e.status == 400) else {
+        return false;
+    };
+    let body = end.body.parse_json();
+    let code = body
+        .as_ref()
+        .and_then(|b| b.pointer("/error/code"))
+        .and_then(Value::as_str);
+    code == Some("content_filter")
+}
+
 /// An error AOAI returned, summarised from its body.
 fn upstream_error(end: &EndRecord) -> ErrorInfo {
     let body = end.body.parse_json();
@@ -239,5 +260,126 @@ fn upstream_error(end: &EndRecord) -> ErrorInfo {
         source: ErrorSource::Upstream,
         code,
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tollgate_records::{AuthKind, Consumer as C, UsageSource};
+
+    use super::*;
+
+    fn parts(status: u16, response: Value) -> Parts {
+        let request = RequestRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: "r".into(),
+            time: chrono::Utc::now(),
+            method: "POST".into(),
+            path: "/openai/deployments/d/chat/completions".into(),
+            query: None,
+            deployment: Some("d".into()),
+            api_version: Some("2024-10-21".into()),
+            operation: "chat.completions".into(),
+            stream: false,
+            consumer: C {
+                id: "c".into(),
+                key_id: None,
+                auth_kind: AuthKind::ApiKey,
+            },
+            client_ip: None,
+            user_agent: None,
+            headers: Default::default(),
+            body: Body::json(&json!({"messages": [{"role": "user", "content": "secret plan"}]})),
+        };
+        let end = EndRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: "r".into(),
+            seq: 1,
+            time: chrono::Utc::now(),
+            status,
+            backend: Some("b".into()),
+            attempts: vec![],
+            ttfb_ms: Some(1.0),
+            total_ms: 2.0,
+            headers: Default::default(),
+            content_type: Some("application/json".into()),
+            body: Body::json(&response),
+            client_disconnected: false,
+            truncated: false,
+            error: None,
+            segments: 0,
+            response_bytes: 10,
+        };
+        Parts {
+            request: Some(request),
+            segments: BTreeMap::new(),
+            end: Some(end),
+        }
+    }
+
+    fn opts<'a>(
+        models: &'a BTreeMap<String, String>,
+        prices: &'a PriceTable,
+        content: bool,
+    ) -> Options<'a> {
+        Options {
+            deployment_models: models,
+            prices,
+            store_content: content,
+        }
+    }
+
+    #[test]
+    fn content_policy_drops_prompts_and_completions_but_keeps_usage() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let response = json!({"id": "x", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0,
+            "finish_reason": "tool_calls", "message": {"role": "assistant", "content": "the plan",
+            "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}});
+        let kept =
+            consolidate(&parts(200, response.clone()), &opts(&models, &prices, true)).unwrap();
+        assert_eq!(kept.choices[0].content.as_deref(), Some("the plan"));
+        assert!(kept.prompt.is_some());
+        let dropped = consolidate(&parts(200, response), &opts(&models, &prices, false)).unwrap();
+        assert!(dropped.prompt.is_none());
+        assert!(dropped.choices[0].content.is_none());
+        assert_eq!(dropped.choices[0].tool_calls[0].arguments, "");
+        assert_eq!(dropped.choices[0].tool_calls[0].name, "f", "metadata stays");
+        let u = dropped.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.source),
+            (9, 4, UsageSource::Reported)
+        );
+        assert!(dropped.cost.is_some());
+    }
+
+    #[test]
+    fn aoai_errors_are_summarised_and_model_falls_back_to_the_deployment_map() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::from([("d".to_owned(), "gpt-4o-2024-08-06".to_owned())]);
+        let body = json!({"error": {"code": "content_filter", "message": "The prompt was filtered.", "param": "prompt"}});
+        let r = consolidate(&parts(400, body), &opts(&models, &prices, true)).unwrap();
+        let e = r.error.unwrap();
+        assert_eq!(
+            (e.code.as_str(), e.source),
+            ("content_filter", ErrorSource::Upstream)
+        );
+        assert_eq!(e.message, "The prompt was filtered.");
+        assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert!(r.complete);
+        let u = r.usage.expect("a filtered prompt is charged");
+        assert_eq!(u.source, UsageSource::Estimated);
+        assert_eq!(u.output_tokens, 0);
+        let body = json!({"messages": [{"role": "user", "content": "secret plan"}]});
+        assert_eq!(
+            u.input_tokens,
+            tollgate_tokens::count_chat_prompt("gpt-4o-2024-08-06", &body)
+        );
+
+        let other = json!({"error": {"code": "BadRequest", "message": "nope"}});
+        let r = consolidate(&parts(400, other), &opts(&models, &prices, true)).unwrap();
+        assert!(r.usage.is_none(), "other rejected requests are not charged");
     }
 }
