@@ -63,6 +63,19 @@ impl AoaiError {
         )
     }
 
+    /// A prompt blocked by the content filter (charged by AOAI, answered 400).
+    pub fn prompt_filtered() -> Self {
+        let flagged = json!({"filtered": true, "severity": "high"});
+        let safe = json!({"filtered": false, "severity": "safe"});
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766", "type": null, "param": "prompt", "code": "content_filter", "status": 400,
+                "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+                    "hate": safe, "jailbreak": {"filtered": false, "detected": false},
+                    "self_harm": safe, "sexual": safe, "violence": flagged}}}}),
+        )
+    }
+
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -5,7 +5,8 @@
 //! - `429;retry-after-ms=500` — throttled, with `retry-after-ms` and `Retry-After`;
 //! - `500`, `503`, … — server errors;
 //! - `reset-after-chunks=3` — send 3 SSE frames (or 3 body chunks) then drop the connection;
-//! - `slow-first-byte=2000` — wait 2 s before the response headers.
+//! - `slow-first-byte=2000` — wait 2 s before the response headers;
+//! - `content-filter` — AOAI's 400 for a prompt its content filter blocked.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ pub struct Fault {
     pub retry_after_ms: Option<u64>,
     pub reset_after_chunks: Option<usize>,
     pub slow_first_byte: Option<Duration>,
+    pub content_filter: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,6 +31,10 @@ impl Fault {
     pub fn parse(spec: &str) -> Result<Fault, FaultParseError> {
         let mut fault = Fault::default();
         for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "content-filter" {
+                fault.content_filter = true;
+                continue;
+            }
             let Some((key, value)) = item.split_once('=') else {
                 match item.parse::<u16>() {
                     Ok(status) if (400..=599).contains(&status) => fault.status = Some(status),
@@ -83,6 +89,7 @@ mod tests {
                 .slow_first_byte,
             Some(Duration::from_secs(2))
         );
+        assert!(Fault::parse("content-filter").unwrap().content_filter);
         assert!(Fault::parse("200").is_err());
         assert!(Fault::parse("explode").is_err());
         assert!(Fault::parse("retry-after-ms=soon").is_err());

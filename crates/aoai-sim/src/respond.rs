@@ -159,6 +159,9 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     if let Some(delay) = fault.slow_first_byte {
         tokio::time::sleep(delay).await;
     }
+    if fault.content_filter {
+        return Err(AoaiError::prompt_filtered());
+    }
     if let Some(status) = fault.status {
         return Err(AoaiError::for_status(
             status,

@@ -681,3 +681,30 @@ async fn admin_metrics_need_the_admin_key_and_count_records() {
     assert_eq!(value("tollgate_recorder_spool_bytes"), 0);
     assert_eq!(value("tollgate_proxy_requests_in_flight"), 0);
 }
+
+#[tokio::test]
+async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
+    let s = harness::start(|_| {}).await;
+    let body = json!({"messages": messages()});
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &body)
+        .header("x-sim-fault", "content-filter")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let id = request_id(&resp);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "content_filter");
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.status, Some(400));
+    assert_eq!(r.error.unwrap().code, "content_filter");
+    let u = r.usage.expect("charged");
+    assert_eq!(u.source, UsageSource::Estimated);
+    assert_eq!(
+        u.input_tokens,
+        tollgate_tokens::count_chat_prompt("gpt-4o-2024-08-06", &body)
+    );
+    assert_eq!(u.output_tokens, 0);
+}
