@@ -47,6 +47,9 @@ struct Cli {
     /// Open streams for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     open_streams: usize,
+    /// Runtime worker threads of the proxy process (default: one per core).
+    #[arg(long)]
+    proxy_workers: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -156,8 +159,17 @@ struct ChildProxy {
 }
 
 impl ChildProxy {
-    fn start(backend: &str, null_store: bool, dir: &std::path::Path) -> anyhow::Result<Self> {
+    fn start(
+        backend: &str,
+        null_store: bool,
+        dir: &std::path::Path,
+        workers: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(std::env::current_exe()?);
+        if let Some(n) = workers {
+            // Read by tokio's runtime builder in the child only.
+            cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+        }
         cmd.args(["serve-proxy", "--backend", backend, "--data-dir"])
             .arg(dir);
         if null_store {
@@ -300,8 +312,13 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     });
     let sim_base = format!("http://{sim_addr}");
     let dir = tempfile::tempdir()?;
-    let null = ChildProxy::start(&sim_base, true, &dir.path().join("null"))?;
-    let logged = ChildProxy::start(&sim_base, false, &dir.path().join("logged"))?;
+    let null = ChildProxy::start(&sim_base, true, &dir.path().join("null"), cli.proxy_workers)?;
+    let logged = ChildProxy::start(
+        &sim_base,
+        false,
+        &dir.path().join("logged"),
+        cli.proxy_workers,
+    )?;
     let idle_rss = logged.rss_mb();
 
     println!(
