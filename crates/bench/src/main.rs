@@ -6,7 +6,7 @@
 //! The proxy runs in a child process (this binary re-executed with `serve-proxy`) so its CPU
 //! and memory are its own; the simulator and the load generator share this process.
 //!
-//! Run: `cargo run --release -p tollgate-bench -- --seconds 10 --concurrency 64`
+//! Run: `cargo run --release -p tollgate-bench -- --seconds 5 --rounds 3 --concurrency 64`
 
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
 #![expect(
@@ -47,6 +47,9 @@ struct Cli {
     /// Open streams for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     open_streams: usize,
+    /// Rounds per scenario; targets are interleaved within each round.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Runtime worker threads of the proxy process (default: one per core).
     #[arg(long)]
     proxy_workers: Option<usize>,
@@ -211,6 +214,29 @@ struct Figures {
     ttfb: Vec<Duration>,
 }
 
+#[derive(Clone, Copy)]
+struct Row {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    t50: f64,
+    t99: f64,
+    errors: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
+}
+
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -322,53 +348,77 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     let idle_rss = logged.rss_mb();
 
     println!(
-        "machine: {} cores; {} s per scenario; same load generator for every target",
+        "machine: {} cores; {} s per run; same load generator for every target",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cli.seconds
     );
+    let targets = [
+        ("direct", sim_base.clone(), "sim"),
+        (
+            "proxy, store discards",
+            format!("http://{}", null.addr),
+            KEY,
+        ),
+        ("proxy, logging on", format!("http://{}", logged.addr), KEY),
+    ];
     for concurrency in [1, cli.concurrency] {
-        println!();
-        println!("concurrency {concurrency}");
-        println!(
-            "{:<36} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}",
-            "scenario", "req/s", "p50 ms", "p99 ms", "ttfb p50", "ttfb p99", "errors"
-        );
-        let mut rows = Vec::new();
         for stream in [false, true] {
-            for (name, base, key) in [
-                ("direct", sim_base.clone(), "sim"),
-                (
-                    "proxy, store discards",
-                    format!("http://{}", null.addr),
-                    KEY,
-                ),
-                ("proxy, logging on", format!("http://{}", logged.addr), KEY),
-            ] {
-                let mut f = load(&base, key, stream, cli.seconds, concurrency).await;
-                let rps = f.requests as f64 / f.seconds;
-                let (p50, p99) = (pct(&mut f.latency, 0.5), pct(&mut f.latency, 0.99));
-                let (t50, t99) = (pct(&mut f.ttfb, 0.5), pct(&mut f.ttfb, 0.99));
-                let label = format!("{name} ({})", if stream { "stream" } else { "non-stream" });
-                println!(
-                    "{label:<36} {rps:>9.0} {p50:>8.3} {p99:>8.3} {t50:>9.3} {t99:>9.3} {:>7}",
-                    f.errors
-                );
-                rows.push((stream, name, rps, p50, p99, t50, t99));
+            let kind = if stream { "stream" } else { "non-stream" };
+            println!();
+            println!(
+                "concurrency {concurrency}, {kind}: {} rounds, targets interleaved",
+                cli.rounds
+            );
+            println!(
+                "{:<24} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}",
+                "target (median)", "req/s", "p50 ms", "p99 ms", "ttfb p50", "ttfb p99", "errors"
+            );
+            // Rounds interleave the targets so that drift in the machine's speed (other
+            // tenants) hits all of them alike; medians and per-round ratios are reported.
+            let mut rounds: Vec<Vec<Row>> = Vec::new();
+            for _ in 0..cli.rounds {
+                let mut round = Vec::new();
+                for (_, base, key) in &targets {
+                    let mut f = load(base, key, stream, cli.seconds, concurrency).await;
+                    round.push(Row {
+                        rps: f.requests as f64 / f.seconds,
+                        p50: pct(&mut f.latency, 0.5),
+                        p99: pct(&mut f.latency, 0.99),
+                        t50: pct(&mut f.ttfb, 0.5),
+                        t99: pct(&mut f.ttfb, 0.99),
+                        errors: f.errors,
+                    });
+                }
+                rounds.push(round);
             }
-        }
-        for stream in [false, true] {
-            let of = |n: &str| rows.iter().find(|r| r.0 == stream && r.1 == n).copied();
-            if let (Some(d), Some(l)) = (of("direct"), of("proxy, logging on")) {
-                let kind = if stream { "stream" } else { "non-stream" };
+            let med = |t: usize, get: fn(&Row) -> f64| {
+                median(rounds.iter().map(|r| get(&r[t])).collect())
+            };
+            for (t, (name, _, _)) in targets.iter().enumerate() {
+                let errors: usize = rounds.iter().map(|r| r[t].errors).sum();
                 println!(
-                    "  {kind}, logging on vs direct: throughput {:.2}x; added p50 {:.3} ms, p99 {:.3} ms; added ttfb p50 {:.3} ms, p99 {:.3} ms",
-                    l.2 / d.2,
-                    l.3 - d.3,
-                    l.4 - d.4,
-                    l.5 - d.5,
-                    l.6 - d.6
+                    "{name:<24} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {errors:>7}",
+                    med(t, |r| r.rps),
+                    med(t, |r| r.p50),
+                    med(t, |r| r.p99),
+                    med(t, |r| r.t50),
+                    med(t, |r| r.t99),
                 );
             }
+            let ratios: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[0].rps).collect();
+            println!(
+                "  logging on vs direct: throughput {:.2}x (rounds {}); added p50 {:.3} ms, p99 {:.3} ms; added ttfb p50 {:.3} ms, p99 {:.3} ms",
+                median(ratios.clone()),
+                ratios
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                median(rounds.iter().map(|r| r[2].p50 - r[0].p50).collect()),
+                median(rounds.iter().map(|r| r[2].p99 - r[0].p99).collect()),
+                median(rounds.iter().map(|r| r[2].t50 - r[0].t50).collect()),
+                median(rounds.iter().map(|r| r[2].t99 - r[0].t99).collect()),
+            );
         }
     }
     println!();
