@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,33 +175,29 @@ impl Spool {
                 continue;
             }
             let (id, path, size) = (first.id, first.path.clone(), first.size);
+            // Read from the first unacknowledged record, one frame at a time, so a batch costs
+            // what it reads, however large the file.
             let mut file = File::open(&path)?;
-            let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes)?;
-            let bytes = &bytes[..(size as usize).min(bytes.len())];
+            file.seek(SeekFrom::Start(self.read_offset))?;
+            let mut reader = BufReader::new(file.take(size - self.read_offset));
             let mut offset = self.read_offset as usize;
             let mut records = Vec::new();
-            while records.len() < max && offset + HEADER <= bytes.len() {
-                let len = u32::from_le_bytes([
-                    bytes[offset],
-                    bytes[offset + 1],
-                    bytes[offset + 2],
-                    bytes[offset + 3],
-                ]) as usize;
-                let crc = u32::from_le_bytes([
-                    bytes[offset + 4],
-                    bytes[offset + 5],
-                    bytes[offset + 6],
-                    bytes[offset + 7],
-                ]);
+            while records.len() < max && offset + HEADER <= size as usize {
+                let mut header = [0u8; HEADER];
+                reader.read_exact(&mut header)?;
+                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+                // A torn length can claim anything; never allocate past the file's end.
                 let start = offset + HEADER;
-                let Some(payload) = bytes.get(start..start + len) else {
-                    break;
-                };
-                if crc32fast::hash(payload) != crc {
+                if start + len > size as usize {
                     break;
                 }
-                match serde_json::from_slice::<RawRecord>(payload) {
+                let mut payload = vec![0u8; len];
+                reader.read_exact(&mut payload)?;
+                if crc32fast::hash(&payload) != crc {
+                    break;
+                }
+                match serde_json::from_slice::<RawRecord>(&payload) {
                     Ok(r) => records.push(r),
                     Err(_) => self.corrupt_records += 1,
                 }
