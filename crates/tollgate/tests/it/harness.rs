@@ -164,6 +164,22 @@ impl Stack {
         self.http.post(url).header("api-key", KEY).json(body)
     }
 
+    /// The same request answered without streaming: the simulator's content does not depend
+    /// on `stream`, so its `usage` is the exact count of what a streamed answer carried.
+    pub(crate) async fn unstreamed(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> serde_json::Value {
+        let mut plain = body.clone();
+        if let Some(map) = plain.as_object_mut() {
+            map.remove("stream");
+            map.remove("stream_options");
+        }
+        let resp = self.post(url, &plain).send().await.expect("send");
+        resp.json().await.expect("json body")
+    }
+
     /// Everything recorded so far is written and consolidated.
     pub(crate) async fn settle(&self) {
         self.proxy.flush().await;

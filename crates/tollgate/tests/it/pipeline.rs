@@ -7,6 +7,18 @@ use tollgate_tokens::Encoding;
 
 use crate::harness::{self, API, KEY, frames, request_id};
 
+/// The token figures of a consolidated record equal AOAI's (the simulator's) `usage`.
+fn assert_same_usage(response: &Value, u: &tollgate_records::Usage) {
+    assert_eq!(
+        response["usage"]["prompt_tokens"].as_u64().unwrap(),
+        u.input_tokens
+    );
+    assert_eq!(
+        response["usage"]["completion_tokens"].as_u64().unwrap(),
+        u.output_tokens
+    );
+}
+
 fn messages() -> Value {
     json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Describe the sea"}])
 }
@@ -113,22 +125,8 @@ async fn stream_without_usage_is_estimated_with_tiktoken() {
     assert_eq!(r.choices[0].content.as_deref(), Some(text.as_str()));
 
     // The same request without streaming: the simulator reports exactly what we estimated.
-    let plain: Value = s
-        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        plain["usage"]["completion_tokens"].as_u64().unwrap(),
-        u.output_tokens
-    );
-    assert_eq!(
-        plain["usage"]["prompt_tokens"].as_u64().unwrap(),
-        u.input_tokens
-    );
+    let plain = s.unstreamed(&s.chat_url("gpt-4o"), &body).await;
+    assert_same_usage(&plain, &u);
 }
 
 #[tokio::test]
@@ -158,24 +156,8 @@ async fn tool_call_streams_are_stitched_into_complete_arguments() {
     let u = r.usage.unwrap();
     assert_eq!(u.source, UsageSource::Estimated);
     // Same request without streaming: the simulator's own count of the same calls.
-    let mut plain = body.clone();
-    plain.as_object_mut().unwrap().remove("stream");
-    let v: Value = s
-        .post(&s.chat_url("gpt-4o"), &plain)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        v["usage"]["completion_tokens"].as_u64().unwrap(),
-        u.output_tokens
-    );
-    assert_eq!(
-        v["usage"]["prompt_tokens"].as_u64().unwrap(),
-        u.input_tokens
-    );
+    let plain = s.unstreamed(&s.chat_url("gpt-4o"), &body).await;
+    assert_same_usage(&plain, &u);
 }
 
 #[tokio::test]
@@ -557,16 +539,7 @@ async fn n_choices_and_legacy_completions_streams_are_stitched_and_counted() {
             .iter()
             .all(|c| c.finish_reason.is_some() && c.content.is_some())
     );
-    let mut plain = chat.clone();
-    plain.as_object_mut().unwrap().remove("stream");
-    let v: Value = s
-        .post(&s.chat_url("gpt-4o"), &plain)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s.unstreamed(&s.chat_url("gpt-4o"), &chat).await;
     for (i, c) in r.choices.iter().enumerate() {
         assert_eq!(
             c.content.as_deref(),
@@ -580,16 +553,7 @@ async fn n_choices_and_legacy_completions_streams_are_stitched_and_counted() {
 
     let r = s.record(&completions_id).await;
     assert_eq!(r.operation, "completions");
-    let mut plain = completions.clone();
-    plain.as_object_mut().unwrap().remove("stream");
-    let v: Value = s
-        .post(&url, &plain)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s.unstreamed(&url, &completions).await;
     assert_eq!(
         r.choices[0].content.as_deref(),
         v["choices"][0]["text"].as_str()
