@@ -300,41 +300,33 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
     let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
     let result = tokio::time::timeout(first_byte, send).await;
     let attempt_ms = millis(attempt_started.elapsed());
-    let upstream = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            let attempt = Attempt {
-                backend: backend.name.clone(),
-                status: None,
-                duration_ms: attempt_ms,
-                retry_after_ms: None,
-                error: Some(e.to_string()),
-            };
-            let detail = e.to_string();
-            return recording
-                .reject(
-                    &app,
-                    ProxyError::BackendUnreachable { detail },
-                    vec![attempt],
-                )
-                .await;
-        }
+    let failure = match result {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err((
+            e.to_string(),
+            ProxyError::BackendUnreachable {
+                detail: e.to_string(),
+            },
+        )),
         Err(_) => {
+            let timeout_ms = app.config.limits.first_byte_timeout_ms;
+            Err((
+                "first byte timeout".to_owned(),
+                ProxyError::BackendTimeout { timeout_ms },
+            ))
+        }
+    };
+    let upstream = match failure {
+        Ok(resp) => resp,
+        Err((detail, error)) => {
             let attempt = Attempt {
                 backend: backend.name.clone(),
                 status: None,
                 duration_ms: attempt_ms,
                 retry_after_ms: None,
-                error: Some("first byte timeout".into()),
+                error: Some(detail),
             };
-            let timeout_ms = app.config.limits.first_byte_timeout_ms;
-            return recording
-                .reject(
-                    &app,
-                    ProxyError::BackendTimeout { timeout_ms },
-                    vec![attempt],
-                )
-                .await;
+            return recording.reject(&app, error, vec![attempt]).await;
         }
     };
 

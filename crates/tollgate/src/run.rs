@@ -213,7 +213,20 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             .await
         });
         proxy_server = Some((proxy, server_cancel, handle));
-        banner(addr, sim_addr, demo_key, &data_dir, exporter.is_some());
+        let deployments: Vec<String> = config
+            .sim
+            .deployments
+            .iter()
+            .map(|d| d.name.clone())
+            .collect();
+        banner(
+            addr,
+            sim_addr,
+            demo_key,
+            &data_dir,
+            exporter.is_some(),
+            &deployments,
+        );
     } else {
         say("parser running");
     }
@@ -248,11 +261,13 @@ fn banner(
     demo_key: Option<&str>,
     data_dir: &std::path::Path,
     otlp: bool,
+    deployments: &[String],
 ) {
     say(&format!("listening on http://{addr}"));
     if let Some(sim) = sim {
         say(&format!(
-            "simulator on http://{sim} (deployments: gpt-4o, gpt-4o-mini, gpt-35-turbo, text-embedding-3-small)"
+            "simulator on http://{sim} (deployments: {})",
+            deployments.join(", ")
         ));
     }
     say(&format!("store: embedded, {}", data_dir.display()));

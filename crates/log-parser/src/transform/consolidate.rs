@@ -66,10 +66,10 @@ fn stream_kind(operation: &str) -> StreamKind {
     }
 }
 
-fn stitch_response(parts: &Parts, operation: &str) -> Stitched {
+fn stitch_response(parts: &Parts, end_json: Option<&Value>, operation: &str) -> Stitched {
     let end = parts.end.as_ref();
-    if let Some(json) = end.and_then(|e| e.body.parse_json()) {
-        return stitch::from_body(&json);
+    if let Some(json) = end_json {
+        return stitch::from_body(json);
     }
     let bytes: Vec<u8> = parts.segments.values().flatten().copied().collect();
     if bytes.is_empty() {
@@ -109,7 +109,9 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         .or_else(|| end.map(|e| e.request_id.clone()))?;
     let operation = request.map_or_else(|| "unknown".to_owned(), |r| r.operation.clone());
     let deployment = request.and_then(|r| r.deployment.clone());
-    let stitched = stitch_response(parts, &operation);
+    // The end record's body (a non-stream response or AOAI's error) is parsed once here.
+    let end_json = end.and_then(|e| e.body.parse_json());
+    let stitched = stitch_response(parts, end_json.as_ref(), &operation);
     let model = stitched.model.clone().or_else(|| {
         deployment
             .as_ref()
@@ -128,7 +130,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
             .or_else(|| {
                 usage::estimate(&operation, counting_model, request_json.as_ref(), &stitched)
             })
-    } else if prompt_was_filtered(end) {
+    } else if prompt_was_filtered(end, end_json.as_ref()) {
         // AOAI charges the prompt of a request its content filter blocked (HTTP 400,
         // `content_filter`) and reports no usage for it: count the prompt, nothing else.
         usage::estimate(
@@ -158,7 +160,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     let complete = parts.is_complete();
     let error = match (end, complete) {
         (Some(e), _) if e.error.is_some() => e.error.clone(),
-        (Some(e), _) if e.status >= 400 => Some(upstream_error(e)),
+        (Some(e), _) if e.status >= 400 => Some(upstream_error(e, end_json.as_ref())),
         (None, _) => Some(ErrorInfo {
             source: ErrorSource::Internal,
             code: "Incomplete".into(),
@@ -225,22 +227,19 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     })
 }
 
-fn prompt_was_filtered(end: Option<&EndRecord>) -> bool {
-    let Some(end) = end.filter(|e| e.status == 400) else {
+fn prompt_was_filtered(end: Option<&EndRecord>, body: Option<&Value>) -> bool {
+    if end.is_none_or(|e| e.status != 400) {
         return false;
-    };
-    let body = end.body.parse_json();
+    }
     let code = body
-        .as_ref()
         .and_then(|b| b.pointer("/error/code"))
         .and_then(Value::as_str);
     code == Some("content_filter")
 }
 
 /// An error AOAI returned, summarised from its body.
-fn upstream_error(end: &EndRecord) -> ErrorInfo {
-    let body = end.body.parse_json();
-    let err = body.as_ref().and_then(|b| b.get("error"));
+fn upstream_error(end: &EndRecord, body: Option<&Value>) -> ErrorInfo {
+    let err = body.and_then(|b| b.get("error"));
     let code = err
         .and_then(|e| e.get("code"))
         .map(|c| match c {
