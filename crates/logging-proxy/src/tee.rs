@@ -284,10 +284,7 @@ impl TeeBody {
         limits: LimitsConfig,
         recorder_config: &RecorderConfig,
     ) -> Self {
-        let streamed = ex
-            .content_type
-            .as_deref()
-            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let streamed = tollgate_records::is_event_stream(ex.content_type.as_deref());
         let segmenter = Segmenter::new(ex.request_id.clone(), recorder_config, !streamed);
         let deadline = ex.started + Duration::from_millis(limits.total_timeout_ms);
         let expected_len = upstream.content_length();

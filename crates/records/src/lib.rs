@@ -27,12 +27,38 @@ pub fn raw_record_id(request_id: &str, seq: u32) -> String {
 }
 
 /// One raw record, tagged by `kind` in the stored JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum RawRecord {
     Request(RequestRecord),
     Chunks(ChunksRecord),
     End(EndRecord),
+}
+
+impl<'de> Deserialize<'de> for RawRecord {
+    /// Reads the `kind` first, then the record of that kind from the same text: no buffering
+    /// through serde's `Content` (which would rebuild every body as a tree). Records are JSON
+    /// only, so this needs serde_json's deserializer.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        #[derive(Deserialize)]
+        struct Kind<'a> {
+            #[serde(borrow)]
+            kind: std::borrow::Cow<'a, str>,
+        }
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        let text = raw.get();
+        let kind: Kind<'_> = serde_json::from_str(text).map_err(D::Error::custom)?;
+        let record = match kind.kind.as_ref() {
+            "request" => serde_json::from_str(text).map(RawRecord::Request),
+            "chunks" => serde_json::from_str(text).map(RawRecord::Chunks),
+            "end" => serde_json::from_str(text).map(RawRecord::End),
+            other => {
+                return Err(D::Error::unknown_variant(other, &["request", "chunks", "end"]));
+            }
+        };
+        record.map_err(D::Error::custom)
+    }
 }
 
 impl RawRecord {
@@ -99,6 +125,55 @@ impl Consumer {
     }
 }
 
+/// Deepest nesting (arrays and objects) a JSON body may have to be stored as JSON. Deeper
+/// documents are valid JSON but not every reader can take them (serde_json's `Value` stops at
+/// 128 levels, stores have their own caps), and one unreadable document must never stop the
+/// change feed: a body over the bound is stored verbatim as text instead.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Whether the JSON text nests arrays and objects more than `max` deep. A single pass over the
+/// bytes that tracks strings and brackets; it does not validate (the caller does that).
+pub fn json_depth_exceeds(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The one decision, shared by the proxy and the parser, of whether a response body is a
+/// server-sent event stream: the media type `text/event-stream`, in any case, with or without
+/// parameters.
+pub fn is_event_stream(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|c| {
+        c.split(';')
+            .next()
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
+    })
+}
+
 /// A JSON document kept as its text. The proxy never builds a `serde_json::Value` tree for
 /// bodies it only passes along: it validates the bytes once and writes them out verbatim
 /// (as embedded JSON, not as a string), which keeps allocation off the request path. Readers
@@ -107,8 +182,16 @@ impl Consumer {
 pub struct JsonText(String);
 
 impl JsonText {
-    /// Validates `bytes` as one JSON value.
+    /// Validates `bytes` as one JSON value nested at most [`MAX_JSON_DEPTH`] deep.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        Self::from_slice_bounded(bytes, MAX_JSON_DEPTH)
+    }
+
+    /// Validates `bytes` as one JSON value nested at most `max_depth` deep.
+    pub fn from_slice_bounded(bytes: &[u8], max_depth: usize) -> Option<Self> {
+        if json_depth_exceeds(bytes, max_depth) {
+            return None;
+        }
         let raw: &serde_json::value::RawValue = serde_json::from_slice(bytes).ok()?;
         Some(JsonText(raw.get().to_owned()))
     }
@@ -138,15 +221,17 @@ impl Serialize for JsonText {
 
 impl<'de> Deserialize<'de> for JsonText {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        // Through a `Value`, because records are internally tagged enums, whose buffered
-        // deserialisation cannot hand out raw JSON. Readers are off the request path.
-        Value::deserialize(deserializer).map(|v| JsonText(v.to_string()))
+        // Taken as raw text, never through a `Value`: no tree is built and no depth limit of
+        // a tree applies, so whatever was stored can be read back. `Body` and `RawRecord`
+        // deserialise without serde's buffering for this to work.
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        Ok(JsonText(raw.get().to_owned()))
     }
 }
 
 /// A request or response body: JSON stays JSON so stores can query into it; anything else is
 /// kept as text, or base64 when it is not UTF-8.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 #[serde(tag = "encoding", rename_all = "camelCase")]
 pub enum Body {
     #[default]
@@ -166,16 +251,64 @@ pub enum Body {
     },
 }
 
+/// The stored shape of [`Body`], read field by field: serde's internally tagged enums buffer
+/// their content, which cannot hand out raw JSON and applies a tree's depth limit.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BodyRepr {
+    encoding: String,
+    #[serde(default)]
+    json: Option<JsonText>,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let r = BodyRepr::deserialize(deserializer)?;
+        let content_type = || r.content_type.clone().unwrap_or_default();
+        match r.encoding.as_str() {
+            "empty" => Ok(Body::Empty),
+            // `"json": null` reads back as `None`: the stored body was the JSON `null`.
+            "json" => Ok(Body::Json {
+                json: r.json.unwrap_or_else(|| JsonText("null".to_owned())),
+            }),
+            "text" => Ok(Body::Text {
+                content_type: content_type(),
+                text: r.text.ok_or_else(|| D::Error::missing_field("text"))?,
+            }),
+            "base64" => Ok(Body::Base64 {
+                content_type: content_type(),
+                data: r.data.ok_or_else(|| D::Error::missing_field("data"))?,
+            }),
+            other => Err(D::Error::unknown_variant(
+                other,
+                &["empty", "json", "text", "base64"],
+            )),
+        }
+    }
+}
+
 impl Body {
-    /// Classifies raw bytes: JSON when the content type says so and it parses, else UTF-8 text,
-    /// else base64.
+    /// Classifies raw bytes: JSON when the content type says so and it parses within
+    /// [`MAX_JSON_DEPTH`], else UTF-8 text, else base64.
     pub fn from_bytes(content_type: Option<&str>, bytes: &[u8]) -> Self {
+        Self::from_bytes_bounded(content_type, bytes, MAX_JSON_DEPTH)
+    }
+
+    /// As [`Body::from_bytes`], with JSON deeper than `max_json_depth` kept as text.
+    pub fn from_bytes_bounded(content_type: Option<&str>, bytes: &[u8], max_json_depth: usize) -> Self {
         if bytes.is_empty() {
             return Body::Empty;
         }
         let content_type = content_type.unwrap_or("application/octet-stream");
         if content_type.contains("json")
-            && let Some(json) = JsonText::from_slice(bytes)
+            && let Some(json) = JsonText::from_slice_bounded(bytes, max_json_depth)
         {
             return Body::Json { json };
         }
@@ -475,8 +608,27 @@ pub struct ConsolidatedRecord {
     pub client_disconnected: bool,
     /// False when the parser gave up waiting for the `end` record, or segments were missing.
     pub complete: bool,
+    /// True when the proxy stopped reading the response before AOAI ended it (drain bound,
+    /// upstream failure or timeout): the content and any estimate are a lower bound.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Orders the consolidations of one request: a record built from more of the request's raw
+    /// records has a higher revision, and a complete record outranks every incomplete one.
+    /// Exports carry it so a reader keeps the highest (KQL `arg_max(revision, *)`) and a
+    /// replayed export of the same revision is recognisably the same record.
+    #[serde(default)]
+    pub revision: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+}
+
+/// Bit set in [`ConsolidatedRecord::revision`] for a complete record.
+pub const COMPLETE_REVISION: u64 = 1 << 32;
+
+/// The revision of a consolidation built from `raw_records` raw records.
+pub fn revision(raw_records: usize, complete: bool) -> u64 {
+    let base = raw_records as u64 & (COMPLETE_REVISION - 1);
+    if complete { COMPLETE_REVISION | base } else { base }
 }
 
 impl ConsolidatedRecord {
@@ -549,6 +701,82 @@ mod tests {
             back.body.parse_json().unwrap(),
             serde_json::json!({"a": "x", "b": [1, 2]})
         );
+    }
+
+    fn request_with_body(body: Body) -> RawRecord {
+        RawRecord::Request(RequestRecord {
+            schema_version: SCHEMA_VERSION,
+            request_id: "deep".into(),
+            time: Utc::now(),
+            method: "POST".into(),
+            path: "/".into(),
+            query: None,
+            deployment: None,
+            api_version: None,
+            operation: "chat.completions".into(),
+            stream: false,
+            consumer: Consumer::anonymous(),
+            client_ip: None,
+            user_agent: None,
+            headers: BTreeMap::new(),
+            body,
+        })
+    }
+
+    fn nested(depth: usize) -> Vec<u8> {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth)).into_bytes()
+    }
+
+    /// Defect: a body nested ~125+ levels deep was stored as JSON and could not be read back,
+    /// which stopped the change feed. Whatever the depth, what is stored reads back.
+    #[test]
+    fn any_accepted_body_reads_back_whatever_its_depth() {
+        for depth in [1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 127, 130, 5000] {
+            let bytes = nested(depth);
+            let body = Body::from_bytes(Some("application/json"), &bytes);
+            if depth > MAX_JSON_DEPTH {
+                assert!(matches!(body, Body::Text { .. }), "depth {depth} kept as text");
+            } else {
+                assert!(matches!(body, Body::Json { .. }), "depth {depth} kept as JSON");
+            }
+            let record = request_with_body(body);
+            let text = serde_json::to_string(&record).unwrap();
+            let back: RawRecord = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("depth {depth} must read back: {e}"));
+            assert_eq!(back, record);
+            let bytes_back = match back {
+                RawRecord::Request(r) => match r.body {
+                    Body::Json { json } => json.as_str().as_bytes().to_vec(),
+                    Body::Text { text, .. } => text.into_bytes(),
+                    other => panic!("unexpected {other:?}"),
+                },
+                _ => panic!("request"),
+            };
+            assert_eq!(bytes_back, bytes, "stored verbatim");
+        }
+    }
+
+    #[test]
+    fn depth_scan_ignores_brackets_in_strings() {
+        assert!(!json_depth_exceeds(br#"{"a":"[[[[[[[[[[\"[["}"#, 2));
+        assert!(json_depth_exceeds(br#"{"a":[{"b":[1]}]}"#, 3));
+        assert!(!json_depth_exceeds(br#"{"a":[{"b":[1]}]}"#, 4));
+    }
+
+    #[test]
+    fn event_stream_decision() {
+        assert!(is_event_stream(Some("text/event-stream")));
+        assert!(is_event_stream(Some("Text/Event-Stream; charset=utf-8")));
+        assert!(!is_event_stream(Some("application/json")));
+        assert!(!is_event_stream(Some("text/event-streamx")));
+        assert!(!is_event_stream(None));
+    }
+
+    #[test]
+    fn json_null_body_round_trips() {
+        let record = request_with_body(Body::from_bytes(Some("application/json"), b"null"));
+        let text = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<RawRecord>(&text).unwrap(), record);
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
         user_agent: None,
         client_disconnected: false,
         complete: true,
+        truncated: false,
+        revision: tollgate_records::revision(3, true),
         error: None,
     }
 }

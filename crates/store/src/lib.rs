@@ -34,6 +34,18 @@ pub enum StoreError {
     Config(String),
     #[error("store is unavailable: {0}")]
     Unavailable(String),
+    /// The store refused a record for good (too large, malformed for this backend): retrying
+    /// the same record can never succeed, so the writer must set it aside, not retry forever.
+    #[error("store rejected record {id}: {detail}")]
+    Rejected { id: String, detail: String },
+}
+
+impl StoreError {
+    /// Whether retrying the same call may succeed (an outage, a lock, a throttle) as opposed
+    /// to a refusal that will repeat for ever.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Io(_) | StoreError::Unavailable(_))
+    }
 }
 
 /// Appends raw records; used by the logging proxy's batch writer.

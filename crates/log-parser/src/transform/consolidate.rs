@@ -29,11 +29,16 @@ pub struct Parts {
     pub request: Option<RequestRecord>,
     pub segments: BTreeMap<u32, Vec<u8>>,
     pub end: Option<EndRecord>,
+    /// How many raw records were found, for the consolidation's revision.
+    pub raw_records: usize,
 }
 
 impl Parts {
     pub fn from_records(records: Vec<RawRecord>) -> Self {
-        let mut p = Parts::default();
+        let mut p = Parts {
+            raw_records: records.len(),
+            ..Parts::default()
+        };
         for r in records {
             match r {
                 RawRecord::Request(r) => p.request = Some(r),
@@ -77,10 +82,7 @@ fn stitch_response(parts: &Parts, end_json: Option<&Value>, operation: &str) -> 
     }
     // Without an end record there is no content type; a stream request's body is SSE.
     let is_sse = match end {
-        Some(e) => e
-            .content_type
-            .as_deref()
-            .is_some_and(|c| c.starts_with("text/event-stream")),
+        Some(e) => tollgate_records::is_event_stream(e.content_type.as_deref()),
         None => parts.request.as_ref().is_some_and(|r| r.stream),
     };
     if is_sse {
@@ -118,18 +120,21 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
             .and_then(|d| opts.deployment_models.get(d).cloned())
     });
     let status = end.map(|e| e.status);
-    let succeeded = status.is_some_and(|s| s < 400);
+    // Without an end record (the proxy died, or the end is lost) the response may still carry
+    // AOAI's usage in its segments: AOAI served the request, so it counts.
+    let succeeded = status.is_none_or(|s| s < 400);
     let request_json = request.and_then(|r| r.body.parse_json());
 
     let counting_model = model.as_deref().or(deployment.as_deref()).unwrap_or("");
-    let usage = if succeeded {
-        stitched
-            .usage
-            .as_ref()
-            .and_then(usage::reported)
-            .or_else(|| {
-                usage::estimate(&operation, counting_model, request_json.as_ref(), &stitched)
-            })
+    let reported = stitched.usage.as_ref().and_then(usage::reported);
+    let usage = if end.is_none() {
+        // Only AOAI's own figures: an estimate of an answer whose end never arrived would
+        // bill a guess at a partial response.
+        reported
+    } else if succeeded {
+        reported.or_else(|| {
+            usage::estimate(&operation, counting_model, request_json.as_ref(), &stitched)
+        })
     } else if prompt_was_filtered(end, end_json.as_ref()) {
         // AOAI charges the prompt of a request its content filter blocked (HTTP 400,
         // `content_filter`) and reports no usage for it: count the prompt, nothing else.
@@ -223,6 +228,8 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         user_agent: request.and_then(|r| r.user_agent.clone()),
         client_disconnected: end.is_some_and(|e| e.client_disconnected),
         complete,
+        truncated: end.is_some_and(|e| e.truncated),
+        revision: tollgate_records::revision(parts.raw_records, complete),
         error,
     })
 }
@@ -314,6 +321,7 @@ mod tests {
             request: Some(request),
             segments: BTreeMap::new(),
             end: Some(end),
+            raw_records: 2,
         }
     }
 
@@ -380,5 +388,35 @@ mod tests {
         let other = json!({"error": {"code": "BadRequest", "message": "nope"}});
         let r = consolidate(&parts(400, other), &opts(&models, &prices, true)).unwrap();
         assert!(r.usage.is_none(), "other rejected requests are not charged");
+    }
+
+    /// Defect: a request whose `end` never arrived was consolidated with no usage and no cost,
+    /// even when AOAI's usage frame was already stored in its segments.
+    #[test]
+    fn usage_in_segments_counts_without_an_end() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let mut p = parts(200, json!({}));
+        p.end = None;
+        if let Some(r) = p.request.as_mut() {
+            r.stream = true;
+        }
+        let frames = concat!(
+            "data: {\"id\":\"c\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"}}]}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2,\"total_tokens\":13}}\n\n",
+        );
+        p.segments.insert(1, frames.as_bytes().to_vec());
+        p.raw_records = 2;
+        let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
+        assert!(!r.complete);
+        let u = r.usage.expect("AOAI's reported usage counts");
+        assert_eq!((u.input_tokens, u.output_tokens, u.source), (11, 2, UsageSource::Reported));
+        assert!(r.cost.expect("priced").total > 0.0);
+        assert!(r.revision < tollgate_records::COMPLETE_REVISION);
+
+        // Without AOAI's figures and without an end, nothing is guessed.
+        p.segments.insert(1, frames.lines().next().unwrap_or_default().as_bytes().to_vec());
+        let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
+        assert!(r.usage.is_none());
     }
 }
