@@ -10,7 +10,7 @@
 //! - a request without its `end` after `incomplete_after_ms` is recorded as incomplete with
 //!   what arrived; if the rest arrives later, the full record replaces it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +29,6 @@ use crate::transform::consolidate::{self, Options, Parts};
 struct State {
     checkpoint: Checkpoint,
     loaded: bool,
-    /// Pending requests whose `end` has been seen (waiting only for segments).
-    ended: HashSet<String>,
 }
 
 /// Counters for operators and tests.
@@ -39,6 +37,8 @@ pub struct ParserStats {
     pub raw_records: u64,
     pub consolidated: u64,
     pub incomplete: u64,
+    /// Stored documents that could not be read, set aside so the feed moves on.
+    pub dead_letters: u64,
 }
 
 pub struct Parser {
@@ -83,7 +83,6 @@ impl Parser {
             state: Mutex::new(State {
                 checkpoint: Checkpoint::default(),
                 loaded: false,
-                ended: HashSet::new(),
             }),
             stats: std::sync::Mutex::new(ParserStats::default()),
         })
@@ -121,6 +120,7 @@ impl Parser {
             .feed
             .read(state.checkpoint.position.as_deref(), self.config.batch_size)
             .await?;
+        let read = page.records.len() + page.dead_letters.len();
         let mut pending: HashMap<String, PendingRequest> = state
             .checkpoint
             .pending
@@ -129,17 +129,32 @@ impl Parser {
             .collect();
         let now = Utc::now();
         for record in &page.records {
-            let id = record.request_id().to_owned();
-            pending.entry(id.clone()).or_insert_with(|| PendingRequest {
-                request_id: id.clone(),
-                first_seen: now,
-            });
-            if matches!(record, RawRecord::End(_)) {
-                state.ended.insert(id.clone());
+            let id = record.request_id();
+            let entry = pending
+                .entry(id.to_owned())
+                .or_insert_with(|| PendingRequest {
+                    request_id: id.to_owned(),
+                    first_seen: now,
+                    end_seen: false,
+                });
+            // Kept in the checkpoint: a segment that arrives after its end (spool replays do
+            // not keep acceptance order) still completes the request after a restart.
+            entry.end_seen |= matches!(record, RawRecord::End(_));
+            if entry.end_seen {
+                candidates.push(id.to_owned());
             }
-            if state.ended.contains(&id) {
-                candidates.push(id);
+        }
+        if !page.dead_letters.is_empty() {
+            for letter in &page.dead_letters {
+                tracing::error!(
+                    position = %letter.position,
+                    record_id = letter.record_id.as_deref().unwrap_or("-"),
+                    error = %letter.error,
+                    "A stored raw record cannot be read; it is kept as a dead letter and the feed moves on."
+                );
             }
+            // Kept before the checkpoint moves past them, so none is ever lost.
+            self.feed.dead_letter(&page.dead_letters).await?;
         }
         candidates.sort();
         candidates.dedup();
@@ -179,7 +194,6 @@ impl Parser {
         }
         for id in &finished {
             pending.remove(id);
-            state.ended.remove(id);
         }
         let mut pending: Vec<PendingRequest> = pending.into_values().collect();
         pending.sort_by(|a, b| {
@@ -201,7 +215,8 @@ impl Parser {
         stats.raw_records += page.records.len() as u64;
         stats.consolidated += out.len() as u64;
         stats.incomplete += incomplete;
-        Ok(page.records.len())
+        stats.dead_letters += page.dead_letters.len() as u64;
+        Ok(read)
     }
 
     /// Processes pages until the feed has nothing new.

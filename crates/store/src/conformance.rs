@@ -7,7 +7,7 @@ use tollgate_records::{
     RequestRecord, SCHEMA_VERSION, SegmentData, Usage, UsageSource,
 };
 
-use crate::{Checkpoint, PendingRequest, RecordQuery, Store};
+use crate::{Checkpoint, DeadLetter, PendingRequest, RecordQuery, Store};
 
 fn must<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
     match r {
@@ -125,6 +125,7 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
 pub async fn run(store: &dyn Store) {
     feed_order_idempotence_and_resume(store).await;
     checkpoints_round_trip(store).await;
+    dead_letters_are_kept_once(store).await;
     upsert_is_idempotent_and_usage_groups(store).await;
 }
 
@@ -183,6 +184,7 @@ async fn checkpoints_round_trip(store: &dyn Store) {
         pending: vec![PendingRequest {
             request_id: "x".into(),
             first_seen: Utc::now(),
+            end_seen: true,
         }],
     };
     must(store.save_checkpoint("p", &cp).await, "save");
@@ -194,6 +196,25 @@ async fn checkpoints_round_trip(store: &dyn Store) {
         must(store.load_checkpoint("other").await, "load other"),
         None
     );
+}
+
+async fn dead_letters_are_kept_once(store: &dyn Store) {
+    assert!(must(store.dead_letters(10).await, "list").is_empty());
+    let letter = DeadLetter {
+        position: "7".into(),
+        record_id: Some("q:3".into()),
+        error: "expected value".into(),
+        document: "{not json".into(),
+    };
+    must(
+        store.dead_letter(std::slice::from_ref(&letter)).await,
+        "dead letter",
+    );
+    must(
+        store.dead_letter(std::slice::from_ref(&letter)).await,
+        "again",
+    );
+    assert_eq!(must(store.dead_letters(10).await, "list"), vec![letter]);
 }
 
 async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {

@@ -15,6 +15,7 @@
 #[cfg(feature = "embedded")]
 pub mod embedded;
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 
 use std::path::PathBuf;
@@ -72,6 +73,10 @@ pub struct Checkpoint {
 pub struct PendingRequest {
     pub request_id: String,
     pub first_seen: DateTime<Utc>,
+    /// The request's `end` record has been read: any later record of it (a segment replayed
+    /// from a spool after the end) makes it ready, across parser restarts too.
+    #[serde(default)]
+    pub end_seen: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -79,14 +84,39 @@ pub struct FeedPage {
     pub records: Vec<RawRecord>,
     /// Position after the last record of this page (unchanged when the page is empty).
     pub position: Option<String>,
+    /// Documents in this page that could not be read as records. The feed moves past them;
+    /// the reader must set them aside with [`ChangeFeed::dead_letter`] before it saves a
+    /// checkpoint beyond them.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// A stored document that could not be read as a raw record, kept with where it was and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// The backend's feed position of the document (unique per document).
+    pub position: String,
+    /// The record id (`"{requestId}:{seq}"`) when the backend knows it without the document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_id: Option<String>,
+    pub error: String,
+    /// The document as stored.
+    pub document: String,
 }
 
 /// Reads raw records in append order; used by the log parser.
 #[async_trait]
 pub trait ChangeFeed: Send + Sync + 'static {
+    /// Up to `max` records after `position`. A document that cannot be read never fails the
+    /// page: it is returned in [`FeedPage::dead_letters`] and the position moves past it.
     async fn read(&self, position: Option<&str>, max: usize) -> Result<FeedPage, StoreError>;
-    /// All stored raw records of one request, ordered by seq.
+    /// All readable raw records of one request, ordered by seq (unreadable ones are skipped;
+    /// the feed reports them as dead letters).
     async fn read_request(&self, request_id: &str) -> Result<Vec<RawRecord>, StoreError>;
+    /// Keeps documents the feed could not read; writing the same position again is a no-op.
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
+    /// The dead letters kept so far, oldest first, at most `limit`.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StoreError>;
     async fn save_checkpoint(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), StoreError>;
 }

@@ -190,3 +190,146 @@ async fn replaying_the_feed_does_not_double_count() {
     let rows = store.usage(&Default::default()).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<u64>(), 1);
 }
+
+/// Defect: the set of requests whose `end` was seen lived only in memory. After a restart, a
+/// request whose `end` came before its last segment waited for the incomplete deadline (and
+/// was exported twice). Now "end seen" is in the checkpoint.
+#[tokio::test]
+async fn end_seen_survives_a_restart() {
+    let (_dir, store) = store().await;
+    store
+        .append(&[
+            chat_request("r1"),
+            sample_chunk("r1", 1, FRAME_A),
+            sse_end("r1", 2),
+        ])
+        .await
+        .unwrap();
+    let first = parser(&store, ParserConfig::default());
+    first.catch_up().await.unwrap();
+    assert!(
+        store.get("r1").await.unwrap().is_none(),
+        "segment 2 missing"
+    );
+    let cp = store.load_checkpoint("log-parser").await.unwrap().unwrap();
+    assert!(
+        cp.pending
+            .iter()
+            .any(|p| p.request_id == "r1" && p.end_seen)
+    );
+    drop(first);
+
+    let second = parser(&store, ParserConfig::default());
+    second.catch_up().await.unwrap();
+    // The late segment arrives after the restarted parser loaded its checkpoint.
+    store
+        .append(&[sample_chunk("r1", 2, FRAME_B)])
+        .await
+        .unwrap();
+    second.catch_up().await.unwrap();
+    let r = store.get("r1").await.unwrap().expect("finished at once");
+    assert!(r.complete);
+    assert_eq!(r.choices[0].content.as_deref(), Some("Hello"));
+    assert_eq!(second.stats().incomplete, 0);
+    let cp = store.load_checkpoint("log-parser").await.unwrap().unwrap();
+    assert!(cp.pending.is_empty());
+}
+
+/// A document that cannot be read is set aside and every other request is still consolidated.
+#[tokio::test]
+async fn an_unreadable_document_does_not_stop_the_feed() {
+    let (_dir, store) = store().await;
+    // The stand-in for a corrupt document: an end record the store holds but that names no
+    // status (the store's own test writes broken JSON directly).
+    let bad = serde_json::json!({"kind": "end", "requestId": "bad", "seq": 1});
+    let fake = Arc::new(BrokenFeed {
+        inner: store.clone(),
+        bad: bad.to_string(),
+    });
+    store.append(&[chat_request("ok1")]).await.unwrap();
+    let p = Parser::new(
+        ParserConfig::default(),
+        fake.clone() as Arc<dyn ChangeFeed>,
+        vec![Arc::new(StoreSink::new(
+            store.clone() as Arc<dyn RequestStore>
+        ))],
+    )
+    .unwrap();
+    store
+        .append(&[
+            sample_chunk("ok1", 1, FRAME_A),
+            sample_chunk("ok1", 2, FRAME_B),
+            sse_end("ok1", 2),
+        ])
+        .await
+        .unwrap();
+    p.catch_up().await.unwrap();
+    assert!(store.get("ok1").await.unwrap().is_some_and(|r| r.complete));
+    assert_eq!(p.stats().dead_letters, 1);
+    let letters = store.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].document, bad.to_string());
+    // A second pass neither re-reads nor re-letters it.
+    p.catch_up().await.unwrap();
+    assert_eq!(p.stats().dead_letters, 1);
+}
+
+/// Wraps the store's feed and injects one unreadable document into the first page.
+struct BrokenFeed {
+    inner: Arc<dyn Store>,
+    bad: String,
+}
+
+#[async_trait::async_trait]
+impl ChangeFeed for BrokenFeed {
+    async fn read(
+        &self,
+        position: Option<&str>,
+        max: usize,
+    ) -> Result<tollgate_store::FeedPage, tollgate_store::StoreError> {
+        let mut page = self.inner.read(position, max).await?;
+        if position.is_none() && !page.records.is_empty() {
+            let error = serde_json::from_str::<RawRecord>(&self.bad)
+                .expect_err("the document is unreadable")
+                .to_string();
+            page.dead_letters.push(tollgate_store::DeadLetter {
+                position: "0.5".into(),
+                record_id: Some("bad:1".into()),
+                error,
+                document: self.bad.clone(),
+            });
+        }
+        Ok(page)
+    }
+    async fn read_request(
+        &self,
+        request_id: &str,
+    ) -> Result<Vec<RawRecord>, tollgate_store::StoreError> {
+        self.inner.read_request(request_id).await
+    }
+    async fn dead_letter(
+        &self,
+        letters: &[tollgate_store::DeadLetter],
+    ) -> Result<(), tollgate_store::StoreError> {
+        self.inner.dead_letter(letters).await
+    }
+    async fn dead_letters(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<tollgate_store::DeadLetter>, tollgate_store::StoreError> {
+        self.inner.dead_letters(limit).await
+    }
+    async fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> Result<Option<tollgate_store::Checkpoint>, tollgate_store::StoreError> {
+        self.inner.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(
+        &self,
+        name: &str,
+        checkpoint: &tollgate_store::Checkpoint,
+    ) -> Result<(), tollgate_store::StoreError> {
+        self.inner.save_checkpoint(name, checkpoint).await
+    }
+}

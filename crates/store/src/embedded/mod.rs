@@ -20,7 +20,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_records::{ConsolidatedRecord, RawRecord};
 
 use crate::{
-    ChangeFeed, Checkpoint, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError, UsageRow,
+    ChangeFeed, Checkpoint, DeadLetter, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError,
+    UsageRow,
 };
 
 #[cfg(test)]
@@ -37,6 +38,13 @@ CREATE TABLE IF NOT EXISTS raw (
     kind TEXT NOT NULL,
     doc TEXT NOT NULL,
     UNIQUE (request_id, seq)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    position TEXT PRIMARY KEY,
+    record_id TEXT,
+    error TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    time_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT PRIMARY KEY,
@@ -190,28 +198,47 @@ impl ChangeFeed for EmbeddedStore {
         let (rows, last) = self
             .read_conn(move |conn| {
                 let mut stmt = conn
-                    .prepare_cached("SELECT pos, doc FROM raw WHERE pos > ?1 ORDER BY pos LIMIT ?2")
+                    .prepare_cached(
+                        "SELECT pos, request_id, seq, doc FROM raw WHERE pos > ?1 ORDER BY pos LIMIT ?2",
+                    )
                     .map_err(io)?;
                 let mut last = after;
                 let mut docs = Vec::new();
                 let mut rows = stmt.query(params![after, max]).map_err(io)?;
                 while let Some(row) = rows.next().map_err(io)? {
                     last = row.get(0).map_err(io)?;
-                    docs.push(row.get::<_, String>(1).map_err(io)?);
+                    let id = tollgate_records::raw_record_id(
+                        &row.get::<_, String>(1).map_err(io)?,
+                        row.get(2).map_err(io)?,
+                    );
+                    docs.push((last, id, row.get::<_, String>(3).map_err(io)?));
                 }
                 Ok((docs, last))
             })
             .await?;
-        let records = rows
-            .iter()
-            .map(|d| serde_json::from_str(d).map_err(corrupt))
-            .collect::<Result<Vec<RawRecord>, _>>()?;
+        let mut records = Vec::with_capacity(rows.len());
+        let mut dead_letters = Vec::new();
+        for (pos, id, doc) in rows {
+            match serde_json::from_str::<RawRecord>(&doc) {
+                Ok(r) => records.push(r),
+                Err(e) => dead_letters.push(DeadLetter {
+                    position: pos.to_string(),
+                    record_id: Some(id),
+                    error: e.to_string(),
+                    document: doc,
+                }),
+            }
+        }
         let position = if last > after || position.is_some() {
             Some(last.to_string())
         } else {
             None
         };
-        Ok(FeedPage { records, position })
+        Ok(FeedPage {
+            records,
+            position,
+            dead_letters,
+        })
     }
 
     async fn read_request(&self, request_id: &str) -> Result<Vec<RawRecord>, StoreError> {
@@ -229,9 +256,59 @@ impl ChangeFeed for EmbeddedStore {
                 Ok(docs)
             })
             .await?;
-        docs.iter()
-            .map(|d| serde_json::from_str(d).map_err(corrupt))
-            .collect()
+        // An unreadable document is skipped here; the feed reports it as a dead letter.
+        Ok(docs
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect())
+    }
+
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let letters = letters.to_vec();
+        let now = chrono::Utc::now().timestamp_millis();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(io)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO dead_letters (position, record_id, error, doc, time_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(io)?;
+                for l in &letters {
+                    stmt.execute(params![l.position, l.record_id, l.error, l.document, now])
+                        .map_err(io)?;
+                }
+            }
+            tx.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT position, record_id, error, doc FROM dead_letters
+                     ORDER BY time_ms, position LIMIT ?1",
+                )
+                .map_err(io)?;
+            let rows = stmt
+                .query_map(params![limit], |r| {
+                    Ok(DeadLetter {
+                        position: r.get(0)?,
+                        record_id: r.get(1)?,
+                        error: r.get(2)?,
+                        document: r.get(3)?,
+                    })
+                })
+                .map_err(io)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io)?;
+            Ok(rows)
+        })
+        .await
     }
 
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StoreError> {
