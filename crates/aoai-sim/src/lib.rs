@@ -72,7 +72,7 @@ struct Inner {
     config: SimConfig,
     deployments: HashMap<String, SimDeployment>,
     default_fault: Option<fault::Fault>,
-    windows: HashMap<String, std::sync::Mutex<respond::Window>>,
+    windows: respond::windows::Windows,
     requests: HashMap<String, AtomicU64>,
     total_requests: AtomicU64,
 }
@@ -96,10 +96,7 @@ impl Simulator {
             .iter()
             .map(|d| (d.name.clone(), d.clone()))
             .collect();
-        let windows = deployments
-            .keys()
-            .map(|k| (k.clone(), std::sync::Mutex::new(respond::Window::default())))
-            .collect();
+        let windows = respond::windows::Windows::new(deployments.keys());
         let requests = deployments
             .keys()
             .map(|k| (k.clone(), AtomicU64::new(0)))

@@ -11,95 +11,33 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 use tollgate_tokens::{CompletionParts, Encoding};
 
-use crate::config::{DeploymentKind, SimDeployment};
+use crate::Simulator;
+use crate::config::SimDeployment;
 use crate::error::AoaiError;
 use crate::fault::Fault;
 use crate::generate;
-use crate::{API_VERSIONS, Simulator};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Operation {
-    Chat,
-    Completions,
-    Embeddings,
-}
+mod auth;
+mod routing;
+pub(crate) mod windows;
 
-impl Operation {
-    fn name(self) -> &'static str {
-        match self {
-            Operation::Chat => "ChatCompletions_Create",
-            Operation::Completions => "Completions_Create",
-            Operation::Embeddings => "Embeddings_Create",
-        }
-    }
-
-    fn short(self) -> &'static str {
-        match self {
-            Operation::Chat => "chatCompletion",
-            Operation::Completions => "completion",
-            Operation::Embeddings => "embeddings",
-        }
-    }
-}
-
-/// A one-minute fixed window of requests and estimated tokens, per deployment.
-#[derive(Debug, Default)]
-pub(crate) struct Window {
-    start: Option<Instant>,
-    requests: u64,
-    tokens: u64,
-}
-
-const WINDOW: Duration = Duration::from_secs(60);
-
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then_some(v)
-    })
-}
-
-fn authorized(sim: &Simulator, headers: &HeaderMap) -> bool {
-    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if let Some(token) = bearer
-        && token.split('.').count() == 3
-    {
-        return true;
-    }
-    match (&sim.inner.config.api_key, key.or(bearer)) {
-        (_, None) => false,
-        (None, Some(k)) => !k.is_empty(),
-        (Some(expected), Some(k)) => expected == k,
-    }
-}
+use routing::Operation;
 
 pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Response, AoaiError> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query();
-    let (deployment_in_path, op, v1) = route(&path).ok_or_else(AoaiError::resource_not_found)?;
+    let route = routing::route(&path).ok_or_else(AoaiError::resource_not_found)?;
+    let op = route.op;
     if parts.method != Method::POST {
         return Err(AoaiError::resource_not_found());
     }
-    if !authorized(sim, &parts.headers) {
+    if !auth::authorized(sim.inner.config.api_key.as_deref(), &parts.headers) {
         return Err(AoaiError::unauthorized());
     }
-    let api_version = query_param(query, "api-version").map(str::to_owned);
-    match (&api_version, v1) {
-        (None, false) => return Err(AoaiError::resource_not_found()),
-        (Some(v), _) if !API_VERSIONS.contains(&v.as_str()) => {
-            return Err(AoaiError::api_version_not_supported());
-        }
-        _ => {}
-    }
-    let api_version = api_version.unwrap_or_else(|| "v1".to_owned());
+    let api_version = routing::api_version(query, route.v1)?;
     let limit = sim.inner.config.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit)
         .await
@@ -116,16 +54,7 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
             None,
         ));
     }
-    let deployment_name = match deployment_in_path {
-        Some(d) => d.to_owned(),
-        None => body
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                AoaiError::invalid_request("'model' is a required property", Some("model"))
-            })?
-            .to_owned(),
-    };
+    let deployment_name = routing::deployment_name(&route, &body)?;
     let deployment = sim
         .inner
         .deployments
@@ -134,17 +63,11 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     if let Some(c) = sim.inner.requests.get(&deployment_name) {
         c.fetch_add(1, Ordering::Relaxed);
     }
-    let wrong_kind = match op {
-        Operation::Embeddings => deployment.kind != DeploymentKind::Embeddings,
-        _ => deployment.kind != DeploymentKind::Chat,
-    };
-    if wrong_kind {
-        let name = match op {
-            Operation::Embeddings => "embeddings",
-            Operation::Chat => "chatCompletion",
-            Operation::Completions => "completion",
-        };
-        return Err(AoaiError::operation_not_supported(name, &deployment.model));
+    if deployment.kind != op.served_by() {
+        return Err(AoaiError::operation_not_supported(
+            op.short(),
+            &deployment.model,
+        ));
     }
 
     let fault = match parts
@@ -186,7 +109,11 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         Operation::Completions => completions(sim, deployment, &body, seed)?,
         Operation::Embeddings => embeddings(deployment, &body, seed)?,
     };
-    let remaining = admit(sim, deployment, &body, plan.prompt_tokens, op, &api_version)?;
+    let remaining = sim
+        .inner
+        .windows
+        .admit(deployment, &body, plan.prompt_tokens)
+        .map_err(|t| AoaiError::rate_limited(op.name(), &api_version, t.retry_after_ms))?;
 
     if latency.ttft > Duration::ZERO {
         tokio::time::sleep(latency.ttft).await;
@@ -234,21 +161,6 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     Ok(response)
 }
 
-fn route(path: &str) -> Option<(Option<&str>, Operation, bool)> {
-    let op = |rest: &str| match rest {
-        "chat/completions" => Some(Operation::Chat),
-        "completions" => Some(Operation::Completions),
-        "embeddings" => Some(Operation::Embeddings),
-        _ => None,
-    };
-    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
-        let (deployment, rest) = rest.split_once('/')?;
-        return Some((Some(deployment), op(rest)?, false));
-    }
-    let rest = path.strip_prefix("/openai/v1/")?;
-    Some((None, op(rest)?, true))
-}
-
 struct Latency {
     ttft: Duration,
     inter_token: Duration,
@@ -285,59 +197,11 @@ struct Plan {
     completion_tokens: u64,
 }
 
-/// Checks the deployment's rate limits (AOAI estimates tokens as prompt + max_tokens) and
-/// returns the remaining (requests, tokens) for the response headers.
-fn admit(
-    sim: &Simulator,
-    deployment: &SimDeployment,
-    body: &Value,
-    prompt_tokens: u64,
-    op: Operation,
-    api_version: &str,
-) -> Result<Option<(u64, u64)>, AoaiError> {
-    // AOAI grants 6 requests per minute for every 1,000 tokens per minute of quota.
-    let rpm = deployment
-        .requests_per_minute
-        .or(deployment.tokens_per_minute.map(|t| (t / 1000 * 6).max(1)));
-    let tpm = deployment.tokens_per_minute;
-    if rpm.is_none() && tpm.is_none() {
-        return Ok(None);
-    }
-    let (rpm, tpm) = (rpm.unwrap_or(u64::MAX), tpm.unwrap_or(u64::MAX));
-    let max_tokens = body
-        .get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let cost = prompt_tokens + max_tokens;
-    let Some(window) = sim.inner.windows.get(&deployment.name) else {
-        return Ok(None);
-    };
-    let mut w = window.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    let start = *w.start.get_or_insert(now);
-    if now.duration_since(start) >= WINDOW {
-        *w = Window {
-            start: Some(now),
-            requests: 0,
-            tokens: 0,
-        };
-    }
-    if w.requests + 1 > rpm || w.tokens.saturating_add(cost) > tpm {
-        let elapsed = now.duration_since(w.start.unwrap_or(now));
-        let wait = WINDOW.saturating_sub(elapsed).as_millis() as u64;
-        return Err(AoaiError::rate_limited(op.name(), api_version, wait.max(1)));
-    }
-    w.requests += 1;
-    w.tokens = w.tokens.saturating_add(cost);
-    Ok(Some((rpm - w.requests, tpm.saturating_sub(w.tokens))))
-}
-
 fn add_headers(
     h: &mut HeaderMap,
     request: &HeaderMap,
     deployment: &SimDeployment,
-    remaining: Option<(u64, u64)>,
+    remaining: Option<windows::Remaining>,
     op: Operation,
     seed: u64,
 ) {
@@ -364,11 +228,8 @@ fn add_headers(
     {
         set(h, "x-ms-client-request-id", client_id);
     }
-    if let Some((requests, tokens)) = remaining {
-        set(h, "x-ratelimit-remaining-requests", &requests.to_string());
-        if tokens != u64::MAX {
-            set(h, "x-ratelimit-remaining-tokens", &tokens.to_string());
-        }
+    if let Some(remaining) = remaining {
+        remaining.write_headers(h);
     }
 }
 
