@@ -410,12 +410,23 @@ mod tests {
         let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
         assert!(!r.complete);
         let u = r.usage.expect("AOAI's reported usage counts");
-        assert_eq!((u.input_tokens, u.output_tokens, u.source), (11, 2, UsageSource::Reported));
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.source),
+            (11, 2, UsageSource::Reported)
+        );
         assert!(r.cost.expect("priced").total > 0.0);
         assert!(r.revision < tollgate_records::COMPLETE_REVISION);
 
         // Without AOAI's figures and without an end, nothing is guessed.
-        p.segments.insert(1, frames.lines().next().unwrap_or_default().as_bytes().to_vec());
+        p.segments.insert(
+            1,
+            frames
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec(),
+        );
         let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
         assert!(r.usage.is_none());
     }
