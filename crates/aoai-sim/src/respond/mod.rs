@@ -1,14 +1,13 @@
-//! Request handling: routing, auth, validation, limits, faults, and the response bodies and SSE
-//! frames of each operation.
+//! The request handler, in order: route → auth → api-version → body → deployment → fault →
+//! operation → rate window → deliver, then AOAI's response headers. The rate window comes after
+//! the operation because its token estimate needs the prompt's count.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::Response;
-use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::Simulator;
@@ -20,6 +19,7 @@ use crate::generate;
 mod auth;
 mod chat;
 mod completions;
+mod delivery;
 mod embeddings;
 mod frames;
 mod params;
@@ -27,6 +27,18 @@ mod routing;
 pub(crate) mod windows;
 
 use routing::Operation;
+
+/// What an operation answers, before delivery.
+pub(crate) struct Answer {
+    reply: Reply,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+pub(crate) enum Reply {
+    Json(Value),
+    Stream(frames::StreamPlan),
+}
 
 pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Response, AoaiError> {
     let (parts, body) = request.into_parts();
@@ -41,22 +53,7 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         return Err(AoaiError::unauthorized());
     }
     let api_version = routing::api_version(query, route.v1)?;
-    let limit = sim.inner.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| AoaiError::payload_too_large(limit))?;
-    let body: Value = serde_json::from_slice(&bytes).map_err(|_| {
-        AoaiError::invalid_request(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.",
-            None,
-        )
-    })?;
-    if !body.is_object() {
-        return Err(AoaiError::invalid_request(
-            "The request body must be a JSON object.",
-            None,
-        ));
-    }
+    let body = read_json_object(body, sim.inner.config.max_body_bytes).await?;
     let deployment_name = routing::deployment_name(&route, &body)?;
     let deployment = sim
         .inner
@@ -73,18 +70,8 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         ));
     }
 
-    let fault = match parts
-        .headers
-        .get("x-sim-fault")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(spec) => Fault::parse(spec)
-            .map_err(|e| AoaiError::invalid_request(format!("x-sim-fault: {e}"), None))?,
-        None => sim.inner.default_fault.clone().unwrap_or_default(),
-    };
-    if let Some(delay) = fault.slow_first_byte {
-        tokio::time::sleep(delay).await;
-    }
+    let fault = fault_for(sim, &parts.headers)?;
+    delivery::slow_first_byte(&fault).await;
     if fault.content_filter {
         return Err(AoaiError::prompt_filtered());
     }
@@ -97,17 +84,9 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         ));
     }
 
-    let latency = Latency::from(sim, &parts.headers);
-    // The seed ignores how the answer is delivered, so the same request streamed or not
-    // yields the same content and the same usage.
-    let mut seed_body = body.clone();
-    if let Some(map) = seed_body.as_object_mut() {
-        map.remove("stream");
-        map.remove("stream_options");
-    }
-    let seed =
-        generate::stable_hash(&[deployment.name.as_bytes(), seed_body.to_string().as_bytes()]);
     let config = &sim.inner.config;
+    let latency = delivery::Latency::from_request(config, &parts.headers);
+    let seed = seed_for(deployment, &body);
     let answer = match op {
         Operation::Chat => chat::answer(config, deployment, &body, seed)?,
         Operation::Completions => completions::answer(config, deployment, &body, seed)?,
@@ -119,41 +98,7 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         .admit(deployment, &body, answer.prompt_tokens)
         .map_err(|t| AoaiError::rate_limited(op.name(), &api_version, t.retry_after_ms))?;
 
-    if latency.ttft > Duration::ZERO {
-        tokio::time::sleep(latency.ttft).await;
-    }
-    let mut response = match answer.reply {
-        Reply::Json(value) => {
-            if latency.inter_token > Duration::ZERO && answer.completion_tokens > 0 {
-                tokio::time::sleep(latency.inter_token * answer.completion_tokens as u32).await;
-            }
-            let bytes = Bytes::from(value.to_string());
-            let mut resp = match fault.reset_after_chunks {
-                Some(n) => Response::new(cut_body(bytes, n)),
-                None => Response::new(Body::from(bytes)),
-            };
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        Reply::Stream(plan) => {
-            let mut resp = Response::new(stream_body(
-                plan.into_frames(answer.prompt_tokens, answer.completion_tokens),
-                latency.inter_token,
-                fault.reset_after_chunks,
-            ));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream; charset=utf-8"),
-            );
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            resp
-        }
-    };
-    *response.status_mut() = StatusCode::OK;
+    let mut response = delivery::deliver(answer, &latency, &fault).await;
     add_headers(
         response.headers_mut(),
         &parts.headers,
@@ -165,41 +110,47 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     Ok(response)
 }
 
-struct Latency {
-    ttft: Duration,
-    inter_token: Duration,
+async fn read_json_object(body: Body, limit: usize) -> Result<Value, AoaiError> {
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| AoaiError::payload_too_large(limit))?;
+    let body: Value = serde_json::from_slice(&bytes).map_err(|_| {
+        AoaiError::invalid_request(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.",
+            None,
+        )
+    })?;
+    if !body.is_object() {
+        return Err(AoaiError::invalid_request(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    Ok(body)
 }
 
-impl Latency {
-    /// Configured latency, overridable per request with `x-sim-ttft-ms` and
-    /// `x-sim-inter-token-ms`.
-    fn from(sim: &Simulator, headers: &HeaderMap) -> Self {
-        let ms = |name: &str, default: u64| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .map_or(Duration::from_millis(default), Duration::from_millis)
-        };
-        Latency {
-            ttft: ms("x-sim-ttft-ms", sim.inner.config.time_to_first_token_ms),
-            inter_token: ms("x-sim-inter-token-ms", sim.inner.config.inter_token_ms),
-        }
+/// The request's `x-sim-fault`, else the configured default fault, else none.
+fn fault_for(sim: &Simulator, headers: &HeaderMap) -> Result<Fault, AoaiError> {
+    match headers.get("x-sim-fault").and_then(|v| v.to_str().ok()) {
+        Some(spec) => Fault::parse(spec)
+            .map_err(|e| AoaiError::invalid_request(format!("x-sim-fault: {e}"), None)),
+        None => Ok(sim.inner.default_fault.clone().unwrap_or_default()),
     }
 }
 
-/// What an operation answers, before delivery.
-pub(crate) struct Answer {
-    reply: Reply,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+/// The seed of everything generated for this request. It ignores how the answer is delivered,
+/// so the same request streamed or not yields the same content and the same usage.
+fn seed_for(deployment: &SimDeployment, body: &Value) -> u64 {
+    let mut seed_body = body.clone();
+    if let Some(map) = seed_body.as_object_mut() {
+        map.remove("stream");
+        map.remove("stream_options");
+    }
+    generate::stable_hash(&[deployment.name.as_bytes(), seed_body.to_string().as_bytes()])
 }
 
-pub(crate) enum Reply {
-    Json(Value),
-    Stream(frames::StreamPlan),
-}
-
+/// AOAI's response headers: request ids, region, model session, deployment, the client's
+/// request id echoed, and what is left of the rate window.
 fn add_headers(
     h: &mut HeaderMap,
     request: &HeaderMap,
@@ -234,61 +185,4 @@ fn add_headers(
     if let Some(remaining) = remaining {
         remaining.write_headers(h);
     }
-}
-
-fn reset_error() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionReset,
-        "injected fault: connection reset",
-    )
-}
-
-/// Sends the frames, pacing content frames by `inter_token`, and aborts the connection after
-/// `reset_after` frames when asked.
-fn stream_body(
-    frames: Vec<frames::Frame>,
-    inter_token: Duration,
-    reset_after: Option<usize>,
-) -> Body {
-    if inter_token.is_zero() && reset_after.is_none() {
-        return Body::from_stream(futures_util::stream::iter(
-            frames.into_iter().map(|f| Ok::<_, std::io::Error>(f.bytes)),
-        ));
-    }
-    let stream = futures_util::stream::unfold(
-        (frames.into_iter(), 0usize, false),
-        move |(mut frames, sent, done)| async move {
-            if done {
-                return None;
-            }
-            if reset_after == Some(sent) {
-                // Return Pending once so hyper flushes the frames already sent before the
-                // reset, as a real mid-stream cut delivers them.
-                tokio::task::yield_now().await;
-                return Some((Err(reset_error()), (frames, sent, true)));
-            }
-            let frame = frames.next()?;
-            if frame.paced && !inter_token.is_zero() {
-                tokio::time::sleep(inter_token).await;
-            }
-            Some((Ok(frame.bytes), (frames, sent + 1, false)))
-        },
-    );
-    Body::from_stream(stream.boxed())
-}
-
-/// A non-stream body cut after `chunks` pieces of 64 bytes, then reset.
-fn cut_body(bytes: Bytes, chunks: usize) -> Body {
-    let pieces: Vec<Bytes> = bytes
-        .chunks(64)
-        .take(chunks)
-        .map(Bytes::copy_from_slice)
-        .collect();
-    let stream = futures_util::stream::iter(pieces.into_iter().map(Ok)).chain(
-        futures_util::stream::once(async {
-            tokio::task::yield_now().await;
-            Err(reset_error())
-        }),
-    );
-    Body::from_stream(stream)
 }
