@@ -88,9 +88,10 @@ pub(crate) struct StreamChoice {
     pub(crate) finish_reason: &'static str,
 }
 
-/// A streamed answer: which frames AOAI sends, in its order. Rendered by [`StreamPlan::into_frames`]:
-/// prompt-annotation frame, role frames (chat), content frames interleaved by choice index,
-/// finish frames, the usage frame only when `include_usage`, then `data: [DONE]`.
+/// A streamed answer: which frames AOAI sends, in its order. [`StreamPlan::into_frames`]
+/// renders the prompt-annotation frame, role frames (chat), content frames interleaved by
+/// choice index, finish frames, the usage frame only when `include_usage`, then
+/// `data: [DONE]`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StreamPlan {
     pub(crate) shape: Shape,

@@ -212,6 +212,104 @@ async fn n_choices_are_interleaved() {
     assert!(order.contains(&1));
 }
 
+const COMPLETIONS: &str = "/openai/deployments/gpt-35-turbo/completions?api-version=2024-10-21";
+
+/// The generated text of a content frame, as (choice index, text), for chat deltas and
+/// completion texts alike; role, finish and usage frames carry none.
+fn content_of(frame: &Value) -> Option<(u64, &str)> {
+    let c = frame["choices"].get(0)?;
+    let text = c["delta"]["content"].as_str().or(c["text"].as_str())?;
+    (!text.is_empty() && c["finish_reason"].is_null()).then(|| (c["index"].as_u64().unwrap(), text))
+}
+
+/// Chat and completions stream through one plan: with `n = 2` both interleave their choices'
+/// content by index, send the finish frames after all content in index order, and end with
+/// the usage frame (the unstreamed twin's usage) only when `include_usage` is set, then
+/// `data: [DONE]`.
+#[tokio::test]
+async fn chat_and_completions_streams_share_one_framing() {
+    let s = start(SimConfig::default()).await;
+    let cases = [
+        (CHAT, json!({"messages": messages(), "n": 2})),
+        (
+            COMPLETIONS,
+            json!({"prompt": "Tell me a story", "n": 2, "max_tokens": 40}),
+        ),
+    ];
+    for (path, unstreamed) in cases {
+        let expected_usage = s
+            .post(path, unstreamed.clone(), &[])
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["usage"]
+            .clone();
+        for include_usage in [true, false] {
+            let mut body = unstreamed.clone();
+            body["stream"] = json!(true);
+            if include_usage {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let what = format!("{path} include_usage={include_usage}");
+            let raw = s.post(path, body, &[]).await.text().await.unwrap();
+            assert!(raw.ends_with("\n\ndata: [DONE]\n\n"), "{what}");
+            assert_eq!(raw.matches("[DONE]").count(), 1, "{what}");
+            let f = frames(&raw);
+            assert_eq!(f[0]["choices"], json!([]), "{what}");
+            assert!(f[0]["prompt_filter_results"].is_array(), "{what}");
+
+            let content: Vec<u64> = f.iter().filter_map(content_of).map(|(i, _)| i).collect();
+            let per_choice = [0, 1].map(|i| content.iter().filter(|c| **c == i).count());
+            assert!(per_choice.iter().all(|n| *n > 0), "{what}: {content:?}");
+            let both = 2 * per_choice[0].min(per_choice[1]);
+            assert!(
+                content[..both]
+                    .iter()
+                    .enumerate()
+                    .all(|(k, i)| *i == k as u64 % 2),
+                "{what}: choices alternate by index while both have content: {content:?}"
+            );
+
+            let finishes: Vec<(usize, u64)> = f
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c["choices"][0]["finish_reason"].is_string())
+                .map(|(k, c)| (k, c["choices"][0]["index"].as_u64().unwrap()))
+                .collect();
+            assert_eq!(
+                finishes.iter().map(|(_, i)| *i).collect::<Vec<_>>(),
+                [0, 1],
+                "{what}"
+            );
+            let last_content = f.iter().rposition(|c| content_of(c).is_some()).unwrap();
+            assert!(
+                finishes[0].0 > last_content,
+                "{what}: finish frames follow all content"
+            );
+
+            let last = f.last().unwrap();
+            if include_usage {
+                assert_eq!(
+                    finishes[1].0,
+                    f.len() - 2,
+                    "{what}: usage frame right after the finishes"
+                );
+                assert_eq!(last["choices"], json!([]), "{what}");
+                assert_eq!(last["usage"], expected_usage, "{what}");
+                assert!(
+                    f[1..f.len() - 1]
+                        .iter()
+                        .all(|c| c.get("usage") == Some(&Value::Null)),
+                    "{what}: every other chunk carries usage: null"
+                );
+            } else {
+                assert_eq!(finishes[1].0, f.len() - 1, "{what}: no usage frame");
+                assert!(f.iter().all(|c| c.get("usage").is_none()), "{what}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn errors_have_aoai_shapes() {
     let s = start(SimConfig {
