@@ -3,22 +3,23 @@
 //! semantic-convention attributes.
 //!
 //! Export is over OTLP/HTTP with protobuf (the OTLP default protocol), configured from the
-//! standard `OTEL_EXPORTER_OTLP_*` variables; with none set, export is off.
+//! standard `OTEL_EXPORTER_OTLP_*` variables; with none set, export is off. Log records are
+//! sent with a checked, awaited result and metrics counted once per request after their log
+//! record was accepted (`export`, `ledger`).
 //!
 //! Must not: depend on the services; read the environment except through
 //! [`OtlpConfig::from_env`] with a caller-supplied lookup.
 
+mod export;
+mod ledger;
+
 use std::collections::HashMap;
-use std::time::SystemTime;
 
 use opentelemetry::KeyValue;
-use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::logs::{SdkLogger, SdkLoggerProvider};
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tollgate_records::{ConsolidatedRecord, UsageSource};
+
+pub use export::UsageExporter;
+pub use ledger::LedgerLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -41,6 +42,25 @@ pub struct OtlpConfig {
     pub service_name: String,
     /// How often metrics are pushed.
     pub metrics_interval_ms: u64,
+    /// Timeout of one export request (connect to answer).
+    pub timeout_ms: u64,
+    /// Log records per export request; a larger batch is sent as several requests.
+    pub max_records_per_request: usize,
+    /// Largest collector answer read; a larger one fails the export.
+    pub max_response_bytes: usize,
+    /// How many requests the exporter remembers to keep metrics from counting one twice.
+    pub ledger: LedgerLimits,
+}
+
+/// Defaults of the limits [`OtlpConfig::from_env`] reads.
+pub mod defaults {
+    /// The OTLP exporters' default timeout.
+    pub const TIMEOUT_MS: u64 = 10_000;
+    /// The SDK batch log processor's default export batch size.
+    pub const MAX_RECORDS_PER_REQUEST: usize = 512;
+    /// An OTLP answer is a small protobuf message; this is ample.
+    pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+    pub const METRICS_INTERVAL_MS: u64 = 60_000;
 }
 
 /// Names of the variables [`OtlpConfig::from_env`] reads.
@@ -52,6 +72,32 @@ pub mod env {
     pub const HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
     pub const SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
     pub const METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+    pub const TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+    pub const LOGS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_LOGS_TIMEOUT";
+    /// The standard batch-size variable of the SDK's log processor, read with the same meaning:
+    /// the most log records sent in one export request.
+    pub const MAX_EXPORT_BATCH_SIZE: &str = "OTEL_BLRP_MAX_EXPORT_BATCH_SIZE";
+    /// Tollgate's own: requests remembered after a complete / an incomplete record was
+    /// exported (see [`crate::LedgerLimits`]).
+    pub const LEDGER_COMPLETE: &str = "TOLLGATE_OTLP_LEDGER_COMPLETE_REQUESTS";
+    pub const LEDGER_INCOMPLETE: &str = "TOLLGATE_OTLP_LEDGER_INCOMPLETE_REQUESTS";
+}
+
+/// A positive number from `lookup(name)`, or `default` when unset or empty.
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: T,
+) -> Result<T, TelemetryError> {
+    match lookup(name).filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<T>() {
+            Ok(n) if n > T::default() => Ok(n),
+            _ => Err(TelemetryError::Config(format!(
+                "{name} must be a whole number greater than 0, not {v:?}"
+            ))),
+        },
+    }
 }
 
 impl OtlpConfig {
@@ -100,14 +146,38 @@ impl OtlpConfig {
                     env::METRIC_EXPORT_INTERVAL
                 ))
             })?,
-            None => 60_000,
+            None => defaults::METRICS_INTERVAL_MS,
         };
+        let timeout_ms = match lookup(env::LOGS_TIMEOUT).filter(|v| !v.trim().is_empty()) {
+            Some(_) => positive(&lookup, env::LOGS_TIMEOUT, defaults::TIMEOUT_MS)?,
+            None => positive(&lookup, env::TIMEOUT, defaults::TIMEOUT_MS)?,
+        };
+        let limits = LedgerLimits::default();
         Ok(Some(OtlpConfig {
             logs_endpoint: signal(logs, "v1/logs")?,
             metrics_endpoint: signal(metrics, "v1/metrics")?,
             headers,
             service_name: lookup(env::SERVICE_NAME).unwrap_or_else(|| default_service.to_owned()),
             metrics_interval_ms: interval,
+            timeout_ms,
+            max_records_per_request: positive(
+                &lookup,
+                env::MAX_EXPORT_BATCH_SIZE,
+                defaults::MAX_RECORDS_PER_REQUEST,
+            )?,
+            max_response_bytes: defaults::MAX_RESPONSE_BYTES,
+            ledger: LedgerLimits {
+                complete_requests: positive(
+                    &lookup,
+                    env::LEDGER_COMPLETE,
+                    limits.complete_requests,
+                )?,
+                incomplete_requests: positive(
+                    &lookup,
+                    env::LEDGER_INCOMPLETE,
+                    limits.incomplete_requests,
+                )?,
+            },
         }))
     }
 }
@@ -128,7 +198,7 @@ pub fn genai_operation(operation: &str) -> &str {
 }
 
 /// Attributes shared by the usage log record and the metrics (low cardinality only).
-fn metric_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
+pub(crate) fn metric_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new(
             "gen_ai.operation.name",
@@ -156,6 +226,13 @@ pub fn genai_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
     attrs.push(KeyValue::new("tollgate.request.id", r.id.clone()));
     attrs.push(KeyValue::new("tollgate.stream", r.stream));
     attrs.push(KeyValue::new("tollgate.complete", r.complete));
+    // A reader keeps the highest revision of a request (a complete record outranks every
+    // incomplete one); revisions fit in an i64 (the complete bit is bit 32).
+    attrs.push(KeyValue::new(
+        "tollgate.record.revision",
+        i64::try_from(r.revision).unwrap_or(i64::MAX),
+    ));
+    attrs.push(KeyValue::new("tollgate.truncated", r.truncated));
     attrs.push(KeyValue::new(
         "tollgate.client.disconnected",
         r.client_disconnected,
@@ -239,164 +316,6 @@ pub fn genai_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
     attrs
 }
 
-/// Exports one OTLP log record per request plus token, duration and cost metrics.
-pub struct UsageExporter {
-    logs: SdkLoggerProvider,
-    logger: SdkLogger,
-    metrics: SdkMeterProvider,
-    tokens: Histogram<u64>,
-    duration: Histogram<f64>,
-    cost: Counter<f64>,
-    requests: Counter<u64>,
-}
-
-impl UsageExporter {
-    pub fn new(config: &OtlpConfig) -> Result<Self, TelemetryError> {
-        let config = config.clone();
-        // The blocking HTTP client owns a runtime of its own, which must not be created (or
-        // later dropped) on a tokio worker; building on a plain thread avoids both.
-        let built = std::thread::spawn(move || {
-            let logs = opentelemetry_otlp::LogExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(config.logs_endpoint.clone())
-                .with_headers(config.headers.clone())
-                .build()
-                .map_err(|e| TelemetryError::Build(e.to_string()))?;
-            let metrics = opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(config.metrics_endpoint.clone())
-                .with_headers(config.headers.clone())
-                .build()
-                .map_err(|e| TelemetryError::Build(e.to_string()))?;
-            Ok::<_, TelemetryError>((config, logs, metrics))
-        })
-        .join()
-        .map_err(|_| TelemetryError::Build("exporter thread panicked".into()))??;
-        let (config, log_exporter, metric_exporter) = built;
-        let resource = Resource::builder()
-            .with_service_name(config.service_name.clone())
-            .build();
-        let logs = SdkLoggerProvider::builder()
-            .with_resource(resource.clone())
-            .with_batch_exporter(log_exporter)
-            .build();
-        let reader = PeriodicReader::builder(metric_exporter)
-            .with_interval(std::time::Duration::from_millis(config.metrics_interval_ms))
-            .build();
-        let metrics = SdkMeterProvider::builder()
-            .with_resource(resource)
-            .with_reader(reader)
-            .build();
-        let meter = metrics.meter("tollgate");
-        let logger = logs.logger("tollgate");
-        Ok(UsageExporter {
-            tokens: meter
-                .u64_histogram("gen_ai.client.token.usage")
-                .with_unit("{token}")
-                .with_description("Tokens used per request, by gen_ai.token.type.")
-                .build(),
-            duration: meter
-                .f64_histogram("gen_ai.client.operation.duration")
-                .with_unit("s")
-                .with_description("Duration of each request as seen by Tollgate.")
-                .build(),
-            cost: meter
-                .f64_counter("tollgate.cost")
-                .with_description("Cost of requests, in the price table's currency.")
-                .build(),
-            requests: meter
-                .u64_counter("tollgate.requests")
-                .with_description("Requests recorded.")
-                .build(),
-            logs,
-            logger,
-            metrics,
-        })
-    }
-
-    /// Queues the record's log record and metric points.
-    pub fn export(&self, r: &ConsolidatedRecord) {
-        let mut log = self.logger.create_log_record();
-        log.set_event_name("tollgate.request");
-        log.set_timestamp(SystemTime::from(r.time));
-        log.set_observed_timestamp(SystemTime::now());
-        let failed = r.error.is_some() || r.status.is_none_or(|s| s >= 400);
-        log.set_severity_number(if failed {
-            Severity::Warn
-        } else {
-            Severity::Info
-        });
-        log.set_severity_text(if failed { "WARN" } else { "INFO" });
-        log.set_body(AnyValue::from(format!(
-            "{} {} by {} -> {}",
-            r.operation,
-            r.deployment.as_deref().unwrap_or("-"),
-            r.consumer.id,
-            r.status
-                .map_or_else(|| "incomplete".to_owned(), |s| s.to_string())
-        )));
-        for kv in genai_attributes(r) {
-            log.add_attribute(kv.key, any_value(kv.value));
-        }
-        self.logger.emit(log);
-
-        let attrs = metric_attributes(r);
-        self.requests.add(1, &attrs);
-        if let Some(u) = &r.usage {
-            let mut input = attrs.clone();
-            input.push(KeyValue::new("gen_ai.token.type", "input"));
-            self.tokens.record(u.input_tokens, &input);
-            let mut output = attrs.clone();
-            output.push(KeyValue::new("gen_ai.token.type", "output"));
-            self.tokens.record(u.output_tokens, &output);
-        }
-        if let Some(l) = &r.latency {
-            self.duration.record(l.total_ms / 1000.0, &attrs);
-        }
-        if let Some(c) = &r.cost {
-            self.cost.add(c.total, &attrs);
-        }
-    }
-
-    /// Blocks until queued logs and metrics were sent. Call from a blocking context.
-    pub fn flush(&self) -> Result<(), TelemetryError> {
-        self.logs
-            .force_flush()
-            .map_err(|e| TelemetryError::Export(e.to_string()))?;
-        self.metrics
-            .force_flush()
-            .map_err(|e| TelemetryError::Export(e.to_string()))
-    }
-
-    /// Flushes and stops the exporters. Call from a blocking context.
-    pub fn shutdown(&self) -> Result<(), TelemetryError> {
-        let logs = self
-            .logs
-            .shutdown()
-            .map_err(|e| TelemetryError::Export(e.to_string()));
-        let metrics = self
-            .metrics
-            .shutdown()
-            .map_err(|e| TelemetryError::Export(e.to_string()));
-        logs.and(metrics)
-    }
-}
-
-fn any_value(v: opentelemetry::Value) -> AnyValue {
-    match v {
-        opentelemetry::Value::Bool(b) => AnyValue::Boolean(b),
-        opentelemetry::Value::I64(i) => AnyValue::Int(i),
-        opentelemetry::Value::F64(f) => AnyValue::Double(f),
-        opentelemetry::Value::String(s) => AnyValue::String(s),
-        opentelemetry::Value::Array(opentelemetry::Array::String(items)) => {
-            AnyValue::ListAny(Box::new(items.into_iter().map(AnyValue::String).collect()))
-        }
-        other => AnyValue::String(other.to_string().into()),
-    }
-}
-
 /// Our own processes' logs: human-readable by default, JSON with `json = true`.
 #[derive(Debug, Clone, Default)]
 pub struct TracingConfig {
@@ -460,5 +379,59 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn export_limits_have_explicit_defaults_and_read_the_standard_variables() {
+        let c = OtlpConfig::from_env(lookup(&[(env::ENDPOINT, "http://c")]), "s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.timeout_ms, defaults::TIMEOUT_MS);
+        assert_eq!(c.max_records_per_request, defaults::MAX_RECORDS_PER_REQUEST);
+        assert_eq!(c.max_response_bytes, defaults::MAX_RESPONSE_BYTES);
+        assert_eq!(c.ledger, LedgerLimits::default());
+        let c = OtlpConfig::from_env(
+            lookup(&[
+                (env::ENDPOINT, "http://c"),
+                (env::TIMEOUT, "3000"),
+                (env::LOGS_TIMEOUT, "2000"),
+                (env::MAX_EXPORT_BATCH_SIZE, "50"),
+                (env::LEDGER_COMPLETE, "10"),
+                (env::LEDGER_INCOMPLETE, "20"),
+            ]),
+            "s",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.timeout_ms, 2000, "the logs-specific timeout wins");
+        assert_eq!(c.max_records_per_request, 50);
+        assert_eq!(
+            c.ledger,
+            LedgerLimits {
+                complete_requests: 10,
+                incomplete_requests: 20
+            }
+        );
+        let c = OtlpConfig::from_env(
+            lookup(&[(env::ENDPOINT, "http://c"), (env::TIMEOUT, "3000")]),
+            "s",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.timeout_ms, 3000);
+        for bad in [
+            env::TIMEOUT,
+            env::MAX_EXPORT_BATCH_SIZE,
+            env::LEDGER_COMPLETE,
+            env::LEDGER_INCOMPLETE,
+        ] {
+            for value in ["0", "many"] {
+                assert!(
+                    OtlpConfig::from_env(lookup(&[(env::ENDPOINT, "http://c"), (bad, value)]), "s")
+                        .is_err(),
+                    "{bad}={value}"
+                );
+            }
+        }
     }
 }

@@ -7,9 +7,13 @@ use tollgate_telemetry::UsageExporter;
 use super::RecordSink;
 use crate::error::ParserError;
 
-/// Exports through the telemetry crate's OTLP exporter and waits for the export to finish
-/// before acknowledging. OTLP has no idempotency key: a replayed batch is exported again, and
-/// `tollgate.request.id` lets queries deduplicate (queries/kql does).
+/// Exports through the telemetry crate's usage exporter, which returns only once the collector
+/// accepted every log record of the batch (a non-2xx answer, a timeout or a `partial_success`
+/// with rejected records fail the write, and the parser keeps its checkpoint and delivers the
+/// batch again). The exporter counts each request's metrics after its log record was accepted
+/// and remembers what it counted, so a batch delivered again is neither re-sent nor re-counted;
+/// each log record carries `tollgate.record.revision` so queries keep one per request
+/// (queries/kql). What the exporter cannot remember across a restart is in its module doc.
 pub struct OtlpSink {
     exporter: Arc<UsageExporter>,
 }
@@ -27,19 +31,9 @@ impl RecordSink for OtlpSink {
     }
 
     async fn write(&self, records: &[ConsolidatedRecord]) -> Result<(), ParserError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        for r in records {
-            self.exporter.export(r);
-        }
-        let exporter = self.exporter.clone();
-        tokio::task::spawn_blocking(move || exporter.flush())
+        self.exporter
+            .export(records)
             .await
-            .map_err(|e| ParserError::Sink {
-                sink: "otlp",
-                detail: e.to_string(),
-            })?
             .map_err(|e| ParserError::Sink {
                 sink: "otlp",
                 detail: e.to_string(),
