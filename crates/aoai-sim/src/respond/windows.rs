@@ -28,8 +28,8 @@ struct Window {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Remaining {
     requests: u64,
-    /// `u64::MAX` when the deployment has no token limit (the header is then left out).
-    tokens: u64,
+    /// `None` when the deployment has no token limit (the header is then left out).
+    tokens: Option<u64>,
 }
 
 /// A refused request: how long until the window resets.
@@ -60,11 +60,11 @@ impl Windows {
         let rpm = deployment
             .requests_per_minute
             .or(deployment.tokens_per_minute.map(|t| (t / 1000 * 6).max(1)));
-        let tpm = deployment.tokens_per_minute;
-        if rpm.is_none() && tpm.is_none() {
+        let token_limit = deployment.tokens_per_minute;
+        if rpm.is_none() && token_limit.is_none() {
             return Ok(None);
         }
-        let (rpm, tpm) = (rpm.unwrap_or(u64::MAX), tpm.unwrap_or(u64::MAX));
+        let (rpm, tpm) = (rpm.unwrap_or(u64::MAX), token_limit.unwrap_or(u64::MAX));
         let max_tokens = body
             .get("max_completion_tokens")
             .or_else(|| body.get("max_tokens"))
@@ -96,7 +96,7 @@ impl Windows {
         w.tokens = w.tokens.saturating_add(cost);
         Ok(Some(Remaining {
             requests: rpm - w.requests,
-            tokens: tpm.saturating_sub(w.tokens),
+            tokens: token_limit.map(|t| t.saturating_sub(w.tokens)),
         }))
     }
 }
@@ -106,10 +106,43 @@ impl Remaining {
         if let Ok(v) = HeaderValue::from_str(&self.requests.to_string()) {
             h.insert("x-ratelimit-remaining-requests", v);
         }
-        if self.tokens != u64::MAX
-            && let Ok(v) = HeaderValue::from_str(&self.tokens.to_string())
+        if let Some(tokens) = self.tokens
+            && let Ok(v) = HeaderValue::from_str(&tokens.to_string())
         {
             h.insert("x-ratelimit-remaining-tokens", v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::default_deployments;
+
+    /// Defect: with only a requests-per-minute limit, `x-ratelimit-remaining-tokens` said
+    /// 18446744073709551597 (the "no limit" marker minus the tokens used).
+    #[test]
+    fn no_token_header_without_a_token_limit() {
+        let mut d = default_deployments().remove(0);
+        d.requests_per_minute = Some(10);
+        let windows = Windows::new([&d.name]);
+        let remaining = windows
+            .admit(&d, &serde_json::json!({"max_tokens": 5}), 14)
+            .unwrap()
+            .unwrap();
+        let mut h = HeaderMap::new();
+        remaining.write_headers(&mut h);
+        assert_eq!(h["x-ratelimit-remaining-requests"], "9");
+        assert!(h.get("x-ratelimit-remaining-tokens").is_none());
+
+        d.tokens_per_minute = Some(1000);
+        let windows = Windows::new([&d.name]);
+        let remaining = windows
+            .admit(&d, &serde_json::json!({"max_tokens": 5}), 14)
+            .unwrap()
+            .unwrap();
+        let mut h = HeaderMap::new();
+        remaining.write_headers(&mut h);
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "981");
     }
 }
