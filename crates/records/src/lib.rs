@@ -6,8 +6,9 @@
 //!
 //! Invariants:
 //! - every raw record of one request shares its `requestId`; `seq` is 0 for the request record,
-//!   1..=n for the n chunk segments and n+1 for the end record, whose `segments` field is n, so a
-//!   reader knows when it holds the whole request;
+//!   1..=k for the `part` records of a request body too large for one document (k = 0 mostly),
+//!   k+1..=k+n for the n chunk segments and k+n+1 for the end record, whose `segments` and
+//!   `firstSegmentSeq` say n and k+1, so a reader knows when it holds the whole request;
 //! - a raw record's document id is `"{requestId}:{seq}"`, so a replayed write is idempotent;
 //! - a consolidated record's id is the request id.
 
@@ -31,6 +32,7 @@ pub fn raw_record_id(request_id: &str, seq: u32) -> String {
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum RawRecord {
     Request(RequestRecord),
+    Part(PartRecord),
     Chunks(ChunksRecord),
     End(EndRecord),
 }
@@ -51,10 +53,14 @@ impl<'de> Deserialize<'de> for RawRecord {
         let kind: Kind<'_> = serde_json::from_str(text).map_err(D::Error::custom)?;
         let record = match kind.kind.as_ref() {
             "request" => serde_json::from_str(text).map(RawRecord::Request),
+            "part" => serde_json::from_str(text).map(RawRecord::Part),
             "chunks" => serde_json::from_str(text).map(RawRecord::Chunks),
             "end" => serde_json::from_str(text).map(RawRecord::End),
             other => {
-                return Err(D::Error::unknown_variant(other, &["request", "chunks", "end"]));
+                return Err(D::Error::unknown_variant(
+                    other,
+                    &["request", "part", "chunks", "end"],
+                ));
             }
         };
         record.map_err(D::Error::custom)
@@ -65,6 +71,7 @@ impl RawRecord {
     pub fn request_id(&self) -> &str {
         match self {
             RawRecord::Request(r) => &r.request_id,
+            RawRecord::Part(r) => &r.request_id,
             RawRecord::Chunks(r) => &r.request_id,
             RawRecord::End(r) => &r.request_id,
         }
@@ -73,6 +80,7 @@ impl RawRecord {
     pub fn seq(&self) -> u32 {
         match self {
             RawRecord::Request(_) => 0,
+            RawRecord::Part(r) => r.seq,
             RawRecord::Chunks(r) => r.seq,
             RawRecord::End(r) => r.seq,
         }
@@ -85,6 +93,7 @@ impl RawRecord {
     pub fn kind(&self) -> &'static str {
         match self {
             RawRecord::Request(_) => "request",
+            RawRecord::Part(_) => "part",
             RawRecord::Chunks(_) => "chunks",
             RawRecord::End(_) => "end",
         }
@@ -249,6 +258,14 @@ pub enum Body {
         content_type: String,
         data: String,
     },
+    /// A body too large for one stored document: its bytes are in `parts` `part` records
+    /// (seq 1..=parts), to be joined in order.
+    Parts {
+        #[serde(rename = "contentType")]
+        content_type: String,
+        parts: u32,
+        bytes: u64,
+    },
 }
 
 /// The stored shape of [`Body`], read field by field: serde's internally tagged enums buffer
@@ -265,6 +282,10 @@ struct BodyRepr {
     text: Option<String>,
     #[serde(default)]
     data: Option<String>,
+    #[serde(default)]
+    parts: Option<u32>,
+    #[serde(default)]
+    bytes: Option<u64>,
 }
 
 impl<'de> Deserialize<'de> for Body {
@@ -286,9 +307,14 @@ impl<'de> Deserialize<'de> for Body {
                 content_type: content_type(),
                 data: r.data.ok_or_else(|| D::Error::missing_field("data"))?,
             }),
+            "parts" => Ok(Body::Parts {
+                content_type: content_type(),
+                parts: r.parts.ok_or_else(|| D::Error::missing_field("parts"))?,
+                bytes: r.bytes.unwrap_or_default(),
+            }),
             other => Err(D::Error::unknown_variant(
                 other,
-                &["empty", "json", "text", "base64"],
+                &["empty", "json", "text", "base64", "parts"],
             )),
         }
     }
@@ -302,7 +328,11 @@ impl Body {
     }
 
     /// As [`Body::from_bytes`], with JSON deeper than `max_json_depth` kept as text.
-    pub fn from_bytes_bounded(content_type: Option<&str>, bytes: &[u8], max_json_depth: usize) -> Self {
+    pub fn from_bytes_bounded(
+        content_type: Option<&str>,
+        bytes: &[u8],
+        max_json_depth: usize,
+    ) -> Self {
         if bytes.is_empty() {
             return Body::Empty;
         }
@@ -391,6 +421,51 @@ impl SegmentData {
     }
 }
 
+/// `part` record (seq 1..=k): one piece of a request body larger than one stored document may
+/// hold ([`Body::Parts`]). Always base64, so a piece's stored size is bounded by its length.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartRecord {
+    pub schema_version: u32,
+    pub request_id: String,
+    pub seq: u32,
+    /// Byte offset of this piece within the body.
+    pub offset: u64,
+    pub data: SegmentData,
+}
+
+/// Cuts a request body into `part` records of at most `max_part_bytes` each, numbered from
+/// seq 1, and returns the [`Body::Parts`] that stands for it in the `request` record.
+pub fn split_body(
+    request_id: &str,
+    content_type: Option<&str>,
+    bytes: &[u8],
+    max_part_bytes: usize,
+) -> (Body, Vec<RawRecord>) {
+    let size = max_part_bytes.max(1);
+    let parts: Vec<RawRecord> = bytes
+        .chunks(size)
+        .enumerate()
+        .map(|(i, piece)| {
+            RawRecord::Part(PartRecord {
+                schema_version: SCHEMA_VERSION,
+                request_id: request_id.to_owned(),
+                seq: i as u32 + 1,
+                offset: (i * size) as u64,
+                data: SegmentData::Base64(base64::engine::general_purpose::STANDARD.encode(piece)),
+            })
+        })
+        .collect();
+    let body = Body::Parts {
+        content_type: content_type
+            .unwrap_or("application/octet-stream")
+            .to_owned(),
+        parts: parts.len() as u32,
+        bytes: bytes.len() as u64,
+    };
+    (body, parts)
+}
+
 /// `chunks` record (seq 1..=n): one segment of the response body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -469,9 +544,16 @@ pub struct EndRecord {
     pub truncated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
-    /// Number of `chunks` records this request has.
+    /// Number of `chunks` records this request has…
     pub segments: u32,
+    /// …numbered from this seq: 1, or just after the request body's `part` records.
+    #[serde(default = "one")]
+    pub first_segment_seq: u32,
     pub response_bytes: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Where a usage figure came from.
@@ -628,7 +710,11 @@ pub const COMPLETE_REVISION: u64 = 1 << 32;
 /// The revision of a consolidation built from `raw_records` raw records.
 pub fn revision(raw_records: usize, complete: bool) -> u64 {
     let base = raw_records as u64 & (COMPLETE_REVISION - 1);
-    if complete { COMPLETE_REVISION | base } else { base }
+    if complete {
+        COMPLETE_REVISION | base
+    } else {
+        base
+    }
 }
 
 impl ConsolidatedRecord {
@@ -735,9 +821,15 @@ mod tests {
             let bytes = nested(depth);
             let body = Body::from_bytes(Some("application/json"), &bytes);
             if depth > MAX_JSON_DEPTH {
-                assert!(matches!(body, Body::Text { .. }), "depth {depth} kept as text");
+                assert!(
+                    matches!(body, Body::Text { .. }),
+                    "depth {depth} kept as text"
+                );
             } else {
-                assert!(matches!(body, Body::Json { .. }), "depth {depth} kept as JSON");
+                assert!(
+                    matches!(body, Body::Json { .. }),
+                    "depth {depth} kept as JSON"
+                );
             }
             let record = request_with_body(body);
             let text = serde_json::to_string(&record).unwrap();

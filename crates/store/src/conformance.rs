@@ -69,6 +69,7 @@ pub fn sample_end(id: &str, seq: u32) -> RawRecord {
         truncated: false,
         error: None,
         segments: seq - 1,
+        first_segment_seq: 1,
         response_bytes: 0,
     })
 }

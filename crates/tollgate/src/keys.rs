@@ -13,3 +13,25 @@ pub(crate) fn new_key() -> String {
 pub(crate) fn hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
+
+/// The key on the first line of `input`, without its line ending or surrounding blanks.
+pub(crate) fn read_key(mut input: impl std::io::BufRead) -> anyhow::Result<String> {
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    let key = line.trim();
+    anyhow::ensure!(!key.is_empty(), "no key on standard input");
+    Ok(key.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_read_from_the_first_line() {
+        let key = read_key(&b"  tg-abc\r\nrest\n"[..]).unwrap();
+        assert_eq!(key, "tg-abc");
+        assert_eq!(hash(&key), hex::encode(Sha256::digest(b"tg-abc")));
+        assert!(read_key(&b"\n"[..]).is_err());
+    }
+}

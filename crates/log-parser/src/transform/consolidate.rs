@@ -29,6 +29,8 @@ pub struct Parts {
     pub request: Option<RequestRecord>,
     pub segments: BTreeMap<u32, Vec<u8>>,
     pub end: Option<EndRecord>,
+    /// Pieces of a request body recorded in parts (`Body::Parts`), by seq.
+    pub body_parts: BTreeMap<u32, Vec<u8>>,
     /// How many raw records were found, for the consolidation's revision.
     pub raw_records: usize,
 }
@@ -42,6 +44,11 @@ impl Parts {
         for r in records {
             match r {
                 RawRecord::Request(r) => p.request = Some(r),
+                RawRecord::Part(part) => {
+                    if let Ok(bytes) = part.data.to_bytes() {
+                        p.body_parts.insert(part.seq, bytes);
+                    }
+                }
                 RawRecord::Chunks(c) => {
                     // Undecodable base64 cannot come from our writer; treat it as missing.
                     if let Ok(bytes) = c.data.to_bytes() {
@@ -51,13 +58,39 @@ impl Parts {
                 RawRecord::End(e) => p.end = Some(e),
             }
         }
+        p.join_body_parts();
         p
     }
 
-    /// Request and end present, and every segment the end counted.
+    /// Puts a body recorded in parts back together once every part is here, so the rest of
+    /// consolidation sees the body as it was sent.
+    fn join_body_parts(&mut self) {
+        let Some(request) = self.request.as_mut() else {
+            return;
+        };
+        let Body::Parts {
+            content_type,
+            parts,
+            ..
+        } = &request.body
+        else {
+            return;
+        };
+        if !(1..=*parts).all(|s| self.body_parts.contains_key(&s)) {
+            return;
+        }
+        let bytes: Vec<u8> = self.body_parts.values().flatten().copied().collect();
+        request.body = Body::from_bytes(Some(content_type.as_str()), &bytes);
+    }
+
+    /// Request and end present, the request body whole, and every segment the end counted.
     pub fn is_complete(&self) -> bool {
         match (&self.request, &self.end) {
-            (Some(_), Some(end)) => (1..=end.segments).all(|s| self.segments.contains_key(&s)),
+            (Some(request), Some(end)) => {
+                let body_whole = !matches!(request.body, Body::Parts { .. });
+                let first = end.first_segment_seq;
+                body_whole && (first..first + end.segments).all(|s| self.segments.contains_key(&s))
+            }
             _ => false,
         }
     }
@@ -92,9 +125,44 @@ fn stitch_response(parts: &Parts, end_json: Option<&Value>, operation: &str) -> 
         return stitch::stitch_stream(stream_kind(operation), &events);
     }
     // A non-stream body too large to go inline was recorded as segments.
-    serde_json::from_slice::<Value>(&bytes)
+    lean_response(&bytes)
         .map(|v| stitch::from_body(&v))
         .unwrap_or_default()
+}
+
+/// The top-level fields of a response body that consolidation reads, and nothing else: an
+/// embeddings answer's `data` (thousands of floats per input) or any field we do not use is
+/// skipped while parsing instead of being built into a tree.
+#[derive(serde::Deserialize)]
+struct LeanResponse {
+    id: Option<Value>,
+    model: Option<Value>,
+    system_fingerprint: Option<Value>,
+    choices: Option<Value>,
+    usage: Option<Value>,
+    prompt_filter_results: Option<Value>,
+    prompt_annotations: Option<Value>,
+    error: Option<Value>,
+}
+
+fn lean_response(bytes: &[u8]) -> Option<Value> {
+    let lean: LeanResponse = serde_json::from_slice(bytes).ok()?;
+    let fields = [
+        ("id", lean.id),
+        ("model", lean.model),
+        ("system_fingerprint", lean.system_fingerprint),
+        ("choices", lean.choices),
+        ("usage", lean.usage),
+        ("prompt_filter_results", lean.prompt_filter_results),
+        ("prompt_annotations", lean.prompt_annotations),
+        ("error", lean.error),
+    ];
+    Some(Value::Object(
+        fields
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+            .collect(),
+    ))
 }
 
 fn prompt_of(body: &Value) -> Option<Value> {
@@ -112,7 +180,10 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     let operation = request.map_or_else(|| "unknown".to_owned(), |r| r.operation.clone());
     let deployment = request.and_then(|r| r.deployment.clone());
     // The end record's body (a non-stream response or AOAI's error) is parsed once here.
-    let end_json = end.and_then(|e| e.body.parse_json());
+    let end_json = end.and_then(|e| match &e.body {
+        Body::Json { json } => lean_response(json.as_str().as_bytes()),
+        _ => None,
+    });
     let stitched = stitch_response(parts, end_json.as_ref(), &operation);
     let model = stitched.model.clone().or_else(|| {
         deployment
@@ -315,12 +386,14 @@ mod tests {
             truncated: false,
             error: None,
             segments: 0,
+            first_segment_seq: 1,
             response_bytes: 10,
         };
         Parts {
             request: Some(request),
             segments: BTreeMap::new(),
             end: Some(end),
+            body_parts: BTreeMap::new(),
             raw_records: 2,
         }
     }
@@ -429,5 +502,54 @@ mod tests {
         );
         let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
         assert!(r.usage.is_none());
+    }
+
+    /// A request body recorded in parts is joined again: the prompt is counted from it, and
+    /// the request is incomplete until every part is here.
+    #[test]
+    fn a_body_recorded_in_parts_is_joined() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let response = json!({"id": "x", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0,
+            "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}]});
+        let whole = parts(200, response.clone());
+        let expected = consolidate(&whole, &opts(&models, &prices, true)).unwrap();
+        let request = whole.request.clone().unwrap();
+        let body = match &request.body {
+            Body::Json { json } => json.as_str().as_bytes().to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let (stub, pieces) = tollgate_records::split_body("r", Some("application/json"), &body, 7);
+        assert!(pieces.len() > 2);
+        let mut split_request = request.clone();
+        split_request.body = stub;
+        let mut end = whole.end.clone().unwrap();
+        end.seq = pieces.len() as u32 + 1;
+        end.first_segment_seq = pieces.len() as u32 + 1;
+        let mut records = vec![RawRecord::Request(split_request), RawRecord::End(end)];
+        records.extend(pieces.iter().skip(1).cloned());
+        let missing_one = Parts::from_records(records.clone());
+        assert!(!missing_one.is_complete());
+        records.push(pieces[0].clone());
+        let joined = Parts::from_records(records);
+        assert!(joined.is_complete());
+        let r = consolidate(&joined, &opts(&models, &prices, true)).unwrap();
+        assert_eq!(r.prompt, expected.prompt);
+        assert_eq!(r.usage, expected.usage);
+    }
+
+    /// Defect: the parser built every non-stream body into a `Value`, an embeddings answer's
+    /// thousands of floats included. Only the fields consolidation reads are kept.
+    #[test]
+    fn only_the_fields_read_are_built() {
+        let floats: Vec<f64> = (0..1536).map(|i| f64::from(i) / 1e4).collect();
+        let body = json!({"object": "list", "model": "text-embedding-3-small",
+            "data": [{"object": "embedding", "index": 0, "embedding": floats}],
+            "usage": {"prompt_tokens": 5, "total_tokens": 5}});
+        let lean = lean_response(body.to_string().as_bytes()).unwrap();
+        assert!(lean.get("data").is_none());
+        assert_eq!(lean["usage"]["prompt_tokens"], 5);
+        assert_eq!(lean["model"], "text-embedding-3-small");
+        assert!(lean_response(b"not json").is_none());
     }
 }
