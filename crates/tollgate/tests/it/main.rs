@@ -13,5 +13,6 @@
 
 mod e2e;
 mod harness;
+mod hostile;
 mod otlp;
 mod pipeline;

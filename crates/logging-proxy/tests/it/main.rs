@@ -1,0 +1,4 @@
+//! Proxy integration tests.
+
+mod hostile;
+mod support;
