@@ -86,7 +86,7 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     }
     let r = &app.recorder;
     let s = r.stats();
-    let rows: [(&str, &str, &str, u64); 7] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         (
             "tollgate_recorder_records_enqueued_total",
             "counter",
@@ -116,6 +116,30 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "counter",
             "Failed store writes.",
             s.store_errors.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_corrupt_total",
+            "counter",
+            "Spooled records found corrupt (checksum, torn tail) and dropped.",
+            s.corrupt.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_dead_lettered_total",
+            "counter",
+            "Records the store rejected for good, written to the dead-letter file.",
+            s.dead_lettered.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_spool_write_errors_total",
+            "counter",
+            "Failed spool writes (the records were kept in memory and retried).",
+            s.spool_errors.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_queue_bytes",
+            "gauge",
+            "Estimated bytes of records in the in-memory queue and the writer's batch.",
+            r.queued_bytes(),
         ),
         (
             "tollgate_recorder_spool_bytes",

@@ -76,6 +76,9 @@ pub struct RecorderConfig {
     /// Records held in memory between request tasks and the batch writer; beyond it records
     /// go to the spool.
     pub queue_capacity: usize,
+    /// Estimated bytes (bodies and segments) those records may take, the writer's batch and
+    /// replay reads included; a record that would go over it goes to the spool instead.
+    pub queue_max_bytes: u64,
     /// Most records written to the store in one batch.
     pub max_batch_records: usize,
     /// Longest a record waits for its batch to fill before it is written (0: write at once).
@@ -94,6 +97,15 @@ pub struct RecorderConfig {
     pub spool_max_bytes: u64,
     /// Spool files are rotated at this size.
     pub spool_file_max_bytes: u64,
+    /// Records handed to the spool thread and not yet on disk (or kept in memory while the
+    /// disk refuses writes) may take this many bytes; beyond it request tasks wait.
+    pub spool_buffer_max_bytes: u64,
+    /// `never` (default): spooled records survive a process crash, not a power loss; `always`:
+    /// every spool append is synced to disk. See the recorder's spool module doc.
+    pub spool_fsync: crate::recorder::SpoolFsync,
+    /// Cap of `<spool_dir>/dead-letter.jsonl`, where records the store rejects for good go;
+    /// when full, they stay in the spool and are retried instead.
+    pub dead_letter_max_bytes: u64,
     /// Wait between attempts to replay the spool into a failing store.
     pub retry_interval_ms: u64,
 }
@@ -102,6 +114,9 @@ impl Default for RecorderConfig {
     fn default() -> Self {
         RecorderConfig {
             queue_capacity: 16_384,
+            // Two maximal request bodies and plenty of ordinary records; beyond it records
+            // overflow to disk rather than memory.
+            queue_max_bytes: 64 * 1024 * 1024,
             max_batch_records: 512,
             flush_interval_ms: 10,
             segment_max_bytes: 64 * 1024,
@@ -110,6 +125,9 @@ impl Default for RecorderConfig {
             spool_dir: None,
             spool_max_bytes: 1024 * 1024 * 1024,
             spool_file_max_bytes: 16 * 1024 * 1024,
+            spool_buffer_max_bytes: 64 * 1024 * 1024,
+            spool_fsync: crate::recorder::SpoolFsync::Never,
+            dead_letter_max_bytes: 256 * 1024 * 1024,
             retry_interval_ms: 1_000,
         }
     }
@@ -220,6 +238,9 @@ impl ProxyConfig {
             ("max_batch_records", r.max_batch_records as u64),
             ("segment_max_bytes", r.segment_max_bytes as u64),
             ("spool_file_max_bytes", r.spool_file_max_bytes),
+            ("queue_max_bytes", r.queue_max_bytes),
+            ("spool_buffer_max_bytes", r.spool_buffer_max_bytes),
+            ("dead_letter_max_bytes", r.dead_letter_max_bytes),
         ] {
             if v == 0 {
                 problems.push(format!("proxy.recorder.{name} must be greater than 0"));

@@ -72,6 +72,7 @@ impl Proxy {
         let r = &validated.recorder;
         let settings = recorder::RecorderSettings {
             queue_capacity: r.queue_capacity,
+            queue_max_bytes: r.queue_max_bytes,
             max_batch_records: r.max_batch_records,
             flush_interval: Duration::from_millis(r.flush_interval_ms),
             spool_dir: r
@@ -80,6 +81,9 @@ impl Proxy {
                 .unwrap_or_else(|| deps.data_dir.join("spool")),
             spool_max_bytes: r.spool_max_bytes,
             spool_file_max_bytes: r.spool_file_max_bytes,
+            spool_buffer_max_bytes: r.spool_buffer_max_bytes,
+            spool_fsync: r.spool_fsync,
+            dead_letter_max_bytes: r.dead_letter_max_bytes,
             retry_interval: Duration::from_millis(r.retry_interval_ms),
         };
         let mut client = reqwest::Client::builder()

@@ -1,48 +1,147 @@
-//! The recorder: takes raw records from request tasks without waiting on the store, and writes
-//! them to the store in batches from one writer task.
+//! The recorder: takes raw records from request tasks without waiting on the store or the
+//! disk, and writes them to the store in batches from one writer task.
 //!
-//! Path of a record: request task → bounded queue (`queue_capacity`) → writer task →
-//! `RawWriter::append` of up to `max_batch_records`. When the queue is full the record goes to
-//! the on-disk spool instead; when a batch fails it goes to the spool too; while the spool holds
-//! anything, new batches are appended behind it and the spool is replayed in order, so records
-//! reach the store in the order they were accepted. A record leaves the spool only after the
-//! store confirmed it. Nothing accepted is dropped: when even the spool is full, `record` waits
-//! for queue space (and the proxy stops accepting new requests, see `can_accept`).
+//! Invariants:
+//! - **nothing accepted is lost or silently dropped.** A record handed over is in the queue, the
+//!   spool (on disk, or in memory while the disk refuses writes), the store, or the dead-letter
+//!   file. The only exits besides the store are ERROR log lines with a counter: a spooled frame
+//!   found corrupt (`corrupt`), a record the store rejects for good (`dead_lettered`), and records
+//!   still in memory when the process stops with both disk and store refusing them;
+//! - **a request task never waits on the store or on file I/O.** `try_record` puts the record
+//!   in the queue, else hands it to the spool thread over a channel; only when both are full
+//!   does it give the record back, and `record` then waits for space. All spool and
+//!   dead-letter file I/O runs on the spool thread (`spooler.rs`), never on an async worker;
+//! - **a record leaves the spool only after the store confirmed it** (or it was dead-lettered);
+//! - **order:** the queue and the spool are each first in, first out; while the spool holds
+//!   anything, the writer appends new batches behind it and replays it oldest first. A record
+//!   that overflows to the spool can still reach the store before records queued earlier (the
+//!   parser does not depend on arrival order: it reads a request's records by id);
+//! - **a store error never blocks the recorder for ever.** A transient error
+//!   ([`StoreError::is_transient`](tollgate_store::StoreError::is_transient)) spools the batch
+//!   and retries every `retry_interval`. A non-transient one splits the batch until the
+//!   refused records stand alone; each goes to `<spool_dir>/dead-letter.jsonl` (JSON lines:
+//!   record id, error, time, the record) and the rest carries on.
+//!
+//! Limits (all in `[proxy.recorder]`):
+//! - `queue_capacity` records and `queue_max_bytes` (estimated from body and segment lengths,
+//!   [`estimated_size`]) in memory between request tasks and the store, the writer's batch
+//!   included; a record over either limit goes to the spool as a full queue's does;
+//! - `max_batch_records` per store write (and per replay read, which also stops at
+//!   `queue_max_bytes`);
+//! - `spool_max_bytes` on disk; new requests are refused (503) before it is reached, and while
+//!   the disk refuses spool writes;
+//! - `spool_buffer_max_bytes` of records handed to the spool thread and not yet on disk;
+//! - `dead_letter_max_bytes` for the dead-letter file; when full, rejected records stay in the
+//!   spool and are retried (the spool fills and requests are refused, nothing is dropped);
+//! - `spool_fsync` (`never` by default): see the spool's module doc for what each choice survives.
 //!
 //! `flush` waits until every request in flight has emitted its `end` record and every record
 //! before the call is in the store (or, if the store is down, in the spool) — tests and the
 //! admin endpoint synchronise on it instead of sleeping. `shutdown` drains the queue and exits.
 
 pub(crate) mod spool;
+mod spooler;
+mod writer;
 
 use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tollgate_records::RawRecord;
+use tollgate_records::{Body, RawRecord, SegmentData};
 use tollgate_store::RawWriter;
 
-use self::spool::{Spool, SpoolError};
+pub use self::spool::SpoolFsync;
+use self::spool::{Opener, Spool, SpoolError, SpoolLimits};
+use self::spooler::{DeadLetters, SpoolHandle, SpoolerSettings};
+use self::writer::Writer;
 
 enum Item {
-    // Boxed: records are large and the queue's slots are sized by the largest variant.
-    Record(Box<RawRecord>),
+    // Boxed: records are large and the queue's slots are sized by the largest variant. The
+    // number is the record's estimated size, counted in the queue's byte budget.
+    Record(Box<RawRecord>, u64),
     Flush(oneshot::Sender<()>),
 }
 
 /// Counters for operators and benchmarks.
 #[derive(Debug, Default)]
 pub struct RecorderStats {
+    /// Records accepted (queued or spooled).
     pub enqueued: AtomicU64,
     pub written: AtomicU64,
     pub spooled: AtomicU64,
     pub replayed: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Spooled records found corrupt (checksum, torn tail) and dropped.
+    pub corrupt: AtomicU64,
+    /// Records the store rejected for good, written to the dead-letter file.
+    pub dead_lettered: AtomicU64,
+    /// Spool writes that failed (the records were kept in memory and retried).
+    pub spool_errors: AtomicU64,
+}
+
+/// A cheap estimate of a record's size, in memory and in the spool: bodies and segment data
+/// dominate, everything else is a small overhead. Lengths only, nothing is serialised.
+pub(crate) fn estimated_size(record: &RawRecord) -> u64 {
+    const OVERHEAD: usize = 512;
+    let body = |b: &Body| match b {
+        Body::Empty => 0,
+        Body::Json { json } => json.as_str().len(),
+        Body::Text { text, .. } => text.len(),
+        Body::Base64 { data, .. } => data.len(),
+        // The bytes are in the request's `part` records, each estimated on its own.
+        Body::Parts { .. } => 0,
+    };
+    let data = |d: &SegmentData| match d {
+        SegmentData::Utf8(s) | SegmentData::Base64(s) => s.len(),
+    };
+    let headers = |h: &std::collections::BTreeMap<String, String>| {
+        h.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>()
+    };
+    let n = match record {
+        RawRecord::Request(r) => {
+            OVERHEAD
+                + body(&r.body)
+                + headers(&r.headers)
+                + r.path.len()
+                + r.query.as_ref().map_or(0, String::len)
+        }
+        RawRecord::Part(p) => OVERHEAD + data(&p.data),
+        RawRecord::Chunks(c) => OVERHEAD + data(&c.data) + c.arrivals.len() * 24,
+        RawRecord::End(e) => {
+            OVERHEAD + body(&e.body) + headers(&e.headers) + e.attempts.len() * 128
+        }
+    };
+    n as u64
+}
+
+/// The queue's byte budget: estimated bytes of records queued or in the writer's hands.
+pub(crate) struct QueueBudget {
+    bytes: AtomicU64,
+    max_bytes: u64,
+}
+
+impl QueueBudget {
+    /// Counts `size` in, if it fits; `patient` callers (already refused by the spool) also get
+    /// in when the queue holds nothing, so a record over the whole budget is not refused for
+    /// ever.
+    fn reserve(&self, size: u64, patient: bool) -> bool {
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                let fits = b + size <= self.max_bytes || (patient && b == 0);
+                fits.then_some(b + size)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, size: u64) {
+        self.bytes.fetch_sub(size, Ordering::AcqRel);
+    }
 }
 
 /// Headroom below the spool cap at which new requests are refused, so the requests already
@@ -54,9 +153,10 @@ fn spool_headroom(max_bytes: u64) -> u64 {
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Item>,
-    spool: Arc<Mutex<Spool>>,
-    spool_disk_bytes: Arc<AtomicU64>,
-    spool_max_bytes: u64,
+    queue: Arc<QueueBudget>,
+    spool: SpoolHandle,
+    /// Woken when queue or spool memory is freed.
+    space: Arc<Notify>,
     inflight: Arc<AtomicUsize>,
     idle: Arc<Notify>,
     stats: Arc<RecorderStats>,
@@ -64,11 +164,15 @@ pub struct Recorder {
 
 pub(crate) struct RecorderSettings {
     pub queue_capacity: usize,
+    pub queue_max_bytes: u64,
     pub max_batch_records: usize,
     pub flush_interval: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
     pub spool_file_max_bytes: u64,
+    pub spool_buffer_max_bytes: u64,
+    pub spool_fsync: SpoolFsync,
+    pub dead_letter_max_bytes: u64,
     pub retry_interval: Duration,
 }
 
@@ -86,39 +190,77 @@ impl Drop for InFlight {
 }
 
 impl Recorder {
-    /// Starts the writer task on `tracker`; it stops when `cancel` fires, after draining.
+    /// Starts the writer task and the spool thread on `tracker`; they stop when `cancel`
+    /// fires, after draining.
     pub(crate) fn start(
         settings: RecorderSettings,
         store: Arc<dyn RawWriter>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Recorder, SpoolError> {
-        let spool = Spool::open(
-            &settings.spool_dir,
-            settings.spool_max_bytes,
-            settings.spool_file_max_bytes,
-        )?;
-        let (spool_disk_bytes, spool_max_bytes) = spool.gauge();
-        let spool = Arc::new(Mutex::new(spool));
+        Self::start_with(settings, store, tracker, cancel, spool::file_opener())
+    }
+
+    /// [`Recorder::start`] with the spool's files opened by `opener` (a seam for tests).
+    fn start_with(
+        settings: RecorderSettings,
+        store: Arc<dyn RawWriter>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+        opener: Opener,
+    ) -> Result<Recorder, SpoolError> {
+        let limits = SpoolLimits {
+            max_bytes: settings.spool_max_bytes,
+            file_max_bytes: settings.spool_file_max_bytes,
+            fsync: settings.spool_fsync,
+        };
+        let spool = Spool::open(&settings.spool_dir, limits, opener)?;
+        let stats = Arc::new(RecorderStats::default());
+        let space = Arc::new(Notify::new());
+        let spool_ready = Arc::new(Notify::new());
+        let spool = spooler::start(
+            spool,
+            SpoolerSettings {
+                buffer_max_bytes: settings.spool_buffer_max_bytes,
+                retry_interval: settings.retry_interval,
+                dead_letter: DeadLetters::new(
+                    &settings.spool_dir,
+                    settings.dead_letter_max_bytes,
+                    settings.spool_fsync,
+                ),
+                stats: stats.clone(),
+                ready: spool_ready.clone(),
+                space: space.clone(),
+            },
+            tracker,
+        );
+        let queue = Arc::new(QueueBudget {
+            bytes: AtomicU64::new(0),
+            max_bytes: settings.queue_max_bytes,
+        });
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let recorder = Recorder {
             tx,
+            queue: queue.clone(),
             spool: spool.clone(),
-            spool_disk_bytes,
-            spool_max_bytes,
+            space: space.clone(),
             inflight: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
-            stats: Arc::new(RecorderStats::default()),
+            stats: stats.clone(),
         };
         let writer = Writer {
             rx,
             store,
             spool,
+            queue,
+            space,
+            spool_ready,
             max_batch: settings.max_batch_records,
+            max_batch_bytes: settings.queue_max_bytes,
             linger: settings.flush_interval,
             retry_interval: settings.retry_interval,
             next_retry: Instant::now(),
-            stats: recorder.stats.clone(),
+            stats,
         };
         tracker.spawn(writer.run(cancel));
         Ok(recorder)
@@ -128,10 +270,10 @@ impl Recorder {
         &self.stats
     }
 
-    /// Whether a new request may be accepted: false once the spool is nearly full.
+    /// Whether a new request may be accepted: false once the spool is nearly full, or while
+    /// the disk refuses spool writes.
     pub(crate) fn can_accept(&self) -> bool {
-        let headroom = spool_headroom(self.spool_max_bytes);
-        self.spool_disk_bytes.load(Ordering::Relaxed) + headroom <= self.spool_max_bytes
+        self.spool.has_room(spool_headroom(self.spool.max_bytes()))
     }
 
     pub(crate) fn begin(&self) -> InFlight {
@@ -141,40 +283,69 @@ impl Recorder {
         }
     }
 
-    /// Hands a record to the writer without waiting on the store.
+    /// Hands a record to the writer without waiting on the store; waits only when queue and
+    /// spool are both full, until one has room.
     pub(crate) async fn record(&self, record: RawRecord) {
-        if let Err(record) = self.try_record(record) {
-            tracing::warn!("Queue and spool are full; waiting for queue space.");
-            if self.tx.send(Item::Record(record)).await.is_err() {
-                tracing::error!("Recorder stopped before a record could be queued.");
+        let size = estimated_size(&record);
+        let Err(mut record) = self.offer(Box::new(record), size, false) else {
+            return;
+        };
+        tracing::warn!("Queue and spool are full; waiting for space.");
+        loop {
+            // Registered before looking, so space freed in between is not missed.
+            let mut space = pin!(self.space.notified());
+            space.as_mut().enable();
+            record = match self.offer(record, size, true) {
+                Ok(()) => return,
+                Err(r) => r,
+            };
+            if self.tx.is_closed() {
+                tracing::error!(
+                    record_id = %record.id(),
+                    "Recorder stopped before a record could be queued; it is lost."
+                );
+                return;
             }
+            space.await;
         }
     }
 
     /// Hands a record over without waiting: to the queue, else to the spool. Gives the record
     /// back only when both are full; the caller must then wait with [`Recorder::record`].
     pub(crate) fn try_record(&self, record: RawRecord) -> Result<(), Box<RawRecord>> {
+        let size = estimated_size(&record);
+        self.offer(Box::new(record), size, false)
+    }
+
+    fn offer(
+        &self,
+        record: Box<RawRecord>,
+        size: u64,
+        patient: bool,
+    ) -> Result<(), Box<RawRecord>> {
+        let record = if self.queue.reserve(size, patient) {
+            match self.tx.try_send(Item::Record(record, size)) {
+                Ok(()) => {
+                    self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(
+                    mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item),
+                ) => {
+                    self.queue.release(size);
+                    match item {
+                        Item::Record(r, _) => r,
+                        Item::Flush(_) => return Ok(()),
+                    }
+                }
+            }
+        } else {
+            record
+        };
+        self.spool.offer(record, size)?;
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        let record = match self.tx.try_send(Item::Record(Box::new(record))) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Full(Item::Record(r))) => r,
-            Err(mpsc::error::TrySendError::Closed(Item::Record(r))) => r,
-            Err(_) => return Ok(()),
-        };
-        let spooled = {
-            let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-            spool.append(std::slice::from_ref(record.as_ref()))
-        };
-        match spooled {
-            Ok(()) => {
-                self.stats.spooled.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Spool refused a record.");
-                Err(record)
-            }
-        }
+        self.stats.spooled.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Waits until all requests in flight have ended and everything recorded so far has been
@@ -204,188 +375,16 @@ impl Recorder {
         self.inflight.load(Ordering::Acquire)
     }
 
-    /// Bytes waiting in the spool.
+    /// Bytes waiting in the spool (on disk, or on their way there).
     pub fn spooled_bytes(&self) -> u64 {
-        self.spool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending_bytes()
+        self.spool.pending_bytes()
+    }
+
+    /// Estimated bytes of records in the queue and the writer's hands.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queue.bytes.load(Ordering::Relaxed)
     }
 }
 
-struct Writer {
-    rx: mpsc::Receiver<Item>,
-    store: Arc<dyn RawWriter>,
-    spool: Arc<Mutex<Spool>>,
-    max_batch: usize,
-    linger: Duration,
-    retry_interval: Duration,
-    next_retry: Instant,
-    stats: Arc<RecorderStats>,
-}
-
-impl Writer {
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut items = Vec::with_capacity(self.max_batch);
-        loop {
-            let spool_waiting = !self.spool_empty();
-            let received = tokio::select! {
-                n = self.rx.recv_many(&mut items, self.max_batch) => n,
-                () = cancel.cancelled() => {
-                    self.rx.close();
-                    0
-                }
-                () = tokio::time::sleep_until(self.next_retry), if spool_waiting => {
-                    self.replay().await;
-                    continue;
-                }
-            };
-            if received == 0 {
-                // Closed: drain what is left, then stop.
-                while let Some(item) = self.rx.recv().await {
-                    items.push(item);
-                    if items.len() >= self.max_batch {
-                        self.process(&mut items).await;
-                    }
-                }
-                self.process(&mut items).await;
-                self.next_retry = Instant::now();
-                self.replay().await;
-                return;
-            }
-            self.linger(&mut items).await;
-            self.process(&mut items).await;
-        }
-    }
-
-    /// Waits up to the flush interval for a fuller batch: one store transaction for many
-    /// records costs far less than one per record, and only the records wait, not clients.
-    /// A flush request ends the wait at once.
-    async fn linger(&mut self, items: &mut Vec<Item>) {
-        let is_flush = |i: &Item| matches!(i, Item::Flush(_));
-        if self.linger.is_zero() || items.iter().any(is_flush) {
-            return;
-        }
-        let deadline = Instant::now() + self.linger;
-        while items.len() < self.max_batch {
-            let before = items.len();
-            let room = self.max_batch - before;
-            match tokio::time::timeout_at(deadline, self.rx.recv_many(items, room)).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) if items[before..].iter().any(is_flush) => return,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    fn spool_empty(&self) -> bool {
-        self.spool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    }
-
-    async fn process(&mut self, items: &mut Vec<Item>) {
-        let mut records = Vec::with_capacity(items.len());
-        let mut flushes = Vec::new();
-        for item in items.drain(..) {
-            match item {
-                Item::Record(r) => records.push(*r),
-                Item::Flush(done) => flushes.push(done),
-            }
-        }
-        if !records.is_empty() {
-            self.write(records).await;
-        }
-        if !flushes.is_empty() {
-            self.next_retry = Instant::now();
-            self.replay().await;
-            for done in flushes {
-                let _ = done.send(());
-            }
-        }
-    }
-
-    async fn write(&mut self, records: Vec<RawRecord>) {
-        if self.spool_empty() {
-            match self.store.append(&records).await {
-                Ok(()) => {
-                    self.stats
-                        .written
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    return;
-                }
-                Err(e) => {
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, records = records.len(), "Store write failed; spooling the batch.");
-                    self.next_retry = Instant::now() + self.retry_interval;
-                }
-            }
-        }
-        self.spool_records(&records).await;
-        self.replay().await;
-    }
-
-    async fn spool_records(&self, records: &[RawRecord]) {
-        let refused = {
-            let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-            spool.append(records).err()
-        };
-        let Some(e) = refused else {
-            self.stats
-                .spooled
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            return;
-        };
-        // The spool cap applies to overflow; a batch already accepted must not be lost, so the
-        // writer holds it and retries the store. The queue then fills, `record` waits, and the
-        // proxy stops accepting new requests until the store is back.
-        tracing::error!(error = %e, "Spool refused a failed batch; retrying the store until it accepts.");
-        while self.store.append(records).await.is_err() {
-            self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(self.retry_interval).await;
-        }
-        self.stats
-            .written
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Replays the spool into the store, oldest first, until it is empty or the store fails.
-    async fn replay(&mut self) {
-        if Instant::now() < self.next_retry {
-            return;
-        }
-        loop {
-            let batch = {
-                let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-                spool.read_batch(self.max_batch)
-            };
-            let batch = match batch {
-                Ok(Some(b)) => b,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::error!(error = %e, "Spool could not be read.");
-                    self.next_retry = Instant::now() + self.retry_interval;
-                    return;
-                }
-            };
-            match self.store.append(&batch.records).await {
-                Ok(()) => {
-                    let n = batch.records.len() as u64;
-                    self.stats.replayed.fetch_add(n, Ordering::Relaxed);
-                    self.stats.written.fetch_add(n, Ordering::Relaxed);
-                    let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = spool.ack(&batch) {
-                        tracing::error!(error = %e, "Spool file could not be removed after replay.");
-                    }
-                }
-                Err(e) => {
-                    self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "Store still failing; spool replay postponed.");
-                    self.next_retry = Instant::now() + self.retry_interval;
-                    return;
-                }
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,5 @@
 //! Proxy integration tests.
 
 mod hostile;
+mod recorder;
 mod support;

@@ -1,0 +1,418 @@
+//! The recorder against fake stores: rejections, outages, the byte budget, a blocked disk.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Condvar, Mutex};
+
+use async_trait::async_trait;
+use tollgate_store::StoreError;
+use tollgate_store::conformance::{sample_chunk, sample_request};
+
+use super::spool::AppendFile;
+use super::*;
+
+/// A store that keeps what it is given, and fails on demand: `outage` fails every append
+/// transiently; a batch holding a `rejected` id is refused for good, naming the record (or,
+/// with `anonymous` rejections, without saying which).
+#[derive(Default)]
+struct FakeStore {
+    stored: Mutex<Vec<RawRecord>>,
+    rejected: Mutex<HashSet<String>>,
+    anonymous: AtomicBool,
+    outage: AtomicBool,
+    /// While a test holds this lock, appends wait.
+    stall: tokio::sync::Mutex<()>,
+    appended: Notify,
+}
+
+#[async_trait]
+impl RawWriter for FakeStore {
+    async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError> {
+        let _stalled = self.stall.lock().await;
+        if self.outage.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected outage".into()));
+        }
+        let rejected = self.rejected.lock().unwrap().clone();
+        if let Some(bad) = batch.iter().find(|r| rejected.contains(&r.id())) {
+            return Err(if self.anonymous.load(Ordering::SeqCst) {
+                StoreError::Corrupt("one of these documents is malformed".into())
+            } else {
+                StoreError::Rejected {
+                    id: bad.id(),
+                    detail: "document too large".into(),
+                }
+            });
+        }
+        self.stored.lock().unwrap().extend_from_slice(batch);
+        self.appended.notify_waiters();
+        Ok(())
+    }
+}
+
+impl FakeStore {
+    fn ids(&self) -> Vec<String> {
+        self.stored
+            .lock()
+            .unwrap()
+            .iter()
+            .map(RawRecord::id)
+            .collect()
+    }
+
+    fn reject(&self, id: &str) {
+        self.rejected.lock().unwrap().insert(id.to_owned());
+    }
+}
+
+fn settings(dir: &Path) -> RecorderSettings {
+    RecorderSettings {
+        queue_capacity: 64,
+        queue_max_bytes: 1 << 20,
+        max_batch_records: 16,
+        flush_interval: Duration::ZERO,
+        spool_dir: dir.to_path_buf(),
+        spool_max_bytes: 1 << 22,
+        spool_file_max_bytes: 64 * 1024,
+        spool_buffer_max_bytes: 1 << 20,
+        spool_fsync: SpoolFsync::Never,
+        dead_letter_max_bytes: 1 << 20,
+        // Replays happen on `flush`, so tests decide when.
+        retry_interval: Duration::from_secs(3600),
+    }
+}
+
+struct Rig {
+    recorder: Recorder,
+    store: Arc<FakeStore>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    dir: tempfile::TempDir,
+}
+
+fn rig(tweak: impl FnOnce(&mut RecorderSettings)) -> Rig {
+    rig_with(tweak, spool::file_opener())
+}
+
+fn rig_with(tweak: impl FnOnce(&mut RecorderSettings), opener: Opener) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    tweak(&mut s);
+    let store = Arc::new(FakeStore::default());
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let recorder =
+        Recorder::start_with(s, store.clone(), &tracker, cancel.clone(), opener).unwrap();
+    Rig {
+        recorder,
+        store,
+        tracker,
+        cancel,
+        dir,
+    }
+}
+
+impl Rig {
+    fn record_all(&self, ids: &[String]) {
+        for id in ids {
+            self.recorder.try_record(sample_request(id)).unwrap();
+        }
+    }
+
+    fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let path = self.dir.path().join(DeadLetters::FILE_NAME);
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn ids(names: &[String]) -> Vec<String> {
+    names.iter().map(|n| format!("{n}:0")).collect()
+}
+
+fn stat(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Defect: a batch the store refused for good was spooled and replayed for ever, and every
+/// record behind it waited with it.
+#[tokio::test]
+async fn a_record_the_store_rejects_for_good_is_dead_lettered_and_the_rest_written() {
+    let rig = rig(|_| {});
+    let all = names("r", 10);
+    rig.store.reject("r4:0");
+    rig.record_all(&all);
+    rig.recorder.flush().await;
+
+    let mut expected = ids(&all);
+    expected.remove(4);
+    assert_eq!(rig.store.ids(), expected, "the rest written, in order");
+    let dead = rig.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["id"], "r4:0");
+    assert!(
+        dead[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("document too large")
+    );
+    let record: RawRecord = serde_json::from_value(dead[0]["record"].clone()).unwrap();
+    assert_eq!((record.id(), record.kind()), ("r4:0".to_owned(), "request"));
+    assert_eq!(stat(&rig.recorder.stats().dead_lettered), 1);
+    assert_eq!(rig.recorder.spooled_bytes(), 0, "nothing left waiting");
+
+    // And the recorder carries on.
+    rig.record_all(&names("later", 2));
+    rig.recorder.flush().await;
+    assert_eq!(rig.store.ids().len(), 11);
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rejection_that_names_no_record_is_bisected_to_the_refused_ones() {
+    let rig = rig(|_| {});
+    rig.store.anonymous.store(true, Ordering::SeqCst);
+    let all = names("b", 13);
+    rig.store.reject("b2:0");
+    rig.store.reject("b11:0");
+    rig.record_all(&all);
+    rig.recorder.flush().await;
+
+    let expected: Vec<String> = ids(&all)
+        .into_iter()
+        .filter(|id| id != "b2:0" && id != "b11:0")
+        .collect();
+    assert_eq!(rig.store.ids(), expected);
+    let dead: Vec<_> = rig.dead_letters().iter().map(|d| d["id"].clone()).collect();
+    assert_eq!(dead, vec!["b2:0", "b11:0"]);
+    assert_eq!(stat(&rig.recorder.stats().dead_lettered), 2);
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rejected_record_in_the_spool_does_not_block_its_replay() {
+    let rig = rig(|_| {});
+    rig.store.outage.store(true, Ordering::SeqCst);
+    let all = names("s", 8);
+    rig.record_all(&all);
+    rig.recorder.flush().await;
+    assert!(rig.store.ids().is_empty());
+    assert!(
+        rig.recorder.spooled_bytes() > 0,
+        "spooled during the outage"
+    );
+
+    rig.store.outage.store(false, Ordering::SeqCst);
+    rig.store.reject("s3:0");
+    rig.recorder.flush().await;
+    let mut expected = ids(&all);
+    expected.remove(3);
+    assert_eq!(rig.store.ids(), expected);
+    assert_eq!(rig.dead_letters().len(), 1);
+    assert_eq!(rig.recorder.spooled_bytes(), 0);
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_transient_failure_spools_and_retries_without_dead_lettering() {
+    let rig = rig(|_| {});
+    rig.store.outage.store(true, Ordering::SeqCst);
+    let all = names("t", 6);
+    rig.record_all(&all);
+    rig.recorder.flush().await;
+    // Replayed again on this flush, and still failing: waits, not set aside.
+    rig.recorder.flush().await;
+    assert!(rig.store.ids().is_empty());
+    assert!(rig.recorder.spooled_bytes() > 0);
+    assert!(stat(&rig.recorder.stats().store_errors) >= 2);
+
+    rig.store.outage.store(false, Ordering::SeqCst);
+    rig.recorder.flush().await;
+    assert_eq!(rig.store.ids(), ids(&all));
+    assert_eq!(stat(&rig.recorder.stats().dead_lettered), 0);
+    assert!(rig.dead_letters().is_empty());
+    assert_eq!(rig.recorder.spooled_bytes(), 0);
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rejected_record_that_cannot_be_dead_lettered_is_kept_not_dropped() {
+    let rig = rig(|s| s.dead_letter_max_bytes = 10);
+    let all = names("k", 4);
+    rig.store.reject("k1:0");
+    rig.record_all(&all);
+    rig.recorder.flush().await;
+    assert_eq!(
+        rig.store.ids(),
+        vec!["k0:0"],
+        "stops at the record it must keep"
+    );
+    assert!(
+        rig.recorder.spooled_bytes() > 0,
+        "the rest waits in the spool"
+    );
+    assert_eq!(stat(&rig.recorder.stats().dead_lettered), 0);
+
+    // Once the store takes it (say, after an upgrade), nothing was lost.
+    rig.store.rejected.lock().unwrap().clear();
+    rig.recorder.flush().await;
+    assert_eq!(rig.store.ids(), ids(&all));
+    rig.shutdown().await;
+}
+
+/// Defect: the queue was bounded by record count only, so 16,384 records of up to 32 MiB each
+/// could sit in memory.
+#[tokio::test]
+async fn records_over_the_queue_byte_budget_go_to_the_spool() {
+    let one = estimated_size(&sample_request("q0"));
+    let rig = rig(|s| s.queue_max_bytes = 4 * one + one / 2);
+    let all = names("q", 20);
+    // On this single-threaded runtime the writer does not run until the test awaits, so
+    // everything offered now is in the queue or the spool.
+    rig.record_all(&all);
+    assert!(rig.recorder.queued_bytes() <= 4 * one + one / 2);
+    assert_eq!(stat(&rig.recorder.stats().spooled), 16);
+    assert_eq!(stat(&rig.recorder.stats().enqueued), 20);
+
+    rig.recorder.flush().await;
+    let mut stored = rig.store.ids();
+    stored.sort();
+    let mut expected = ids(&all);
+    expected.sort();
+    assert_eq!(stored, expected, "every record written");
+    assert_eq!(rig.recorder.queued_bytes(), 0, "the budget is given back");
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_record_larger_than_the_whole_budget_is_spooled_and_replayed_without_a_flush() {
+    let rig = rig(|s| {
+        s.queue_max_bytes = 1024;
+        // Replays are driven by the spool thread's wake-up, not by a retry timer.
+        s.retry_interval = Duration::ZERO;
+    });
+    let big = sample_chunk("big", 1, &"z".repeat(4096));
+    let stored = rig.store.appended.notified();
+    rig.recorder.try_record(big).unwrap();
+    assert_eq!(stat(&rig.recorder.stats().spooled), 1);
+    tokio::time::timeout(Duration::from_secs(30), stored)
+        .await
+        .expect("replayed without queue activity or a flush");
+    assert_eq!(rig.store.ids(), vec!["big:1"]);
+    rig.shutdown().await;
+}
+
+/// A spool file whose writes block until the test releases them: a disk that hangs.
+struct HangingWrites {
+    file: File,
+    entered: std::sync::mpsc::Sender<()>,
+    released: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl AppendFile for HangingWrites {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let _ = self.entered.send(());
+        let (lock, cvar) = &*self.released;
+        let mut released = lock.lock().unwrap();
+        while !*released {
+            released = cvar.wait(released).unwrap();
+        }
+        std::io::Write::write_all(&mut self.file, buf)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// Defect: a full queue made `try_record` append to the spool file itself, inside the
+/// response body's `poll_next`, so a slow disk stalled an async worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_record_never_waits_on_the_disk() {
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let released = Arc::new((Mutex::new(false), Condvar::new()));
+    let opener: Opener = {
+        let released = released.clone();
+        let entered_tx = Mutex::new(entered_tx);
+        Box::new(move |path| {
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(path)?;
+            Ok(Box::new(HangingWrites {
+                file,
+                entered: entered_tx.lock().unwrap().clone(),
+                released: released.clone(),
+            }))
+        })
+    };
+    let rig = rig_with(|s| s.queue_capacity = 1, opener);
+    let stall = rig.store.stall.lock().await;
+    let all = names("h", 6);
+    // From a plain thread, so a hand-over that blocked on the disk would show as a timeout
+    // here rather than hang the test.
+    let recorder = rig.recorder.clone();
+    let offered = all.clone();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for id in &offered {
+            if recorder.try_record(sample_request(id)).is_err() {
+                let _ = done_tx.send(false);
+                return;
+            }
+        }
+        let _ = done_tx.send(true);
+    });
+    let writing = entered.recv_timeout(Duration::from_secs(30)).is_ok();
+    let returned = done.recv_timeout(Duration::from_secs(30));
+    // Released before asserting, so a hand-over stuck on the disk fails the test instead of
+    // hanging it.
+    {
+        let (lock, cvar) = &*released;
+        *lock.lock().unwrap() = true;
+        cvar.notify_all();
+    }
+    assert!(writing, "the spool thread is writing");
+    assert_eq!(
+        returned,
+        Ok(true),
+        "try_record returned, accepting every record, while the disk hung"
+    );
+    drop(stall);
+    rig.recorder.flush().await;
+    let mut stored = rig.store.ids();
+    stored.sort();
+    let mut expected = ids(&all);
+    expected.sort();
+    assert_eq!(stored, expected);
+    rig.shutdown().await;
+}
+
+#[test]
+fn estimated_size_follows_the_bodies() {
+    let small = estimated_size(&sample_chunk("e", 1, "x"));
+    let large = estimated_size(&sample_chunk("e", 1, &"x".repeat(10_000)));
+    assert_eq!(large - small, 9_999);
+}
