@@ -15,7 +15,6 @@
 )]
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -142,17 +141,18 @@ async fn serve_proxy(backend: String, data_dir: PathBuf, null_store: bool) -> an
         })
         .await;
     };
-    axum::serve(
-        listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        }),
-        proxy
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await?;
-    proxy.shutdown().await;
+    // Served as `tollgate proxy` serves it: with the connection limits and header timeout.
+    let token = tokio_util::sync::CancellationToken::new();
+    let grace = std::time::Duration::from_secs(5);
+    let (_, served) = tokio::join!(
+        async {
+            stop.await;
+            token.cancel();
+        },
+        proxy.serve(listener, token.clone(), grace)
+    );
+    served?;
+    proxy.shutdown(tokio::time::Instant::now() + grace).await;
     Ok(())
 }
 

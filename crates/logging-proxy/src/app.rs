@@ -5,11 +5,14 @@
 //! 2. `SetSensitiveRequestHeadersLayer` — marks `api-key`, `Authorization`, `Cookie` sensitive
 //!    so no `Debug`/trace output prints them.
 //! 3. routes: `/healthz`, `/readyz` (unauthenticated), `/tollgate/admin/flush` and
-//!    `/tollgate/admin/metrics` (admin key), and
-//!    everything else to `forward::handle`, which runs the request phases (admit, auth, body
-//!    limit, record, route, forward, tee) in order — see its module doc.
+//!    `/tollgate/admin/metrics` (admin key); everything else is the proxy path:
+//!    4. `layers::context` — request id and start time; `x-tollgate-request-id` on every answer;
+//!    5. `layers::http_limits` — canonical path, header size, concurrency slot;
+//!    6. `layers::authenticate` — the consumer;
+//!    7. `phases::handle` — admit, read body, describe, route, forward, tee (see `phases.rs`).
 //!
-//! Extensions read: `ConnectInfo<SocketAddr>` (client ip) when served with connect info.
+//! Extensions read: `ConnectInfo<SocketAddr>` (client ip), set by `server.rs`.
+//! Extensions added on the proxy path: `RequestInfo`, `Route`, the slot, `Consumer`.
 
 use std::sync::Arc;
 
@@ -27,7 +30,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use crate::AppState;
 use crate::auth;
 use crate::error::ProxyError;
-use crate::forward;
+use crate::{layers, phases};
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let sensitive = [
@@ -35,12 +38,26 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         header::COOKIE,
         header::HeaderName::from_static("api-key"),
     ];
+    // Innermost layer first: `authenticate` runs after `http_limits`, which runs after
+    // `context`.
+    let proxy_path = Router::new()
+        .fallback(phases::handle)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            layers::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            layers::http_limits,
+        ))
+        .layer(axum::middleware::from_fn(layers::context))
+        .with_state(state.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/tollgate/admin/flush", post(flush))
         .route("/tollgate/admin/metrics", get(metrics))
-        .fallback(forward::handle)
+        .fallback_service(proxy_path)
         .with_state(state)
         .layer(
             ServiceBuilder::new()

@@ -53,6 +53,21 @@ pub struct LimitsConfig {
     pub max_drain_bytes: u64,
     /// After the client disconnects, how long the response is read for at most.
     pub max_drain_ms: u64,
+    /// Time a client has to send a request's headers once it starts (and between requests on
+    /// a kept-alive connection): a slow-headers client cannot hold a connection open.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send the whole request body; slower gets 408.
+    pub body_read_timeout_ms: u64,
+    /// Requests handled at once (from the headers to the `end` record, streams included);
+    /// beyond it new requests are shed with a 503 and `retry-after`.
+    pub max_concurrent_requests: usize,
+    /// Open client connections at once; beyond it new connections are closed on accept.
+    pub max_connections: usize,
+    /// Open client connections from one IP address at once.
+    pub max_connections_per_ip: usize,
+    /// Deepest JSON nesting recorded as JSON; deeper request bodies are forwarded unchanged
+    /// and recorded verbatim as text.
+    pub max_json_depth: usize,
 }
 
 impl Default for LimitsConfig {
@@ -66,6 +81,12 @@ impl Default for LimitsConfig {
             total_timeout_ms: 600_000,
             max_drain_bytes: 16 * 1024 * 1024,
             max_drain_ms: 120_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 60_000,
+            max_concurrent_requests: 4_096,
+            max_connections: 10_000,
+            max_connections_per_ip: 1_024,
+            max_json_depth: tollgate_records::MAX_JSON_DEPTH,
         }
     }
 }
@@ -76,6 +97,10 @@ pub struct RecorderConfig {
     /// Records held in memory between request tasks and the batch writer; beyond it records
     /// go to the spool.
     pub queue_capacity: usize,
+    /// A request body larger than this is recorded in `part` records of this size, so no
+    /// stored document outgrows what a store takes (Cosmos DB items: 2 MB; parts are base64,
+    /// 4/3 of this).
+    pub max_body_part_bytes: usize,
     /// Estimated bytes (bodies and segments) those records may take, the writer's batch and
     /// replay reads included; a record that would go over it goes to the spool instead.
     pub queue_max_bytes: u64,
@@ -114,6 +139,7 @@ impl Default for RecorderConfig {
     fn default() -> Self {
         RecorderConfig {
             queue_capacity: 16_384,
+            max_body_part_bytes: 1024 * 1024,
             // Two maximal request bodies and plenty of ordinary records; beyond it records
             // overflow to disk rather than memory.
             queue_max_bytes: 64 * 1024 * 1024,
@@ -151,7 +177,7 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone)]
 pub(crate) struct Backend {
     pub name: String,
-    pub endpoint: String,
+    pub endpoint: reqwest::Url,
     pub api_key: Option<SecretString>,
 }
 
@@ -190,6 +216,14 @@ impl ProxyConfig {
             }
             for k in &c.key_sha256 {
                 match parse_digest(k) {
+                    // One key must name one consumer: with a duplicate, whichever matched last
+                    // would be charged.
+                    Some(d) if consumers.iter().any(|(_, seen)| *seen == d) => {
+                        problems.push(format!(
+                            "proxy.consumers `{}`: key_sha256 `{k}` is already used",
+                            c.id
+                        ))
+                    }
                     Some(d) => consumers.push((c.id.clone(), d)),
                     None => problems.push(format!(
                         "proxy.consumers `{}`: key_sha256 `{k}` is not 64 hex characters",
@@ -201,23 +235,34 @@ impl ProxyConfig {
         let mut routes = HashMap::new();
         let mut backends = Vec::new();
         for (i, b) in self.backends.iter().enumerate() {
-            match reqwest::Url::parse(&b.endpoint) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                _ => problems.push(format!(
-                    "proxy.backends `{}`: endpoint `{}` is not an http(s) URL",
-                    b.name, b.endpoint
-                )),
-            }
+            let endpoint = match reqwest::Url::parse(&b.endpoint) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.query().is_none()
+                        && !u.cannot_be_a_base() =>
+                {
+                    Some(u)
+                }
+                _ => {
+                    problems.push(format!(
+                        "proxy.backends `{}`: endpoint `{}` is not an http(s) base URL",
+                        b.name, b.endpoint
+                    ));
+                    None
+                }
+            };
             for d in &b.deployments {
                 if routes.insert(d.clone(), i).is_some() {
                     problems.push(format!("proxy.backends: deployment `{d}` is served twice"));
                 }
             }
-            backends.push(Backend {
-                name: b.name.clone(),
-                endpoint: b.endpoint.trim_end_matches('/').to_owned(),
-                api_key: b.api_key.clone(),
-            });
+            if let Some(endpoint) = endpoint {
+                backends.push(Backend {
+                    name: b.name.clone(),
+                    endpoint,
+                    api_key: b.api_key.clone(),
+                });
+            }
         }
         let l = &self.limits;
         for (name, v) in [
@@ -227,6 +272,12 @@ impl ProxyConfig {
             ("first_byte_timeout_ms", l.first_byte_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
             ("total_timeout_ms", l.total_timeout_ms),
+            ("header_read_timeout_ms", l.header_read_timeout_ms),
+            ("body_read_timeout_ms", l.body_read_timeout_ms),
+            ("max_concurrent_requests", l.max_concurrent_requests as u64),
+            ("max_connections", l.max_connections as u64),
+            ("max_connections_per_ip", l.max_connections_per_ip as u64),
+            ("max_json_depth", l.max_json_depth as u64),
         ] {
             if v == 0 {
                 problems.push(format!("proxy.limits.{name} must be greater than 0"));
@@ -236,6 +287,7 @@ impl ProxyConfig {
         for (name, v) in [
             ("queue_capacity", r.queue_capacity as u64),
             ("max_batch_records", r.max_batch_records as u64),
+            ("max_body_part_bytes", r.max_body_part_bytes as u64),
             ("segment_max_bytes", r.segment_max_bytes as u64),
             ("spool_file_max_bytes", r.spool_file_max_bytes),
             ("queue_max_bytes", r.queue_max_bytes),
@@ -309,5 +361,28 @@ mod tests {
         };
         let problems = config.validate().unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    /// Defect: two consumers with the same key digest were accepted, and whichever matched
+    /// last was charged for the other's requests.
+    #[test]
+    fn a_key_digest_names_one_consumer() {
+        let digest = "ab".repeat(32);
+        let config = ProxyConfig {
+            consumers: vec![
+                ConsumerConfig {
+                    id: "a".into(),
+                    key_sha256: vec![digest.clone()],
+                },
+                ConsumerConfig {
+                    id: "b".into(),
+                    key_sha256: vec![digest],
+                },
+            ],
+            ..Default::default()
+        };
+        let problems = config.validate().unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("already used"));
     }
 }

@@ -25,6 +25,20 @@ pub enum ProxyError {
     RequestHeadersTooLarge { limit: usize },
     #[error("The request body could not be read: {0}")]
     RequestBodyUnreadable(String),
+    #[error("The request body was not received within {timeout_ms} ms.")]
+    RequestBodyTimeout { timeout_ms: u64 },
+    #[error(
+        "The request path is not canonical: each segment must be letters, digits, '-', '.', '_', '~' or ':', never '.' or '..', with no percent-escapes or backslashes."
+    )]
+    PathNotCanonical,
+    #[error("The request body must name a model in `model`.")]
+    ModelMissing,
+    #[error("Tollgate is handling as many requests as it is configured to; retry later.")]
+    ServerBusy,
+    #[error("Tollgate is shutting down; retry later.")]
+    ShuttingDown,
+    #[error("Tollgate failed to handle the request.")]
+    Internal,
     #[error("The backend could not be reached.")]
     BackendUnreachable { detail: String },
     #[error("The backend did not answer within {timeout_ms} ms.")]
@@ -58,6 +72,14 @@ impl ProxyError {
             ProxyError::RequestBodyUnreadable(_) => {
                 (StatusCode::BAD_REQUEST, "BadRequest", Downstream)
             }
+            ProxyError::RequestBodyTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, "RequestTimeout", Downstream)
+            }
+            ProxyError::PathNotCanonical => (StatusCode::BAD_REQUEST, "InvalidPath", Downstream),
+            ProxyError::ModelMissing => (StatusCode::BAD_REQUEST, "MissingModel", Downstream),
+            ProxyError::ServerBusy => (StatusCode::SERVICE_UNAVAILABLE, "ServerBusy", Internal),
+            ProxyError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "ShuttingDown", Internal),
+            ProxyError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError", Internal),
             ProxyError::BackendUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "BackendUnreachable", Upstream)
             }
@@ -96,6 +118,14 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let (status, code, _) = self.table();
         let body = json!({"error": {"code": code, "message": self.to_string()}});
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Clients (the openai SDK among them) honour it before retrying.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }

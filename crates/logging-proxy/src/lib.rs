@@ -9,25 +9,36 @@
 mod app;
 mod auth;
 pub mod config;
+mod context;
 mod error;
-mod forward;
+mod exchange;
+mod headers;
+mod layers;
+mod path;
+mod phases;
 pub mod recorder;
+mod reject;
+mod server;
 mod tee;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tollgate_store::RawWriter;
 
 pub use config::ProxyConfig;
+pub use context::REQUEST_ID_HEADER;
 pub use error::ProxyError;
-pub use forward::REQUEST_ID_HEADER;
 pub use recorder::{Recorder, RecorderStats};
 
 /// Runs after an admin flush, e.g. to let the parser catch up in `tollgate up`.
@@ -50,12 +61,31 @@ pub enum ProxyBuildError {
     Client(String),
 }
 
+/// The proxy's own counters (the recorder has its own): what it refused without recording.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Requests shed because `max_concurrent_requests` were in progress.
+    pub shed: AtomicU64,
+    /// Refused requests (no key, bad path, headers too large) not recorded because the spool
+    /// was in use.
+    pub refusals_unrecorded: AtomicU64,
+    /// Connections closed on accept by `max_connections` / `max_connections_per_ip`.
+    pub connections_refused: AtomicU64,
+}
+
 pub(crate) struct AppState {
     pub config: config::Validated,
     pub client: reqwest::Client,
     pub recorder: Recorder,
-    /// Response pumps; shutdown waits for them before stopping the writer.
+    /// Exchanges with backends and the drains after client disconnects; shutdown waits for
+    /// them before stopping the writer.
     pub requests: TaskTracker,
+    /// `max_concurrent_requests` slots.
+    pub slots: Arc<Semaphore>,
+    /// Fires when shutdown's grace is over: exchanges and drains still running stop and
+    /// record what they have.
+    pub abort: CancellationToken,
+    pub stats: Arc<ProxyStats>,
     pub after_flush: Option<FlushHook>,
 }
 
@@ -101,10 +131,13 @@ impl Proxy {
         let recorder = Recorder::start(settings, deps.store, &writer, cancel.clone())
             .map_err(|e| ProxyBuildError::Spool(e.to_string()))?;
         let state = Arc::new(AppState {
+            slots: Arc::new(Semaphore::new(validated.limits.max_concurrent_requests)),
             config: validated,
             client,
             recorder,
             requests: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            stats: Arc::new(ProxyStats::default()),
             after_flush: deps.after_flush,
         });
         Ok(Proxy {
@@ -122,16 +155,54 @@ impl Proxy {
         &self.state.recorder
     }
 
+    pub fn stats(&self) -> &ProxyStats {
+        &self.state.stats
+    }
+
+    /// Serves the router on `listener` with the connection limits of `[proxy.limits]` until
+    /// `stop` fires; then lets open connections finish for up to `grace` and closes the rest.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        stop: CancellationToken,
+        grace: Duration,
+    ) -> std::io::Result<()> {
+        let l = &self.state.config.limits;
+        let limits = server::ServeLimits {
+            header_read_timeout: Duration::from_millis(l.header_read_timeout_ms),
+            max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip,
+        };
+        server::serve(
+            listener,
+            self.router(),
+            limits,
+            self.state.stats.clone(),
+            stop,
+            grace,
+        )
+        .await
+    }
+
     /// See [`Recorder::flush`].
     pub async fn flush(&self) {
         self.state.recorder.flush().await;
     }
 
-    /// Waits for every response pump, then drains the recorder into the store (or spool).
-    /// Call after the HTTP server stopped accepting connections.
-    pub async fn shutdown(self) {
+    /// Waits for every exchange and drain until `deadline`, then stops those still running
+    /// (each records what it has, marked truncated), then drains the recorder into the store
+    /// (or spool). Call once the HTTP server has stopped (no connection is left to start new
+    /// work).
+    pub async fn shutdown(&self, deadline: Instant) {
         self.state.requests.close();
-        self.state.requests.wait().await;
+        if tokio::time::timeout_at(deadline, self.state.requests.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Requests outlived the shutdown grace period; recording them as cut.");
+            self.state.abort.cancel();
+            self.state.requests.wait().await;
+        }
         self.cancel.cancel();
         self.writer.close();
         self.writer.wait().await;

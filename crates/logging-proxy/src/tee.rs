@@ -26,12 +26,16 @@ use tollgate_records::{
     SegmentData,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{LimitsConfig, RecorderConfig};
-use crate::recorder::{InFlight, Recorder};
+use crate::recorder::Recorder;
+use crate::reject::Accepted;
 
 /// Cuts the response body into `chunks` records, or keeps a small non-stream body inline.
 pub(crate) struct Segmenter {
     request_id: String,
+    first_seq: u32,
     next_seq: u32,
     buf: Vec<u8>,
     arrivals: Vec<[u64; 2]>,
@@ -45,10 +49,17 @@ pub(crate) struct Segmenter {
 }
 
 impl Segmenter {
-    pub(crate) fn new(request_id: String, config: &RecorderConfig, inline: bool) -> Self {
+    /// Segments are numbered from `first_seq` (1, or after the request body's parts).
+    pub(crate) fn new(
+        request_id: String,
+        first_seq: u32,
+        config: &RecorderConfig,
+        inline: bool,
+    ) -> Self {
         Segmenter {
             request_id,
-            next_seq: 1,
+            first_seq,
+            next_seq: first_seq,
             buf: Vec::new(),
             arrivals: Vec::new(),
             segment_offset: 0,
@@ -113,7 +124,12 @@ impl Segmenter {
             return (None, body, 0, self.total);
         }
         let last = (!self.buf.is_empty()).then(|| self.cut(Vec::new()));
-        (last, Body::Empty, self.next_seq - 1, self.total)
+        (
+            last,
+            Body::Empty,
+            self.next_seq - self.first_seq,
+            self.total,
+        )
     }
 }
 
@@ -149,7 +165,9 @@ pub(crate) struct Exchange {
     pub ttfb_ms: f64,
     pub headers: BTreeMap<String, String>,
     pub content_type: Option<String>,
-    pub inflight: InFlight,
+    /// The seq of the first response segment (after the request body's parts).
+    pub first_segment_seq: u32,
+    pub accepted: Accepted,
 }
 
 pub(crate) fn micros_since(start: Instant) -> u64 {
@@ -169,6 +187,8 @@ struct Tee {
     ex: Exchange,
     recorder: Recorder,
     requests: TaskTracker,
+    /// Fires when shutdown's grace is over: a drain still running stops and records.
+    abort: CancellationToken,
     limits: LimitsConfig,
     deadline: Instant,
     error: Option<ErrorInfo>,
@@ -235,7 +255,7 @@ impl Tee {
         let end = EndRecord {
             schema_version: SCHEMA_VERSION,
             request_id: ex.request_id,
-            seq: segments + 1,
+            seq: ex.first_segment_seq + segments,
             time: chrono::Utc::now(),
             status: ex.status,
             backend: Some(ex.backend),
@@ -249,17 +269,18 @@ impl Tee {
             truncated,
             error,
             segments,
+            first_segment_seq: ex.first_segment_seq,
             response_bytes,
         };
         hand_over(&recorder, &requests, RawRecord::End(end));
-        // Dropping the guard after the end record is handed over is what `flush` waits for.
-        drop(ex.inflight);
+        // Released after the end record is handed over: that is what `flush` waits for.
+        drop(ex.accepted);
     }
 }
 
 /// Gives a record to the recorder without blocking the poll that produced it; in the rare case
 /// that queue and spool are both full, a tracked task waits for queue space.
-fn hand_over(recorder: &Recorder, requests: &TaskTracker, record: RawRecord) {
+pub(crate) fn hand_over(recorder: &Recorder, requests: &TaskTracker, record: RawRecord) {
     if let Err(record) = recorder.try_record(record) {
         let recorder = recorder.clone();
         requests.spawn(async move { recorder.record(*record).await });
@@ -281,11 +302,17 @@ impl TeeBody {
         ex: Exchange,
         recorder: Recorder,
         requests: TaskTracker,
+        abort: CancellationToken,
         limits: LimitsConfig,
         recorder_config: &RecorderConfig,
     ) -> Self {
         let streamed = tollgate_records::is_event_stream(ex.content_type.as_deref());
-        let segmenter = Segmenter::new(ex.request_id.clone(), recorder_config, !streamed);
+        let segmenter = Segmenter::new(
+            ex.request_id.clone(),
+            ex.first_segment_seq,
+            recorder_config,
+            !streamed,
+        );
         let deadline = ex.started + Duration::from_millis(limits.total_timeout_ms);
         let expected_len = upstream.content_length();
         let tee = Tee {
@@ -296,6 +323,7 @@ impl TeeBody {
             ex,
             recorder,
             requests,
+            abort,
             limits,
             deadline,
             error: None,
@@ -384,7 +412,15 @@ async fn drain(mut tee: Tee, client_disconnected: bool) {
     let mut drained = 0u64;
     loop {
         let wait_until = tee.timer_deadline().min(drain_until);
-        let next = match tokio::time::timeout_at(wait_until, tee.upstream.next()).await {
+        let abort = tee.abort.clone();
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(wait_until, tee.upstream.next()) => next,
+            () = abort.cancelled() => {
+                tee.fail("ShuttingDown", "Tollgate shut down before the upstream ended.".into());
+                break;
+            }
+        };
+        let next = match next {
             Ok(next) => next,
             Err(_) => {
                 if Instant::now() >= drain_until {
@@ -441,7 +477,7 @@ mod tests {
 
     #[test]
     fn segments_by_size_and_age() {
-        let mut s = Segmenter::new("r".into(), &config(10, 5, 0), false);
+        let mut s = Segmenter::new("r".into(), 1, &config(10, 5, 0), false);
         assert!(s.push(b"abc", 0).is_empty());
         let cut = s.push(b"defghijklmn", 1000);
         assert_eq!(cut.len(), 1);
@@ -456,13 +492,13 @@ mod tests {
 
     #[test]
     fn small_non_stream_body_stays_inline_and_large_spills() {
-        let mut s = Segmenter::new("r".into(), &config(4, 1000, 8), true);
+        let mut s = Segmenter::new("r".into(), 1, &config(4, 1000, 8), true);
         assert!(s.push(br#"{"a":1}"#, 0).is_empty());
         let (_, body, n, _) = s.finish(Some("application/json"));
         assert_eq!(n, 0);
         assert!(matches!(body, Body::Json { .. }));
 
-        let mut s = Segmenter::new("r".into(), &config(4, 1000, 8), true);
+        let mut s = Segmenter::new("r".into(), 1, &config(4, 1000, 8), true);
         let mut recs = s.push(b"0123456789", 0);
         let (last, body, n, _) = s.finish(Some("application/json"));
         recs.extend(last);
@@ -474,7 +510,7 @@ mod tests {
     proptest! {
         #[test]
         fn segments_preserve_every_byte_in_order(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 0..30), max in 1usize..40) {
-            let mut s = Segmenter::new("r".into(), &config(max, 1_000_000, 0), false);
+            let mut s = Segmenter::new("r".into(), 1, &config(max, 1_000_000, 0), false);
             let mut recs = Vec::new();
             for (i, c) in chunks.iter().enumerate() {
                 recs.extend(s.push(c, i as u64));

@@ -94,8 +94,10 @@ enum KeysCommand {
         #[arg(long, default_value = "my-app")]
         id: String,
     },
-    /// Prints the SHA-256 of a key, for `proxy.consumers.key_sha256`.
-    Hash { key: String },
+    /// Prints the SHA-256 of a key read from standard input (first line), for
+    /// `proxy.consumers.key_sha256`. Never on the command line, where shell history and the
+    /// process list would keep it.
+    Hash,
 }
 
 #[tokio::main]
@@ -171,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
                         keys::hash(&key)
                     ));
                 }
-                KeysCommand::Hash { key } => say(&keys::hash(&key)),
+                KeysCommand::Hash => say(&keys::hash(&keys::read_key(std::io::stdin().lock())?)),
             }
             Ok(())
         }
@@ -209,7 +211,7 @@ async fn check(config: &config::Config) -> anyhow::Result<()> {
             after_flush: None,
         },
     )?;
-    proxy.shutdown().await;
+    proxy.shutdown(tokio::time::Instant::now()).await;
     say("configuration ok; store reachable");
     Ok(())
 }

@@ -198,20 +198,11 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let server_cancel = CancellationToken::new();
-        let router = proxy
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let proxy = Arc::new(proxy);
+        let server = proxy.clone();
         let stop = server_cancel.clone();
-        let handle = background.spawn(async move {
-            axum::serve(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                router,
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        });
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let handle = background.spawn(async move { server.serve(listener, stop, grace).await });
         proxy_server = Some((proxy, server_cancel, handle));
         let deployments: Vec<String> = config
             .sim
@@ -233,16 +224,17 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
 
     shutdown_signal().await;
     tracing::info!("Shutting down: draining requests and records.");
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    // One grace period for everything: connections get it to finish (the server closes what
+    // is left at its end), exchanges and drains get what remains of it.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
     if let Some((proxy, server_cancel, handle)) = proxy_server {
         server_cancel.cancel();
-        match tokio::time::timeout(grace, handle).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "Proxy server failed."),
-            Ok(Err(e)) => tracing::error!(error = %e, "Proxy server task failed."),
-            Err(_) => tracing::warn!("Open connections outlived the shutdown grace period."),
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "Proxy server failed."),
+            Err(e) => tracing::error!(error = %e, "Proxy server task failed."),
         }
-        proxy.shutdown().await;
+        proxy.shutdown(deadline).await;
     }
     parser_cancel.cancel();
     sim_cancel.cancel();

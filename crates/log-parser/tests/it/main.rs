@@ -1,5 +1,9 @@
 //! The parser against the embedded store: restarts, incomplete requests, ordering.
-#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail loudly"
+)]
 
 use std::sync::Arc;
 

@@ -276,6 +276,12 @@ impl Recorder {
         self.spool.has_room(spool_headroom(self.spool.max_bytes()))
     }
 
+    /// Whether records of refused requests (no key, bad path) may be taken: only while the
+    /// spool is empty, so refusals never take room that accepted requests need.
+    pub(crate) fn has_room_for_refusals(&self) -> bool {
+        self.spool.is_empty()
+    }
+
     pub(crate) fn begin(&self) -> InFlight {
         self.inflight.fetch_add(1, Ordering::AcqRel);
         InFlight {

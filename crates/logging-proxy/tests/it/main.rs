@@ -2,4 +2,5 @@
 
 mod hostile;
 mod recorder;
+mod shutdown;
 mod support;

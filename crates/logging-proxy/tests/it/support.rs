@@ -69,6 +69,8 @@ pub(crate) struct Stack {
     /// Requests the simulator has received so far, updated as each arrives.
     arrivals: watch::Receiver<u64>,
     stop: CancellationToken,
+    /// The proxy's server alone, so a test can wait for it to stop.
+    server: TaskTracker,
     _tasks: TaskTracker,
     _dir: tempfile::TempDir,
 }
@@ -148,13 +150,15 @@ impl Stack {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
-        let server = proxy.clone();
+        let serving = proxy.clone();
         let server_stop = stop.clone();
-        tasks.spawn(async move {
-            server
+        let server = TaskTracker::new();
+        server.spawn(async move {
+            serving
                 .serve(listener, server_stop, Duration::from_secs(1))
                 .await
         });
+        server.close();
         tasks.close();
         Stack {
             proxy,
@@ -171,9 +175,17 @@ impl Stack {
                 .expect("client"),
             arrivals,
             stop,
+            server,
             _tasks: tasks,
             _dir: dir,
         }
+    }
+
+    /// Stops the server: no new connections; open ones get the serve grace, then are closed.
+    /// Returns once the server has stopped.
+    pub(crate) async fn stop_serving(&self) {
+        self.stop.cancel();
+        within("the server stops", self.server.wait()).await;
     }
 
     pub(crate) fn url(&self, path_and_query: &str) -> String {

@@ -672,3 +672,49 @@ async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     );
     assert_eq!(u.output_tokens, 0);
 }
+
+/// Defect: nothing split a record too large for one store document (Cosmos DB: 2 MB), so a
+/// large prompt made a `request` record no store could take. Now the body goes into `part`
+/// records of `max_body_part_bytes`, every raw document stays under a bound, and the parser
+/// joins them: the request is billed as if it had been recorded whole.
+#[tokio::test]
+async fn a_large_body_is_recorded_in_parts_and_billed_whole() {
+    const PART: usize = 16 * 1024;
+    let s = harness::start(|c| c.recorder.max_body_part_bytes = PART).await;
+    let text = "The sea is wide and deep. ".repeat(3_000);
+    let body = json!({"messages": [{"role": "user", "content": text}]});
+    let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let answer: Value = resp.json().await.unwrap();
+    s.settle().await;
+
+    let raw = s.raw(&id).await;
+    let parts = raw
+        .iter()
+        .filter(|r| matches!(r, RawRecord::Part(_)))
+        .count();
+    let sent = serde_json::to_vec(&body).unwrap().len();
+    assert_eq!(
+        parts,
+        sent.div_ceil(PART),
+        "{sent} bytes in {PART}-byte parts"
+    );
+    for r in &raw {
+        let doc = serde_json::to_string(r).unwrap();
+        // A part is base64 (4/3) plus a few hundred bytes of fields.
+        assert!(
+            doc.len() < PART * 4 / 3 + 1024,
+            "{} is {} bytes",
+            r.id(),
+            doc.len()
+        );
+    }
+    let record = s.record(&id).await;
+    assert!(record.complete);
+    assert_same_usage(&answer, record.usage.as_ref().unwrap());
+    assert_eq!(
+        record.prompt.unwrap()[0]["content"].as_str().map(str::len),
+        Some(text.len())
+    );
+}

@@ -1,0 +1,209 @@
+//! The forward phase: the exchange with the backend runs in a task on the proxy's tracker, not
+//! in the client's handler. AOAI sends a non-stream answer's headers only once the whole answer
+//! is generated, so a client that gives up before then is the common case; the exchange goes
+//! on without it, the answer is read (within the drain bounds) and the request is recorded
+//! and billed with AOAI's usage, exactly as if the client had stayed.
+//!
+//! The task owns the accepted request from here: it writes the `request` record, sends the
+//! request, and then either hands the response (wrapped in the tee) to the handler or, when the
+//! handler is gone, drops it, which makes the tee drain the rest and write the `end`. Backend
+//! failures and shutdown end the request through `reject.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use secrecy::ExposeSecret;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tollgate_records::Attempt;
+
+use crate::AppState;
+use crate::context::{Ctx, REQUEST_ID_HEADER};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::path;
+use crate::phases::Described;
+use crate::reject::{Accepted, end_accepted};
+use crate::tee::{self, Exchange, hand_over, millis};
+
+/// Starts the exchange and waits for its response head (or Tollgate's error answer).
+pub(crate) async fn start(
+    app: Arc<AppState>,
+    ctx: Ctx,
+    described: Described,
+    body: Bytes,
+    backend: usize,
+    accepted: Accepted,
+) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let tracker = app.requests.clone();
+    tracker.spawn(run(app, ctx, described, body, backend, accepted, tx));
+    match rx.await {
+        Ok(response) => response,
+        // The task always answers unless it panicked; its request is then recorded as
+        // incomplete by the parser's deadline.
+        Err(_) => ProxyError::Internal.into_response(),
+    }
+}
+
+async fn run(
+    app: Arc<AppState>,
+    ctx: Ctx,
+    described: Described,
+    body: Bytes,
+    backend: usize,
+    accepted: Accepted,
+    answer: oneshot::Sender<Response>,
+) {
+    let next_seq = described.next_seq();
+    for record in described.records() {
+        hand_over(&app.recorder, &app.requests, record);
+    }
+    let end = |error: ProxyError, attempts: Vec<Attempt>, accepted: Accepted| {
+        end_accepted(
+            &app,
+            &ctx.info,
+            Vec::new(),
+            next_seq,
+            error,
+            attempts,
+            accepted,
+        )
+    };
+    let Some(b) = app.config.backends.get(backend) else {
+        let r = end(ProxyError::Internal, Vec::new(), accepted);
+        let _ = answer.send(r);
+        return;
+    };
+    let url = path::upstream_url(&b.endpoint, &ctx.route, ctx.query.as_deref());
+    let mut upstream_headers = headers::upstream(&ctx.headers);
+    if let Some(key) = &b.api_key
+        && let Ok(mut v) = HeaderValue::from_str(key.expose_secret())
+    {
+        v.set_sensitive(true);
+        upstream_headers.insert(HeaderName::from_static("api-key"), v);
+    }
+    let attempt_started = Instant::now();
+    let send = app
+        .client
+        .request(ctx.method.clone(), url)
+        .headers(upstream_headers)
+        .body(reqwest::Body::from(body))
+        .send();
+    let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
+    let result = tokio::select! {
+        r = tokio::time::timeout(first_byte, send) => r,
+        () = app.abort.cancelled() => {
+            let attempt = failed_attempt(&b.name, attempt_started, "shutdown before the response");
+            let r = end(ProxyError::ShuttingDown, vec![attempt], accepted);
+            let _ = answer.send(r);
+            return;
+        }
+    };
+    let upstream = match result {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            let detail = e.to_string();
+            let attempt = failed_attempt(&b.name, attempt_started, &detail);
+            let error = ProxyError::BackendUnreachable { detail };
+            let r = end(error, vec![attempt], accepted);
+            let _ = answer.send(r);
+            return;
+        }
+        Err(_) => {
+            let attempt = failed_attempt(&b.name, attempt_started, "first byte timeout");
+            let timeout_ms = app.config.limits.first_byte_timeout_ms;
+            let error = ProxyError::BackendTimeout { timeout_ms };
+            let r = end(error, vec![attempt], accepted);
+            let _ = answer.send(r);
+            return;
+        }
+    };
+
+    let status = upstream.status();
+    let response_headers = upstream.headers().clone();
+    let attempt = Attempt {
+        backend: b.name.clone(),
+        status: Some(status.as_u16()),
+        duration_ms: millis(attempt_started.elapsed()),
+        retry_after_ms: retry_after_ms(&response_headers),
+        error: None,
+    };
+    let exchange = Exchange {
+        request_id: ctx.info.request_id.to_string(),
+        started: ctx.info.started,
+        status: status.as_u16(),
+        backend: b.name.clone(),
+        attempts: vec![attempt],
+        ttfb_ms: millis(ctx.info.started.elapsed()),
+        headers: tee::selected_headers(&response_headers),
+        content_type: response_headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        first_segment_seq: next_seq,
+        accepted,
+    };
+    let body = tee::TeeBody::new(
+        upstream,
+        exchange,
+        app.recorder.clone(),
+        app.requests.clone(),
+        app.abort.clone(),
+        app.config.limits.clone(),
+        &app.config.recorder,
+    );
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() =
+        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    headers::downstream(&response_headers, response.headers_mut());
+    if let Ok(v) = HeaderValue::from_str(&ctx.info.request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    // When the client is gone the response comes back here and is dropped: the tee then
+    // drains the rest of AOAI's answer in a tracked task and records it.
+    let _ = answer.send(response);
+}
+
+fn failed_attempt(backend: &str, started: Instant, detail: &str) -> Attempt {
+    Attempt {
+        backend: backend.to_owned(),
+        status: None,
+        duration_ms: millis(started.elapsed()),
+        retry_after_ms: None,
+        error: Some(detail.to_owned()),
+    }
+}
+
+/// The backend's requested back-off: `retry-after-ms`, `x-ms-retry-after-ms`, then
+/// `Retry-After` in seconds.
+fn retry_after_ms(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    get("retry-after-ms")
+        .or_else(|| get("x-ms-retry-after-ms"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|ms| ms as u64)
+        .or_else(|| {
+            get("retry-after")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|s| (s * 1000.0) as u64)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_prefers_ms() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after_ms(&h), Some(2000));
+        h.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after_ms(&h), Some(150));
+    }
+}

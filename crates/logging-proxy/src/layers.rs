@@ -1,0 +1,100 @@
+//! The proxy path's tower layers (axum middleware), outermost first:
+//!
+//! 1. [`context`] — gives the request its id and start time and puts `x-tollgate-request-id`
+//!    on every answer, Tollgate's own refusals included.
+//! 2. [`http_limits`] — before anything is recorded or authenticated: the path must be
+//!    canonical (400), the headers within `max_header_bytes` (431), and a slot of
+//!    `max_concurrent_requests` free (else shed with 503 and `retry-after`). Inserts the parsed
+//!    [`Route`] and the slot.
+//! 3. [`authenticate`] — the consumer from its key (401 otherwise). Inserts the [`Consumer`].
+//!
+//! Refusals go through [`crate::reject::refuse`], which keeps a bounded summary.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tollgate_records::Consumer;
+
+use crate::AppState;
+use crate::auth;
+use crate::context::{REQUEST_ID_HEADER, RequestInfo, Slot, SlotCell};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::path::{self, PathError, Route};
+use crate::reject::refuse;
+
+pub(crate) async fn context(request: Request, next: Next) -> Response {
+    let info = RequestInfo::new();
+    let id = info.header_value();
+    let mut request = request;
+    request.extensions_mut().insert(info);
+    let mut response = next.run(request).await;
+    if let Some(id) = id {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
+}
+
+/// The context layer runs first; without it the router is mis-assembled.
+fn info_of(request: &Request) -> Option<RequestInfo> {
+    request.extensions().get::<RequestInfo>().cloned()
+}
+
+pub(crate) async fn http_limits(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(info) = info_of(&request) else {
+        return ProxyError::Internal.into_response();
+    };
+    let (mut parts, body) = request.into_parts();
+    let route = match path::parse(parts.uri.path()) {
+        Ok(route) => route,
+        // Not an AOAI path at all: nothing to record.
+        Err(PathError::NotFound) => return ProxyError::RouteNotFound.into_response(),
+        Err(PathError::NotCanonical) => {
+            return refuse(&app, &info, &parts, None, ProxyError::PathNotCanonical);
+        }
+    };
+    let limit = app.config.limits.max_header_bytes;
+    if headers::total_bytes(&parts.headers) > limit {
+        let error = ProxyError::RequestHeadersTooLarge { limit };
+        return refuse(&app, &info, &parts, Some(&route), error);
+    }
+    let Ok(permit) = app.slots.clone().try_acquire_owned() else {
+        // Shed, not recorded: under overload, writing a record per refusal would add to it.
+        app.stats.shed.fetch_add(1, Ordering::Relaxed);
+        return ProxyError::ServerBusy.into_response();
+    };
+    let slot: SlotCell = Arc::new(std::sync::Mutex::new(Some(Slot(permit))));
+    parts.extensions.insert(route);
+    parts.extensions.insert(slot);
+    next.run(Request::from_parts(parts, body)).await
+}
+
+pub(crate) async fn authenticate(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let consumer: Option<Consumer> = auth::authenticate(&app.config.consumers, request.headers());
+    match consumer {
+        Some(consumer) => {
+            let mut request = request;
+            request.extensions_mut().insert(consumer);
+            next.run(request).await
+        }
+        None => {
+            let Some(info) = info_of(&request) else {
+                return ProxyError::Internal.into_response();
+            };
+            let (parts, _body) = request.into_parts();
+            let route = parts.extensions.get::<Route>();
+            refuse(&app, &info, &parts, route, ProxyError::ConsumerKeyInvalid)
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The request path's phases, run in order over one per-request context ([`Ctx`]) once the
+//! layers (`layers.rs`: context, HTTP limits, authentication) let a request through:
+//!
+//! 1. **admit** — the recorder can take the request's records (else 503, nothing accepted
+//!    unrecorded); from here the request is *accepted* and ends with exactly one `end` record;
+//! 2. **read body** — bounded by `max_request_body_bytes` (413) and `body_read_timeout_ms` (408);
+//! 3. **describe** — the `request` record: headers redacted, JSON body kept as JSON within
+//!    `max_json_depth`, stream flag and (on `/openai/v1/`) the model peeked from the body; a
+//!    body over `max_body_part_bytes` goes into `part` records;
+//! 4. **route** — deployment → backend (404 `DeploymentNotFound`; 400 on v1 without a model);
+//! 5. **forward** — `exchange.rs`: the exchange with the backend runs in a tracked task that does
+//!    not depend on the client's connection;
+//! 6. **tee** — `tee.rs`: the response streams to the client and into the records.
+//!
+//! Each phase returns a result; every refusal goes through `reject.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use tollgate_records::{Body as RecordBody, RawRecord, RequestRecord};
+
+use crate::AppState;
+use crate::context::{self, Ctx};
+use crate::error::ProxyError;
+use crate::exchange;
+use crate::reject::{Accepted, accepted_record, end_accepted};
+
+pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let Some(mut ctx) = context::from_parts(&mut parts) else {
+        return ProxyError::Internal.into_response();
+    };
+    let accepted = match admit(&app, &mut ctx) {
+        Ok(accepted) => accepted,
+        Err(error) => return error.into_response(),
+    };
+    let bytes = match read_body(&app, body).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let records = vec![RawRecord::Request(accepted_record(&ctx))];
+            return end_accepted(&app, &ctx.info, records, 1, error, Vec::new(), accepted);
+        }
+    };
+    let described = describe(&app, &ctx, &bytes);
+    let backend = match route(&app, &ctx, described.model.clone()) {
+        Ok(backend) => backend,
+        Err(error) => {
+            let end_seq = described.next_seq();
+            let records = described.records();
+            return end_accepted(
+                &app,
+                &ctx.info,
+                records,
+                end_seq,
+                error,
+                Vec::new(),
+                accepted,
+            );
+        }
+    };
+    exchange::start(app, ctx, described, bytes, backend, accepted).await
+}
+
+/// Accepts the request when its records can be taken; the slot from the limits layer moves
+/// into the accepted request and is held until its `end`.
+fn admit(app: &AppState, ctx: &mut Ctx) -> Result<Accepted, ProxyError> {
+    if !app.recorder.can_accept() {
+        return Err(ProxyError::RecorderFull);
+    }
+    Ok(Accepted {
+        inflight: app.recorder.begin(),
+        slot: ctx.slot.take(),
+    })
+}
+
+async fn read_body(app: &AppState, body: Body) -> Result<Bytes, ProxyError> {
+    let limits = &app.config.limits;
+    let limit = limits.max_request_body_bytes;
+    let deadline = Duration::from_millis(limits.body_read_timeout_ms);
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                ProxyError::RequestBodyTooLarge { limit }
+            } else {
+                ProxyError::RequestBodyUnreadable(e.to_string())
+            })
+        }
+        Err(_) => Err(ProxyError::RequestBodyTimeout {
+            timeout_ms: limits.body_read_timeout_ms,
+        }),
+    }
+}
+
+/// The two fields of a request body the proxy needs, read without building the whole document.
+#[derive(serde::Deserialize)]
+struct Peek<'a> {
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// What the describe phase found: the `request` record, the `part` records of a body too
+/// large for one document, and the body's `model` when it names one.
+pub(crate) struct Described {
+    pub record: RequestRecord,
+    pub parts: Vec<RawRecord>,
+    pub model: Option<String>,
+}
+
+impl Described {
+    /// The records to write for the request, in seq order.
+    pub(crate) fn records(self) -> Vec<RawRecord> {
+        let mut records = Vec::with_capacity(1 + self.parts.len());
+        records.push(RawRecord::Request(self.record));
+        records.extend(self.parts);
+        records
+    }
+
+    /// The seq just after the request's own records: where response segments start.
+    pub(crate) fn next_seq(&self) -> u32 {
+        self.parts.len() as u32 + 1
+    }
+}
+
+fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
+    let mut record = accepted_record(ctx);
+    let content_type = ctx
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let body =
+        RecordBody::from_bytes_bounded(content_type, bytes, app.config.limits.max_json_depth);
+    let mut model = None;
+    if let RecordBody::Json { json } = &body
+        && let Ok(peek) = serde_json::from_str::<Peek<'_>>(json.as_str())
+    {
+        record.stream = peek.stream.unwrap_or(false);
+        model = peek.model.map(|m| m.into_owned());
+    }
+    if ctx.route.v1 {
+        record.deployment.clone_from(&model);
+    }
+    let mut parts = Vec::new();
+    if bytes.len() > app.config.recorder.max_body_part_bytes {
+        let (stub, pieces) = tollgate_records::split_body(
+            &record.request_id,
+            content_type,
+            bytes,
+            app.config.recorder.max_body_part_bytes,
+        );
+        record.body = stub;
+        parts = pieces;
+    } else {
+        record.body = body;
+    }
+    Described {
+        record,
+        parts,
+        model,
+    }
+}
+
+/// The backend serving the request, as an index into the configured backends.
+fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<usize, ProxyError> {
+    let deployment = if ctx.route.v1 {
+        model
+    } else {
+        ctx.route.deployment.clone()
+    };
+    match deployment {
+        Some(d) => app
+            .config
+            .routes
+            .get(&d)
+            .copied()
+            .ok_or(ProxyError::DeploymentNotFound),
+        // A model-bound v1 call must say which model; it never falls through to a default.
+        None if ctx.route.v1 && ctx.route.is_model_bound() => Err(ProxyError::ModelMissing),
+        // Paths without a deployment (files, batches, …) go to the first backend.
+        None if !app.config.backends.is_empty() => Ok(0),
+        None => Err(ProxyError::RouteNotFound),
+    }
+}

@@ -1,0 +1,152 @@
+//! Reject-and-record, in one place: every request Tollgate answers itself ends here.
+//!
+//! - [`refuse`]: before admission (path, header size, authentication). Recorded as a bounded
+//!   summary, and only while the recorder is not under pressure (nothing spooled): a caller
+//!   without a key must not be able to fill the spool and so turn every real consumer away.
+//!   When it is skipped, a counter says so.
+//! - [`end_accepted`]: after admission. Always recorded, request and `end`, like any answer.
+
+use std::sync::atomic::Ordering;
+
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use tollgate_records::{
+    Attempt, Body as RecordBody, EndRecord, RawRecord, RequestRecord, SCHEMA_VERSION,
+};
+
+use crate::AppState;
+use crate::context::{self, RequestInfo};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::path::{self, Route};
+use crate::recorder::InFlight;
+use crate::tee::{hand_over, millis};
+
+/// What an accepted request holds until its `end` is handed over: the recorder's in-flight
+/// mark (what `flush` waits for) and its slot of the concurrency limit.
+#[expect(dead_code, reason = "held for their Drop")]
+pub(crate) struct Accepted {
+    pub inflight: InFlight,
+    pub slot: Option<context::Slot>,
+}
+
+/// The `end` record of a request Tollgate answered itself.
+fn end_record(
+    info: &RequestInfo,
+    seq: u32,
+    error: &ProxyError,
+    attempts: Vec<Attempt>,
+) -> EndRecord {
+    EndRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: info.request_id.to_string(),
+        seq,
+        time: Utc::now(),
+        status: error.status().as_u16(),
+        backend: attempts.last().map(|a| a.backend.clone()),
+        attempts,
+        ttfb_ms: None,
+        total_ms: millis(info.started.elapsed()),
+        headers: Default::default(),
+        content_type: Some("application/json".into()),
+        body: RecordBody::Empty,
+        client_disconnected: false,
+        truncated: false,
+        error: Some(error.info()),
+        segments: 0,
+        first_segment_seq: seq,
+        response_bytes: 0,
+    }
+}
+
+/// A refused request's summary record, from the raw parts (no context exists yet).
+fn summary_record(info: &RequestInfo, parts: &Parts, route: Option<&Route>) -> RequestRecord {
+    let query = parts.uri.query();
+    RequestRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: info.request_id.to_string(),
+        time: info.time,
+        method: parts.method.as_str().to_owned(),
+        // A refused path is kept only up to a bound: it is the caller's text.
+        path: bounded(parts.uri.path()),
+        query: query.map(|q| bounded(&path::redacted_query(q))),
+        deployment: route.and_then(|r| r.deployment.clone()),
+        api_version: query
+            .and_then(|q| path::query_param(q, "api-version"))
+            .map(bounded),
+        operation: route.map_or_else(|| "unknown".to_owned(), |r| r.operation.clone()),
+        stream: false,
+        consumer: tollgate_records::Consumer::anonymous(),
+        client_ip: context::client_ip(parts),
+        user_agent: parts
+            .headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(bounded),
+        headers: headers::summary(&parts.headers),
+        body: RecordBody::Empty,
+    }
+}
+
+const SUMMARY_TEXT_BYTES: usize = 1024;
+
+fn bounded(text: &str) -> String {
+    if text.len() <= SUMMARY_TEXT_BYTES {
+        return text.to_owned();
+    }
+    let mut cut = SUMMARY_TEXT_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
+}
+
+/// Answers a request refused before admission, recording a bounded summary when the recorder
+/// has room to spare.
+pub(crate) fn refuse(
+    app: &AppState,
+    info: &RequestInfo,
+    parts: &Parts,
+    route: Option<&Route>,
+    error: ProxyError,
+) -> Response {
+    if app.recorder.has_room_for_refusals() {
+        let request = summary_record(info, parts, route);
+        hand_over(&app.recorder, &app.requests, RawRecord::Request(request));
+        let end = end_record(info, 1, &error, Vec::new());
+        hand_over(&app.recorder, &app.requests, RawRecord::End(end));
+    } else {
+        app.stats
+            .refusals_unrecorded
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    error.into_response()
+}
+
+/// Ends an accepted request Tollgate answers itself: hands over the request's records not yet
+/// written (`records`: its `request` and `part` records, or none), its `end` at `end_seq`, then
+/// releases the request.
+pub(crate) fn end_accepted(
+    app: &AppState,
+    info: &RequestInfo,
+    records: Vec<RawRecord>,
+    end_seq: u32,
+    error: ProxyError,
+    attempts: Vec<Attempt>,
+    accepted: Accepted,
+) -> Response {
+    for record in records {
+        hand_over(&app.recorder, &app.requests, record);
+    }
+    let end = end_record(info, end_seq, &error, attempts);
+    hand_over(&app.recorder, &app.requests, RawRecord::End(end));
+    // Released after the end is handed over: that is what `flush` waits for.
+    drop(accepted);
+    error.into_response()
+}
+
+/// The context's request record with the headers an accepted request keeps.
+pub(crate) fn accepted_record(ctx: &context::Ctx) -> RequestRecord {
+    ctx.request_record()
+}
