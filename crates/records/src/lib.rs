@@ -757,23 +757,10 @@ mod tests {
 
     #[test]
     fn json_bodies_are_stored_as_embedded_json_and_read_back() {
-        let rec = RawRecord::Request(RequestRecord {
-            schema_version: SCHEMA_VERSION,
-            request_id: "r".into(),
-            time: Utc::now(),
-            method: "POST".into(),
-            path: "/".into(),
-            query: None,
-            deployment: None,
-            api_version: None,
-            operation: "chat.completions".into(),
-            stream: false,
-            consumer: Consumer::anonymous(),
-            client_ip: None,
-            user_agent: None,
-            headers: BTreeMap::new(),
-            body: Body::from_bytes(Some("application/json"), br#"{"b": [1, 2], "a": "x"}"#),
-        });
+        let rec = request_with_body(Body::from_bytes(
+            Some("application/json"),
+            br#"{"b": [1, 2], "a": "x"}"#,
+        ));
         let text = serde_json::to_string(&rec).unwrap();
         assert!(
             text.contains(r#""json":{"b": [1, 2], "a": "x"}"#),
