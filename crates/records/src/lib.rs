@@ -694,6 +694,9 @@ pub struct ConsolidatedRecord {
     /// upstream failure or timeout): the content and any estimate are a lower bound.
     #[serde(default)]
     pub truncated: bool,
+    /// Bytes of the response body the proxy received from AOAI.
+    #[serde(default)]
+    pub response_bytes: u64,
     /// Orders the consolidations of one request: a record built from more of the request's raw
     /// records has a higher revision, and a complete record outranks every incomplete one.
     /// Exports carry it so a reader keeps the highest (KQL `arg_max(revision, *)`) and a

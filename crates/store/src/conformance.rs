@@ -117,6 +117,7 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
         client_disconnected: false,
         complete: true,
         truncated: false,
+        response_bytes: 0,
         revision: tollgate_records::revision(3, true),
         error: None,
     }

@@ -83,13 +83,18 @@ impl Parts {
         request.body = Body::from_bytes(Some(content_type.as_str()), &bytes);
     }
 
+    /// Every segment the end counted is here.
+    fn segments_whole(&self, end: &EndRecord) -> bool {
+        let first = end.first_segment_seq;
+        (first..first + end.segments).all(|s| self.segments.contains_key(&s))
+    }
+
     /// Request and end present, the request body whole, and every segment the end counted.
     pub fn is_complete(&self) -> bool {
         match (&self.request, &self.end) {
             (Some(request), Some(end)) => {
                 let body_whole = !matches!(request.body, Body::Parts { .. });
-                let first = end.first_segment_seq;
-                body_whole && (first..first + end.segments).all(|s| self.segments.contains_key(&s))
+                body_whole && self.segments_whole(end)
             }
             _ => false,
         }
@@ -300,6 +305,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         client_disconnected: end.is_some_and(|e| e.client_disconnected),
         complete,
         truncated: end.is_some_and(|e| e.truncated),
+        response_bytes: end.map_or(0, |e| e.response_bytes),
         revision: tollgate_records::revision(parts.raw_records, complete),
         error,
     })

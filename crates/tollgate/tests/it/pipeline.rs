@@ -686,7 +686,8 @@ async fn a_large_body_is_recorded_in_parts_and_billed_whole() {
     let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let id = request_id(&resp);
-    let answer: Value = resp.json().await.unwrap();
+    let answer_bytes = resp.bytes().await.unwrap();
+    let answer: Value = serde_json::from_slice(&answer_bytes).unwrap();
     s.settle().await;
 
     let raw = s.raw(&id).await;
@@ -712,6 +713,7 @@ async fn a_large_body_is_recorded_in_parts_and_billed_whole() {
     }
     let record = s.record(&id).await;
     assert!(record.complete);
+    assert_eq!(record.response_bytes, answer_bytes.len() as u64);
     assert_same_usage(&answer, record.usage.as_ref().unwrap());
     assert_eq!(
         record.prompt.unwrap()[0]["content"].as_str().map(str::len),
