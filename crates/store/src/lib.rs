@@ -42,10 +42,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether retrying the same call may succeed (an outage, a lock, a throttle) as opposed
-    /// to a refusal that will repeat for ever.
+    /// Whether retrying the same call may succeed. Only a refusal of the record itself
+    /// ([`StoreError::Rejected`]) is permanent: an outage, a throttle, and also a store that is
+    /// misconfigured or reports corruption are retried (records wait in the spool), because
+    /// setting records aside for a fault of the store would set every record aside.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Io(_) | StoreError::Unavailable(_))
+        !matches!(self, StoreError::Rejected { .. })
     }
 }
 
