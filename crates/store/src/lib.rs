@@ -37,6 +37,8 @@ pub enum StoreError {
     Unavailable(String),
     /// The store refused a record for good (too large, malformed for this backend): retrying
     /// the same record can never succeed, so the writer must set it aside, not retry forever.
+    /// `id` names the record, or is empty when the store cannot tell which one of the batch
+    /// (the writer then narrows it down).
     #[error("store rejected record {id}: {detail}")]
     Rejected { id: String, detail: String },
 }

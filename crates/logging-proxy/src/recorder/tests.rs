@@ -38,7 +38,10 @@ impl RawWriter for FakeStore {
         let rejected = self.rejected.lock().unwrap().clone();
         if let Some(bad) = batch.iter().find(|r| rejected.contains(&r.id())) {
             return Err(if self.anonymous.load(Ordering::SeqCst) {
-                StoreError::Corrupt("one of these documents is malformed".into())
+                StoreError::Rejected {
+                    id: String::new(),
+                    detail: "one of these documents is malformed".into(),
+                }
             } else {
                 StoreError::Rejected {
                     id: bad.id(),
