@@ -12,6 +12,9 @@ pub struct ParserConfig {
     pub batch_size: usize,
     /// Wait between polls when the feed is caught up.
     pub poll_interval_ms: u64,
+    /// After failed passes (a sink or the store down) the wait doubles from
+    /// `poll_interval_ms` up to this.
+    pub max_retry_interval_ms: u64,
     /// A request whose `end` record has not arrived after this long is recorded as incomplete.
     pub incomplete_after_ms: u64,
     /// Name of this consumer's checkpoint in the store.
@@ -29,6 +32,7 @@ impl Default for ParserConfig {
         ParserConfig {
             batch_size: 1000,
             poll_interval_ms: 200,
+            max_retry_interval_ms: 30_000,
             incomplete_after_ms: 15 * 60 * 1000,
             checkpoint_name: "log-parser".into(),
             price_table_path: None,

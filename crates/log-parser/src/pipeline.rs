@@ -228,13 +228,20 @@ impl Parser {
     /// Polls the feed until `cancel` fires, then catches up once more and returns.
     pub async fn run(&self, cancel: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
+        let mut backoff = Backoff::new(
+            poll,
+            Duration::from_millis(self.config.max_retry_interval_ms),
+        );
         loop {
             let wait = match self.run_once().await {
-                Ok(0) => poll,
-                Ok(_) => Duration::ZERO,
+                Ok(read) => {
+                    backoff.reset();
+                    if read == 0 { poll } else { Duration::ZERO }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Parser pass failed; retrying.");
-                    poll
+                    let wait = backoff.next();
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Parser pass failed; retrying.");
+                    wait
                 }
             };
             if cancel.is_cancelled() {
@@ -250,5 +257,50 @@ impl Parser {
         if let Err(e) = self.catch_up().await {
             tracing::error!(error = %e, "Final parser pass failed; the checkpoint keeps the rest for the next start.");
         }
+    }
+}
+
+/// The wait after consecutive failed passes: doubling from the poll interval up to a cap, so a
+/// sink that is down (a collector outage) is not hammered, nor the log flooded, every poll.
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    current: Option<Duration>,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            first,
+            max: max.max(first),
+            current: None,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let wait = match self.current {
+            None => self.first,
+            Some(d) => (d * 2).min(self.max),
+        };
+        self.current = Some(wait);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.current = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_millis(1000));
+        let waits: Vec<u128> = (0..5).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, vec![200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 200);
     }
 }
