@@ -103,7 +103,8 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     }
     let r = &app.recorder;
     let s = r.stats();
-    let rows: [(&str, &str, &str, u64); 11] = [
+    let p = &app.stats;
+    let rows: [(&str, &str, &str, u64); 14] = [
         (
             "tollgate_recorder_records_enqueued_total",
             "counter",
@@ -169,6 +170,24 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "gauge",
             "Requests whose end record is not yet handed over.",
             r.in_flight() as u64,
+        ),
+        (
+            "tollgate_proxy_requests_shed_total",
+            "counter",
+            "Requests refused with 503 because max_concurrent_requests were in progress.",
+            p.shed.load(Relaxed),
+        ),
+        (
+            "tollgate_proxy_refusals_unrecorded_total",
+            "counter",
+            "Refused requests (no key, bad path, headers too large) not recorded because the spool was in use.",
+            p.refusals_unrecorded.load(Relaxed),
+        ),
+        (
+            "tollgate_proxy_connections_refused_total",
+            "counter",
+            "Connections closed on accept by max_connections or max_connections_per_ip.",
+            p.connections_refused.load(Relaxed),
         ),
     ];
     let mut out = String::new();

@@ -76,7 +76,10 @@ impl Default for LimitsConfig {
             max_request_body_bytes: 32 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             connect_timeout_ms: 5_000,
-            first_byte_timeout_ms: 120_000,
+            // AOAI sends a non-stream answer's headers only when the whole answer is generated,
+            // which for reasoning models takes minutes; the openai SDK waits 600 s. Answering
+            // 504 sooner makes the SDK retry a request AOAI bills anyway.
+            first_byte_timeout_ms: 600_000,
             idle_timeout_ms: 60_000,
             total_timeout_ms: 600_000,
             max_drain_bytes: 16 * 1024 * 1024,
@@ -194,6 +197,9 @@ pub(crate) struct Validated {
     pub use_env_proxy: bool,
 }
 
+/// Longest duration any limit may name.
+const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
+
 fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
     let bytes = hex::decode(hex_digest.trim()).ok()?;
     bytes.try_into().ok()
@@ -256,6 +262,15 @@ impl ProxyConfig {
                     problems.push(format!("proxy.backends: deployment `{d}` is served twice"));
                 }
             }
+            if let Some(key) = &b.api_key
+                && axum::http::HeaderValue::from_str(secrecy::ExposeSecret::expose_secret(key))
+                    .is_err()
+            {
+                problems.push(format!(
+                    "proxy.backends `{}`: api_key is not a valid header value",
+                    b.name
+                ));
+            }
             if let Some(endpoint) = endpoint {
                 backends.push(Backend {
                     name: b.name.clone(),
@@ -281,6 +296,23 @@ impl ProxyConfig {
         ] {
             if v == 0 {
                 problems.push(format!("proxy.limits.{name} must be greater than 0"));
+            }
+        }
+        // Durations are added to instants; an unbounded one would overflow (and "no limit" is
+        // not a limit). A week is past any AOAI call.
+        for (name, v) in [
+            ("connect_timeout_ms", l.connect_timeout_ms),
+            ("first_byte_timeout_ms", l.first_byte_timeout_ms),
+            ("idle_timeout_ms", l.idle_timeout_ms),
+            ("total_timeout_ms", l.total_timeout_ms),
+            ("header_read_timeout_ms", l.header_read_timeout_ms),
+            ("body_read_timeout_ms", l.body_read_timeout_ms),
+            ("max_drain_ms", l.max_drain_ms),
+        ] {
+            if v > MAX_DURATION_MS {
+                problems.push(format!(
+                    "proxy.limits.{name} must be at most {MAX_DURATION_MS} (a week)"
+                ));
             }
         }
         let r = &self.recorder;

@@ -95,11 +95,10 @@ impl Ctx {
 pub(crate) fn from_parts(parts: &mut Parts) -> Option<Ctx> {
     let info = parts.extensions.remove::<RequestInfo>()?;
     let route = parts.extensions.remove::<Route>()?;
-    let consumer = parts
-        .extensions
-        .remove::<Consumer>()
-        .unwrap_or_else(Consumer::anonymous);
-    let slot = parts.extensions.remove::<SlotCell>();
+    // Each of these is put there by a layer; one missing means the layers are mis-ordered,
+    // and the request must not be served unauthenticated or unlimited.
+    let consumer = parts.extensions.remove::<Consumer>()?;
+    let slot = parts.extensions.remove::<SlotCell>()?;
     Some(Ctx {
         client_ip: client_ip(parts),
         info,
@@ -109,7 +108,7 @@ pub(crate) fn from_parts(parts: &mut Parts) -> Option<Ctx> {
         headers: std::mem::take(&mut parts.headers),
         route,
         consumer,
-        slot: slot.and_then(|s| s.lock().ok()?.take()),
+        slot: slot.lock().ok()?.take(),
     })
 }
 

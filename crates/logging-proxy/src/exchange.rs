@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tollgate_records::Attempt;
 
 use crate::AppState;
-use crate::context::{Ctx, REQUEST_ID_HEADER};
+use crate::context::Ctx;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::path;
@@ -160,10 +160,8 @@ async fn run(
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() =
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    // `x-tollgate-request-id` is added by the context layer on the way out.
     headers::downstream(&response_headers, response.headers_mut());
-    if let Ok(v) = HeaderValue::from_str(&ctx.info.request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, v);
-    }
     // When the client is gone the response comes back here and is dropped: the tee then
     // drains the rest of AOAI's answer in a tracked task and records it.
     let _ = answer.send(response);

@@ -76,21 +76,26 @@ pub(crate) fn summary(headers: &HeaderMap) -> BTreeMap<String, String> {
             );
             break;
         }
-        let mut value = redact(k, v.as_bytes());
-        if value.len() > SUMMARY_VALUE_BYTES {
-            let mut cut = SUMMARY_VALUE_BYTES;
-            while !value.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            value.truncate(cut);
-            value.push('…');
-        }
+        let value = bounded(&redact(k, v.as_bytes()), SUMMARY_VALUE_BYTES);
         let mut name = k.as_str().to_owned();
         // Names are ASCII (the HTTP parser enforces it), so any byte is a boundary.
         name.truncate(SUMMARY_NAME_BYTES);
         out.insert(name, value);
     }
     out
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), marked with `…` when cut: how
+/// a refused request's text is kept.
+pub(crate) fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
 }
 
 /// Total size of the header names and values, for the header-size limit.
@@ -113,8 +118,9 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// Headers to send to the backend: no hop-by-hop, no credentials, and no `accept-encoding`
-/// (recorded bytes must be parseable, so the backend is asked for an identity encoding).
+/// Headers to send to the backend: no hop-by-hop, no credentials, no `accept-encoding`
+/// (recorded bytes must be parseable, so the backend is asked for an identity encoding), and no
+/// `expect` (the whole body is read before it is forwarded).
 pub(crate) fn upstream(headers: &HeaderMap) -> HeaderMap {
     let named = connection_named(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
@@ -123,6 +129,7 @@ pub(crate) fn upstream(headers: &HeaderMap) -> HeaderMap {
         if HOP_BY_HOP.contains(&name)
             || is_secret(name)
             || name == "accept-encoding"
+            || name == "expect"
             || named.iter().any(|n| n == name)
         {
             continue;
@@ -182,6 +189,9 @@ mod tests {
         assert!(up.get("x-secret-hop").is_none());
         assert!(up.get("connection").is_none());
         assert!(up.get("x-kept").is_some());
+        let mut h = HeaderMap::new();
+        h.insert("expect", HeaderValue::from_static("100-continue"));
+        assert!(upstream(&h).get("expect").is_none());
         let mut down = HeaderMap::new();
         downstream(&h, &mut down);
         assert!(down.get("x-secret-hop").is_none());

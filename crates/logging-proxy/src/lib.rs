@@ -15,6 +15,7 @@ mod exchange;
 mod headers;
 mod layers;
 mod path;
+mod peek;
 mod phases;
 pub mod recorder;
 mod reject;

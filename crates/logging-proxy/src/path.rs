@@ -37,7 +37,8 @@ fn segment_ok(segment: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':'))
 }
 
-/// Operations that name a model: on the v1 surface their body's `model` picks the deployment.
+/// Operations that name a model: without a deployment in the path, their body's `model`
+/// picks the deployment.
 const MODEL_BOUND: &[&str] = &[
     "chat.completions",
     "completions",
@@ -51,9 +52,10 @@ const MODEL_BOUND: &[&str] = &[
 ];
 
 impl Route {
-    /// Whether the operation addresses a model (and so, on v1, needs the body's `model`).
-    pub(crate) fn is_model_bound(&self) -> bool {
-        MODEL_BOUND.contains(&self.operation.as_str())
+    /// Whether the body's `model` names the deployment: a model-bound operation on a path
+    /// without one (the v1 surface, and the Responses API at `/openai/responses`).
+    pub(crate) fn body_names_deployment(&self) -> bool {
+        self.deployment.is_none() && MODEL_BOUND.contains(&self.operation.as_str())
     }
 }
 
@@ -153,11 +155,13 @@ pub(crate) fn forwarded_query(query: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
-/// The value of `name` in a query string, as sent.
+/// The value of `name` in a query string, as sent; names compare as the server reading them
+/// does (decoded, any case).
 pub(crate) fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        decoded_name(k).eq_ignore_ascii_case(name).then_some(v)
+    })
 }
 
 /// `endpoint` (validated at config time) + the route's segments + the forwarded query.
@@ -187,6 +191,19 @@ mod tests {
         let r = parse("/openai/v1/embeddings").unwrap();
         assert!(r.v1);
         assert_eq!(r.operation, "embeddings");
+        assert!(r.body_names_deployment());
+        let r = parse("/openai/responses").unwrap();
+        assert!(
+            r.body_names_deployment(),
+            "the Responses API names its deployment in `model`"
+        );
+        let r = parse("/openai/v1/fine_tuning/jobs").unwrap();
+        assert!(
+            !r.body_names_deployment(),
+            "a base model is not a deployment"
+        );
+        let r = parse("/openai/deployments/gpt-4o/chat/completions").unwrap();
+        assert!(!r.body_names_deployment());
         let r = parse("/openai/files").unwrap();
         assert_eq!((r.deployment, r.operation.as_str()), (None, "files"));
         assert_eq!(parse("/other"), Err(PathError::NotFound));
@@ -250,5 +267,6 @@ mod tests {
         assert_eq!(forwarded_query(escaped).as_deref(), Some("api-version=1"));
         assert_eq!(decoded_name("a%2"), "a%2");
         assert_eq!(query_param(q, "api-version"), Some("1"));
+        assert_eq!(query_param("API-Version=2&x=1", "api-version"), Some("2"));
     }
 }

@@ -12,7 +12,9 @@
 //!    not depend on the client's connection;
 //! 6. **tee** — `tee.rs`: the response streams to the client and into the records.
 //!
-//! Each phase returns a result; every refusal goes through `reject.rs`.
+//! Each phase returns a result. An accepted request Tollgate answers itself (413, 408, 404, a
+//! backend it could not reach) ends through `reject.rs::end_accepted`; the one refusal here
+//! that records nothing is admission's 503: the recorder is what is full.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,8 @@ use crate::AppState;
 use crate::context::{self, Ctx};
 use crate::error::ProxyError;
 use crate::exchange;
-use crate::reject::{Accepted, accepted_record, end_accepted};
+use crate::peek;
+use crate::reject::{Accepted, end_accepted};
 
 pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
@@ -41,7 +44,7 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
     let bytes = match read_body(&app, body).await {
         Ok(bytes) => bytes,
         Err(error) => {
-            let records = vec![RawRecord::Request(accepted_record(&ctx))];
+            let records = vec![RawRecord::Request(ctx.request_record())];
             return end_accepted(&app, &ctx.info, records, 1, error, Vec::new(), accepted);
         }
     };
@@ -98,15 +101,6 @@ async fn read_body(app: &AppState, body: Body) -> Result<Bytes, ProxyError> {
     }
 }
 
-/// The two fields of a request body the proxy needs, read without building the whole document.
-#[derive(serde::Deserialize)]
-struct Peek<'a> {
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default, borrow)]
-    model: Option<std::borrow::Cow<'a, str>>,
-}
-
 /// What the describe phase found: the `request` record, the `part` records of a body too
 /// large for one document, and the body's `model` when it names one.
 pub(crate) struct Described {
@@ -131,21 +125,17 @@ impl Described {
 }
 
 fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
-    let mut record = accepted_record(ctx);
+    let mut record = ctx.request_record();
     let content_type = ctx
         .headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let body =
-        RecordBody::from_bytes_bounded(content_type, bytes, app.config.limits.max_json_depth);
-    let mut model = None;
-    if let RecordBody::Json { json } = &body
-        && let Ok(peek) = serde_json::from_str::<Peek<'_>>(json.as_str())
-    {
-        record.stream = peek.stream.unwrap_or(false);
-        model = peek.model.map(|m| m.into_owned());
-    }
-    if ctx.route.v1 {
+    let depth = app.config.limits.max_json_depth;
+    let body = RecordBody::from_bytes_bounded(content_type, bytes, depth);
+    let peeked = peek::peek(content_type, bytes, depth);
+    record.stream = peeked.stream;
+    let model = peeked.model;
+    if ctx.route.body_names_deployment() {
         record.deployment.clone_from(&model);
     }
     let mut parts = Vec::new();
@@ -170,7 +160,7 @@ fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
 
 /// The backend serving the request, as an index into the configured backends.
 fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<usize, ProxyError> {
-    let deployment = if ctx.route.v1 {
+    let deployment = if ctx.route.body_names_deployment() {
         model
     } else {
         ctx.route.deployment.clone()
@@ -182,8 +172,9 @@ fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<usize, Prox
             .get(&d)
             .copied()
             .ok_or(ProxyError::DeploymentNotFound),
-        // A model-bound v1 call must say which model; it never falls through to a default.
-        None if ctx.route.v1 && ctx.route.is_model_bound() => Err(ProxyError::ModelMissing),
+        // A call that names its deployment in the body must name one; it never falls through
+        // to a default backend.
+        None if ctx.route.body_names_deployment() => Err(ProxyError::ModelMissing),
         // Paths without a deployment (files, batches, …) go to the first backend.
         None if !app.config.backends.is_empty() => Ok(0),
         None => Err(ProxyError::RouteNotFound),

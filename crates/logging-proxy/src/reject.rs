@@ -89,17 +89,11 @@ fn summary_record(info: &RequestInfo, parts: &Parts, route: Option<&Route>) -> R
     }
 }
 
+/// How much of a refused request's path, query and user agent is kept.
 const SUMMARY_TEXT_BYTES: usize = 1024;
 
 fn bounded(text: &str) -> String {
-    if text.len() <= SUMMARY_TEXT_BYTES {
-        return text.to_owned();
-    }
-    let mut cut = SUMMARY_TEXT_BYTES;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}…", &text[..cut])
+    headers::bounded(text, SUMMARY_TEXT_BYTES)
 }
 
 /// Answers a request refused before admission, recording a bounded summary when the recorder
@@ -144,9 +138,4 @@ pub(crate) fn end_accepted(
     // Released after the end is handed over: that is what `flush` waits for.
     drop(accepted);
     error.into_response()
-}
-
-/// The context's request record with the headers an accepted request keeps.
-pub(crate) fn accepted_record(ctx: &context::Ctx) -> RequestRecord {
-    ctx.request_record()
 }
