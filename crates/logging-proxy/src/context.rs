@@ -60,33 +60,86 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// The `request` record's fields known before the body is read; every header is kept,
-    /// credentials redacted (a refused request keeps only a summary, see `reject.rs`).
+    /// The `request` record's fields known before the body is read, every header kept
+    /// (credentials redacted).
     pub(crate) fn request_record(&self) -> RequestRecord {
-        let query = self.query.as_deref();
-        RequestRecord {
-            schema_version: SCHEMA_VERSION,
-            request_id: self.info.request_id.to_string(),
-            time: self.info.time,
-            method: self.method.as_str().to_owned(),
-            path: self.path.clone(),
-            query: query.map(path::redacted_query),
-            deployment: self.route.deployment.clone(),
-            api_version: query
-                .and_then(|q| path::query_param(q, "api-version"))
-                .map(str::to_owned),
-            operation: self.route.operation.clone(),
-            stream: false,
-            consumer: self.consumer.clone(),
-            client_ip: self.client_ip.clone(),
-            user_agent: self
-                .headers
-                .get(axum::http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            headers: headers::redacted(&self.headers),
-            body: RecordBody::Empty,
-        }
+        request_record(
+            &RequestSeen {
+                info: &self.info,
+                method: &self.method,
+                path: &self.path,
+                query: self.query.as_deref(),
+                headers: &self.headers,
+                client_ip: self.client_ip.clone(),
+                route: Some(&self.route),
+            },
+            self.consumer.clone(),
+            Keep::All,
+        )
+    }
+}
+
+/// What a request record is made of, before or after the layers.
+pub(crate) struct RequestSeen<'a> {
+    pub info: &'a RequestInfo,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub client_ip: Option<String>,
+    pub route: Option<&'a Route>,
+}
+
+/// How much of a request its record keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// An accepted request: everything, credentials redacted.
+    All,
+    /// A refused request: a bounded summary, since all of it is the caller's unchecked text.
+    Summary,
+}
+
+/// How much of a refused request's path, query and user agent is kept.
+const SUMMARY_TEXT_BYTES: usize = 1024;
+
+/// The one builder of `request` records (their body is filled in by the describe phase).
+pub(crate) fn request_record(
+    seen: &RequestSeen<'_>,
+    consumer: Consumer,
+    keep: Keep,
+) -> RequestRecord {
+    let text = |t: &str| match keep {
+        Keep::All => t.to_owned(),
+        Keep::Summary => headers::bounded(t, SUMMARY_TEXT_BYTES),
+    };
+    RequestRecord {
+        schema_version: SCHEMA_VERSION,
+        request_id: seen.info.request_id.to_string(),
+        time: seen.info.time,
+        method: seen.method.as_str().to_owned(),
+        path: text(seen.path),
+        query: seen.query.map(|q| text(&path::redacted_query(q))),
+        deployment: seen.route.and_then(|r| r.deployment.clone()),
+        api_version: seen
+            .query
+            .and_then(|q| path::query_param(q, "api-version"))
+            .map(text),
+        operation: seen
+            .route
+            .map_or_else(|| "unknown".to_owned(), |r| r.operation.clone()),
+        stream: false,
+        consumer,
+        client_ip: seen.client_ip.clone(),
+        user_agent: seen
+            .headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(text),
+        headers: match keep {
+            Keep::All => headers::redacted(seen.headers),
+            Keep::Summary => headers::summary(seen.headers),
+        },
+        body: RecordBody::Empty,
     }
 }
 

@@ -25,6 +25,9 @@ pub enum ProxyError {
     RequestHeadersTooLarge { limit: usize },
     #[error("The request body could not be read: {0}")]
     RequestBodyUnreadable(String),
+    /// Never seen by the client, which is gone: recorded so the request's end says why.
+    #[error("The client closed the connection before its request body was complete.")]
+    ClientDisconnected,
     #[error("The request body was not received within {timeout_ms} ms.")]
     RequestBodyTimeout { timeout_ms: u64 },
     #[error(
@@ -72,6 +75,12 @@ impl ProxyError {
             ProxyError::RequestBodyUnreadable(_) => {
                 (StatusCode::BAD_REQUEST, "BadRequest", Downstream)
             }
+            // 499 is the de-facto "client closed request" status (nginx); no client sees it.
+            ProxyError::ClientDisconnected => (
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "ClientClosedRequest",
+                Downstream,
+            ),
             ProxyError::RequestBodyTimeout { .. } => {
                 (StatusCode::REQUEST_TIMEOUT, "RequestTimeout", Downstream)
             }

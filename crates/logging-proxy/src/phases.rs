@@ -91,6 +91,8 @@ async fn read_body(app: &AppState, body: Body) -> Result<Bytes, ProxyError> {
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             Err(if too_large {
                 ProxyError::RequestBodyTooLarge { limit }
+            } else if client_went_away(&e) {
+                ProxyError::ClientDisconnected
             } else {
                 ProxyError::RequestBodyUnreadable(e.to_string())
             })
@@ -99,6 +101,30 @@ async fn read_body(app: &AppState, body: Body) -> Result<Bytes, ProxyError> {
             timeout_ms: limits.body_read_timeout_ms,
         }),
     }
+}
+
+/// Whether a body read failed because the connection ended before the body did (as opposed
+/// to a malformed body from a client still there).
+fn client_went_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// What the describe phase found: the `request` record, the `part` records of a body too

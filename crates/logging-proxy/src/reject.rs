@@ -12,14 +12,13 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use tollgate_records::{
-    Attempt, Body as RecordBody, EndRecord, RawRecord, RequestRecord, SCHEMA_VERSION,
+    Attempt, Body as RecordBody, Consumer, EndRecord, RawRecord, SCHEMA_VERSION,
 };
 
 use crate::AppState;
-use crate::context::{self, RequestInfo};
+use crate::context::{self, Keep, RequestInfo};
 use crate::error::ProxyError;
-use crate::headers;
-use crate::path::{self, Route};
+use crate::path::Route;
 use crate::recorder::InFlight;
 use crate::tee::{hand_over, millis};
 
@@ -51,49 +50,13 @@ fn end_record(
         headers: Default::default(),
         content_type: Some("application/json".into()),
         body: RecordBody::Empty,
-        client_disconnected: false,
+        client_disconnected: matches!(error, ProxyError::ClientDisconnected),
         truncated: false,
         error: Some(error.info()),
         segments: 0,
         first_segment_seq: seq,
         response_bytes: 0,
     }
-}
-
-/// A refused request's summary record, from the raw parts (no context exists yet).
-fn summary_record(info: &RequestInfo, parts: &Parts, route: Option<&Route>) -> RequestRecord {
-    let query = parts.uri.query();
-    RequestRecord {
-        schema_version: SCHEMA_VERSION,
-        request_id: info.request_id.to_string(),
-        time: info.time,
-        method: parts.method.as_str().to_owned(),
-        // A refused path is kept only up to a bound: it is the caller's text.
-        path: bounded(parts.uri.path()),
-        query: query.map(|q| bounded(&path::redacted_query(q))),
-        deployment: route.and_then(|r| r.deployment.clone()),
-        api_version: query
-            .and_then(|q| path::query_param(q, "api-version"))
-            .map(bounded),
-        operation: route.map_or_else(|| "unknown".to_owned(), |r| r.operation.clone()),
-        stream: false,
-        consumer: tollgate_records::Consumer::anonymous(),
-        client_ip: context::client_ip(parts),
-        user_agent: parts
-            .headers
-            .get(axum::http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(bounded),
-        headers: headers::summary(&parts.headers),
-        body: RecordBody::Empty,
-    }
-}
-
-/// How much of a refused request's path, query and user agent is kept.
-const SUMMARY_TEXT_BYTES: usize = 1024;
-
-fn bounded(text: &str) -> String {
-    headers::bounded(text, SUMMARY_TEXT_BYTES)
 }
 
 /// Answers a request refused before admission, recording a bounded summary when the recorder
@@ -106,7 +69,16 @@ pub(crate) fn refuse(
     error: ProxyError,
 ) -> Response {
     if app.recorder.has_room_for_refusals() {
-        let request = summary_record(info, parts, route);
+        let seen = context::RequestSeen {
+            info,
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            client_ip: context::client_ip(parts),
+            route,
+        };
+        let request = context::request_record(&seen, Consumer::anonymous(), Keep::Summary);
         hand_over(&app.recorder, &app.requests, RawRecord::Request(request));
         let end = end_record(info, 1, &error, Vec::new());
         hand_over(&app.recorder, &app.requests, RawRecord::End(end));

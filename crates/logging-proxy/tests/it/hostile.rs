@@ -542,6 +542,15 @@ async fn a_client_that_hangs_up_mid_body_still_gets_one_end_record() {
         "the accepted request was recorded: {records:#?}"
     );
     assert_one_end_each(&records);
+    let end = end_of(&records);
+    assert!(
+        end.client_disconnected,
+        "the end says the client left: {end:?}"
+    );
+    assert_eq!(
+        end.error.as_ref().map(|e| e.code.as_str()),
+        Some("ClientClosedRequest")
+    );
     assert_eq!(s.sim.total_requests(), 0);
 }
 
