@@ -104,7 +104,7 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     let r = &app.recorder;
     let s = r.stats();
     let p = &app.stats;
-    let rows: [(&str, &str, &str, u64); 14] = [
+    let rows: [(&str, &str, &str, u64); 18] = [
         (
             "tollgate_recorder_records_enqueued_total",
             "counter",
@@ -152,6 +152,30 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "counter",
             "Failed spool writes (the records were kept in memory and retried).",
             s.spool_errors.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_journaled_total",
+            "counter",
+            "Raw records written to the write-ahead journal.",
+            s.journaled.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_journal_write_errors_total",
+            "counter",
+            "Failed journal writes (their records' responses were not held for the journal).",
+            s.journal_errors.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_unjournaled_total",
+            "counter",
+            "Raw records not journaled (failed write, journal over its caps); a kill could lose them.",
+            s.unjournaled.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_journal_bytes",
+            "gauge",
+            "Bytes in the journal files of this run.",
+            r.journal_bytes(),
         ),
         (
             "tollgate_recorder_queue_bytes",

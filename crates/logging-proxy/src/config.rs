@@ -134,8 +134,26 @@ pub struct RecorderConfig {
     /// Cap of `<spool_dir>/dead-letter.jsonl`, where records the store rejects for good go;
     /// when full, they stay in the spool and are retried instead.
     pub dead_letter_max_bytes: u64,
-    /// Wait between attempts to replay the spool into a failing store.
+    /// Wait between attempts to replay the spool into a failing store (and before a failing
+    /// journal is tried again).
     pub retry_interval_ms: u64,
+    /// The write-ahead journal: every record is also appended here, and a response's last byte
+    /// waits until its `end` record is written, so what a client received in full survives the
+    /// proxy being killed. Default `<data_dir>/journal`. Files an earlier run left are replayed
+    /// through the spool at start.
+    pub journal_dir: Option<PathBuf>,
+    /// Journal files are rotated at this size; a file is deleted once all its records are in
+    /// the store or the spool.
+    pub journal_file_max_bytes: u64,
+    /// Journal size cap; new requests are refused (503) before it is reached, and records over
+    /// it are not journaled (counted) rather than held.
+    pub journal_max_bytes: u64,
+    /// Records serialised and waiting for the journal's writer thread may take this many bytes;
+    /// new requests are refused before it is reached, and records over it are not journaled.
+    pub journal_buffer_max_bytes: u64,
+    /// `never` (default): journaled records survive the process being killed, not a power loss;
+    /// `always`: every journal write is synced to disk before the response completes.
+    pub journal_fsync: crate::recorder::SpoolFsync,
 }
 
 impl Default for RecorderConfig {
@@ -158,6 +176,13 @@ impl Default for RecorderConfig {
             spool_fsync: crate::recorder::SpoolFsync::Never,
             dead_letter_max_bytes: 256 * 1024 * 1024,
             retry_interval_ms: 1_000,
+            journal_dir: None,
+            journal_file_max_bytes: 16 * 1024 * 1024,
+            // As the spool: its files hold only records not yet stored or spooled, so it nears
+            // the cap only when the writer is stuck for long.
+            journal_max_bytes: 1024 * 1024 * 1024,
+            journal_buffer_max_bytes: 64 * 1024 * 1024,
+            journal_fsync: crate::recorder::SpoolFsync::Never,
         }
     }
 }
@@ -325,6 +350,8 @@ impl ProxyConfig {
             ("queue_max_bytes", r.queue_max_bytes),
             ("spool_buffer_max_bytes", r.spool_buffer_max_bytes),
             ("dead_letter_max_bytes", r.dead_letter_max_bytes),
+            ("journal_file_max_bytes", r.journal_file_max_bytes),
+            ("journal_buffer_max_bytes", r.journal_buffer_max_bytes),
         ] {
             if v == 0 {
                 problems.push(format!("proxy.recorder.{name} must be greater than 0"));
@@ -333,6 +360,12 @@ impl ProxyConfig {
         if r.spool_max_bytes < r.spool_file_max_bytes {
             problems.push(
                 "proxy.recorder.spool_max_bytes must be at least spool_file_max_bytes".to_owned(),
+            );
+        }
+        if r.journal_max_bytes < r.journal_file_max_bytes {
+            problems.push(
+                "proxy.recorder.journal_max_bytes must be at least journal_file_max_bytes"
+                    .to_owned(),
             );
         }
         let admin_key = match &self.admin_key_sha256 {

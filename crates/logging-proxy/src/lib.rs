@@ -47,7 +47,7 @@ pub type FlushHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + 
 
 pub struct ProxyDeps {
     pub store: Arc<dyn RawWriter>,
-    /// Default parent of the spool directory.
+    /// Default parent of the spool and journal directories.
     pub data_dir: PathBuf,
     pub after_flush: Option<FlushHook>,
 }
@@ -116,6 +116,14 @@ impl Proxy {
             spool_fsync: r.spool_fsync,
             dead_letter_max_bytes: r.dead_letter_max_bytes,
             retry_interval: Duration::from_millis(r.retry_interval_ms),
+            journal_dir: r
+                .journal_dir
+                .clone()
+                .unwrap_or_else(|| deps.data_dir.join("journal")),
+            journal_file_max_bytes: r.journal_file_max_bytes,
+            journal_max_bytes: r.journal_max_bytes,
+            journal_buffer_max_bytes: r.journal_buffer_max_bytes,
+            journal_fsync: r.journal_fsync,
         };
         let mut client = reqwest::Client::builder()
             .connect_timeout(validated.connect_timeout())

@@ -5,6 +5,15 @@
 //! - per chunk the work is O(chunk): the chunk's bytes are appended to the current segment and
 //!   the refcounted `Bytes` goes to the client; nothing waits on the store (records are handed
 //!   over with `try_record`, never awaited in the poll);
+//! - **the response completes only once its records survive a SIGKILL.** When the response is
+//!   about to complete — the upstream ended (the chunked terminator goes out after the body's
+//!   `None`), or a chunk completes a body sized by `content-length` (the client then has
+//!   everything, and hyper stops polling) — the tee first hands over the last segment and the
+//!   `end` record, then holds that last chunk (or the `None`) until the journal has written the
+//!   `end` record (a future polled inside `poll_next`, never blocking). Records are journaled in
+//!   order, so the `end` being written means every record of the request is. First and
+//!   intermediate chunks never wait; a failed or timed-out upstream (the client sees an error,
+//!   not a complete response) and a drain after the client left do not wait either;
 //! - the `end` record is emitted exactly once, when the upstream body ends, fails, times out,
 //!   or the drain bound after a client disconnect is reached;
 //! - a client that disconnects does not stop the reading: the task keeps reading the upstream
@@ -14,7 +23,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +38,7 @@ use tollgate_records::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitsConfig, RecorderConfig};
-use crate::recorder::Recorder;
+use crate::recorder::{Journaled, Recorder};
 use crate::reject::Accepted;
 
 /// Cuts the response body into `chunks` records, or keeps a small non-stream body inline.
@@ -236,8 +245,16 @@ impl Tee {
         (Instant::now() + Duration::from_millis(self.limits.idle_timeout_ms)).min(self.deadline)
     }
 
-    /// Writes the last segment and the `end` record; the request is then done.
-    fn finish(self, client_disconnected: bool) {
+    /// Whether the client has the whole body once the chunks so far are delivered: the
+    /// upstream's `content-length` is reached.
+    fn sized_body_complete(&self) -> bool {
+        self.expected_len.is_some_and(|n| self.sent >= n)
+    }
+
+    /// Writes the last segment and the `end` record; the request is then done. The `end`'s
+    /// ticket: once it is journaled, so is every record of the request (the journal keeps the
+    /// order records were handed over in).
+    fn finish(self, client_disconnected: bool) -> Journaled {
         let Tee {
             segmenter,
             ex,
@@ -272,19 +289,37 @@ impl Tee {
             first_segment_seq: ex.first_segment_seq,
             response_bytes,
         };
-        hand_over(&recorder, &requests, RawRecord::End(end));
+        let ticket = hand_over(&recorder, &requests, RawRecord::End(end));
         // Released after the end record is handed over: that is what `flush` waits for.
         drop(ex.accepted);
+        ticket
     }
 }
 
 /// Gives a record to the recorder without blocking the poll that produced it; in the rare case
-/// that queue and spool are both full, a tracked task waits for queue space.
-pub(crate) fn hand_over(recorder: &Recorder, requests: &TaskTracker, record: RawRecord) {
-    if let Err(record) = recorder.try_record(record) {
-        let recorder = recorder.clone();
-        requests.spawn(async move { recorder.record(*record).await });
+/// that queue and spool are both full, a tracked task waits for queue space. The record is
+/// journaled either way; the ticket says when it is written.
+pub(crate) fn hand_over(
+    recorder: &Recorder,
+    requests: &TaskTracker,
+    record: RawRecord,
+) -> Journaled {
+    match recorder.try_record(record) {
+        Ok(ticket) => ticket,
+        Err(refused) => {
+            let ticket = refused.ticket();
+            let recorder = recorder.clone();
+            requests.spawn(async move { recorder.requeue(refused).await });
+            ticket
+        }
     }
+}
+
+/// The end of a response, held until its `end` record is journaled.
+struct Closing {
+    journaled: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The chunk that completes a sized body, or `None` for the end of the stream.
+    last: Option<Bytes>,
 }
 
 /// The client's response body: polled by the client's connection, it yields each upstream chunk
@@ -294,6 +329,9 @@ pub(crate) fn hand_over(recorder: &Recorder, requests: &TaskTracker, record: Raw
 pub(crate) struct TeeBody {
     tee: Option<Tee>,
     timer: Pin<Box<Sleep>>,
+    /// Recording is done; the response's end waits for the journal.
+    closing: Option<Closing>,
+    recorder: Recorder,
 }
 
 impl TeeBody {
@@ -331,9 +369,28 @@ impl TeeBody {
         };
         let timer = Box::pin(tokio::time::sleep_until(tee.timer_deadline()));
         TeeBody {
+            recorder: tee.recorder.clone(),
             tee: Some(tee),
             timer,
+            closing: None,
         }
+    }
+
+    /// Ends the response with `last` (a final chunk, or `None`) once `ticket` is journaled.
+    fn close(
+        &mut self,
+        ticket: Journaled,
+        last: Option<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, io::Error>>> {
+        let Some(mut journaled) = self.recorder.journaled(ticket) else {
+            return Poll::Ready(last.map(Ok));
+        };
+        if journaled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(last.map(Ok));
+        }
+        self.closing = Some(Closing { journaled, last });
+        Poll::Pending
     }
 }
 
@@ -342,15 +399,31 @@ impl Stream for TeeBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(closing) = this.closing.as_mut() {
+            ready!(closing.journaled.as_mut().poll(cx));
+            let last = this.closing.take().and_then(|c| c.last);
+            return Poll::Ready(last.map(Ok));
+        }
         let Some(tee) = this.tee.as_mut() else {
             return Poll::Ready(None);
         };
         match tee.upstream.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 tee.on_chunk(&chunk);
-                let next = tee.timer_deadline();
-                this.timer.as_mut().reset(next);
-                Poll::Ready(Some(Ok(chunk)))
+                if !tee.sized_body_complete() {
+                    let next = tee.timer_deadline();
+                    this.timer.as_mut().reset(next);
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                // The client has everything once this chunk is out, and hyper will not poll
+                // again: the end is recorded now and the chunk waits for it.
+                match this.tee.take() {
+                    Some(tee) => {
+                        let ticket = tee.finish(false);
+                        this.close(ticket, Some(chunk), cx)
+                    }
+                    None => Poll::Ready(Some(Ok(chunk))),
+                }
             }
             Poll::Ready(Some(Err(e))) => {
                 tee.fail("BackendStreamBroken", format!("Upstream body failed: {e}"));
@@ -362,12 +435,14 @@ impl Stream for TeeBody {
                     "upstream body failed",
                 ))))
             }
-            Poll::Ready(None) => {
-                if let Some(tee) = this.tee.take() {
-                    tee.finish(false);
+            Poll::Ready(None) => match this.tee.take() {
+                // The terminator of a chunked body goes out after this `None`.
+                Some(tee) => {
+                    let ticket = tee.finish(false);
+                    this.close(ticket, None, cx)
                 }
-                Poll::Ready(None)
-            }
+                None => Poll::Ready(None),
+            },
             Poll::Pending => {
                 if this.timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
@@ -452,9 +527,209 @@ async fn drain(mut tee: Tee, client_disconnected: bool) {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{File, OpenOptions};
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use futures_util::FutureExt;
     use proptest::prelude::*;
+    use tollgate_store::{RawWriter, StoreError};
 
     use super::*;
+    use crate::recorder::spool::{self, AppendFile, Opener};
+
+    /// Takes everything, keeps nothing.
+    struct Discard;
+
+    #[async_trait::async_trait]
+    impl RawWriter for Discard {
+        async fn append(&self, _batch: &[RawRecord]) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    /// A journal file whose writes wait until the test opens the gate: a journal that has not
+    /// written yet.
+    struct Gated {
+        file: File,
+        gate: Gate,
+    }
+
+    impl AppendFile for Gated {
+        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+            let (open, cvar) = &*self.gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cvar.wait(open).unwrap();
+            }
+            std::io::Write::write_all(&mut self.file, buf)
+        }
+
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+    }
+
+    fn open_gate(gate: &Gate) {
+        let (open, cvar) = &**gate;
+        *open.lock().unwrap() = true;
+        cvar.notify_all();
+    }
+
+    struct Rig {
+        recorder: Recorder,
+        gate: Gate,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let journal_opener: Opener = {
+            let gate = gate.clone();
+            Box::new(move |path| {
+                let file = OpenOptions::new()
+                    .create_new(true)
+                    .append(true)
+                    .open(path)?;
+                Ok(Box::new(Gated {
+                    file,
+                    gate: gate.clone(),
+                }))
+            })
+        };
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let recorder = Recorder::start_with(
+            crate::recorder::test_settings(dir.path()),
+            Arc::new(Discard),
+            &tracker,
+            cancel.clone(),
+            spool::file_opener(),
+            journal_opener,
+        )
+        .unwrap();
+        Rig {
+            recorder,
+            gate,
+            tracker,
+            cancel,
+            _dir: dir,
+        }
+    }
+
+    impl Rig {
+        fn body(&self, upstream: http::Response<reqwest::Body>) -> TeeBody {
+            let content_type = Some("text/event-stream".to_owned());
+            let ex = Exchange {
+                request_id: "tee".into(),
+                started: Instant::now(),
+                status: 200,
+                backend: "b".into(),
+                attempts: Vec::new(),
+                ttfb_ms: 0.0,
+                headers: BTreeMap::new(),
+                content_type,
+                first_segment_seq: 1,
+                accepted: Accepted {
+                    inflight: self.recorder.begin(),
+                    slot: None,
+                },
+            };
+            TeeBody::new(
+                reqwest::Response::from(upstream),
+                ex,
+                self.recorder.clone(),
+                TaskTracker::new(),
+                CancellationToken::new(),
+                LimitsConfig::default(),
+                &RecorderConfig::default(),
+            )
+        }
+
+        async fn shutdown(self) {
+            open_gate(&self.gate);
+            self.cancel.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+        }
+    }
+
+    impl Drop for Rig {
+        /// A failed test must not leave the journal thread blocked: the runtime waits for it.
+        fn drop(&mut self) {
+            open_gate(&self.gate);
+        }
+    }
+
+    async fn within<F: Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("in time")
+    }
+
+    /// Defect: the response completed while its records were only in memory, so a SIGKILL
+    /// right after lost the records of a response the client had in full.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunked_body_ends_only_once_its_end_record_is_journaled() {
+        let rig = rig();
+        let chunks: Vec<Result<Bytes, io::Error>> = vec![
+            Ok(Bytes::from_static(b"data: a\n\n")),
+            Ok(Bytes::from_static(b"data: b\n\n")),
+        ];
+        let upstream = http::Response::new(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )));
+        let mut body = rig.body(upstream);
+        // The journal writes nothing yet; the chunks still go out at once.
+        for expected in [&b"data: a\n\n"[..], b"data: b\n\n"] {
+            let chunk = within(body.next()).await.unwrap().unwrap();
+            assert_eq!(&chunk[..], expected);
+        }
+        // The upstream has ended, the `end` is handed over: the end of the body waits.
+        let mut end = body.next();
+        assert!((&mut end).now_or_never().is_none(), "held for the journal");
+        assert_eq!(
+            rig.recorder.in_flight(),
+            0,
+            "the end record was handed over"
+        );
+        open_gate(&rig.gate);
+        assert!(within(end).await.is_none(), "ends once journaled");
+        assert!(
+            rig.recorder
+                .stats()
+                .journaled
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        rig.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_chunk_that_completes_a_sized_body_waits_for_the_journal() {
+        let rig = rig();
+        // One chunk, with its length known: `content-length` on the wire.
+        let upstream = http::Response::new(reqwest::Body::from("{\"ok\":true}"));
+        let mut body = rig.body(upstream);
+        let mut last = body.next();
+        assert!(
+            (&mut last).now_or_never().is_none(),
+            "the completing chunk is held"
+        );
+        open_gate(&rig.gate);
+        let chunk = within(last).await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"{\"ok\":true}");
+        assert!(within(body.next()).await.is_none());
+        rig.shutdown().await;
+    }
 
     fn config(max: usize, age_ms: u64, inline: usize) -> RecorderConfig {
         RecorderConfig {

@@ -7,10 +7,17 @@
 //!   file. The only exits besides the store are ERROR log lines with a counter: a spooled frame
 //!   found corrupt (`corrupt`), a record the store rejects for good (`dead_lettered`), and records
 //!   still in memory when the process stops with both disk and store refusing them;
+//! - **a response's last byte waits for its records to be in a file.** `try_record` first adds
+//!   the record to the write-ahead journal's buffer (`journal.rs`: one thread writes everything
+//!   buffered with one write and publishes how far it got) and returns its ticket; the tee
+//!   holds the response's last chunk until [`Recorder::journaled`] says the `end` record is
+//!   written. So a response the client has in full survives a SIGKILL of the proxy: journal
+//!   files an earlier run left are replayed through the spool at start;
 //! - **a request task never waits on the store or on file I/O.** `try_record` puts the record
 //!   in the queue, else hands it to the spool thread over a channel; only when both are full
 //!   does it give the record back, and `record` then waits for space. All spool and
-//!   dead-letter file I/O runs on the spool thread (`spooler.rs`), never on an async worker;
+//!   dead-letter file I/O runs on the spool thread (`spooler.rs`), all journal I/O on the
+//!   journal thread, never on an async worker;
 //! - **a record leaves the spool only after the store confirmed it** (or it was dead-lettered);
 //! - **order:** the queue and the spool are each first in, first out; while the spool holds
 //!   anything, the writer appends new batches behind it and replays it oldest first. A record
@@ -33,18 +40,22 @@
 //! - `spool_buffer_max_bytes` of records handed to the spool thread and not yet on disk;
 //! - `dead_letter_max_bytes` for the dead-letter file; when full, rejected records stay in the
 //!   spool and are retried (the spool fills and requests are refused, nothing is dropped);
-//! - `spool_fsync` (`never` by default): see the spool's module doc for what each choice survives.
+//! - `spool_fsync` (`never` by default): see the spool's module doc for what each choice survives;
+//! - `journal_max_bytes` on disk, `journal_file_max_bytes` per file, `journal_buffer_max_bytes`
+//!   of frames waiting for the journal thread, `journal_fsync`: see the journal's module doc.
 //!
 //! `flush` waits until every request in flight has emitted its `end` record and every record
 //! before the call is in the store (or, if the store is down, in the spool) — tests and the
 //! admin endpoint synchronise on it instead of sleeping. `shutdown` drains the queue and exits.
 
+mod journal;
 pub(crate) mod spool;
 mod spooler;
 mod writer;
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -56,6 +67,7 @@ use tokio_util::task::TaskTracker;
 use tollgate_records::{Body, RawRecord, SegmentData};
 use tollgate_store::RawWriter;
 
+use self::journal::{Journal, JournalSettings, Ledger, UNJOURNALED};
 pub use self::spool::SpoolFsync;
 use self::spool::{Opener, Spool, SpoolError, SpoolLimits};
 use self::spooler::{DeadLetters, SpoolHandle, SpoolerSettings};
@@ -63,8 +75,9 @@ use self::writer::Writer;
 
 enum Item {
     // Boxed: records are large and the queue's slots are sized by the largest variant. The
-    // number is the record's estimated size, counted in the queue's byte budget.
-    Record(Box<RawRecord>, u64),
+    // numbers are the record's estimated size, counted in the queue's byte budget, and its
+    // journal sequence number, settled once the record is stored or spooled.
+    Record(Box<RawRecord>, u64, u64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -83,6 +96,13 @@ pub struct RecorderStats {
     pub dead_lettered: AtomicU64,
     /// Spool writes that failed (the records were kept in memory and retried).
     pub spool_errors: AtomicU64,
+    /// Records written to the journal.
+    pub journaled: AtomicU64,
+    /// Journal writes that failed.
+    pub journal_errors: AtomicU64,
+    /// Records handed over but not journaled (a failed write, a journal over its caps): their
+    /// responses did not wait, so a SIGKILL could lose them.
+    pub unjournaled: AtomicU64,
 }
 
 /// A cheap estimate of a record's size, in memory and in the spool: bodies and segment data
@@ -150,9 +170,29 @@ fn spool_headroom(max_bytes: u64) -> u64 {
     (max_bytes / 4).min(8 * 1024 * 1024)
 }
 
+/// A record's place in the journal, to wait on with [`Recorder::journaled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Journaled(u64);
+
+/// A record neither the queue nor the spool could take; already journaled. Wait for space
+/// with [`Recorder::requeue`].
+#[derive(Debug)]
+pub(crate) struct Refused {
+    record: Box<RawRecord>,
+    size: u64,
+    seq: u64,
+}
+
+impl Refused {
+    pub(crate) fn ticket(&self) -> Journaled {
+        Journaled(self.seq)
+    }
+}
+
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Item>,
+    journal: Journal,
     queue: Arc<QueueBudget>,
     spool: SpoolHandle,
     /// Woken when queue or spool memory is freed.
@@ -174,6 +214,11 @@ pub(crate) struct RecorderSettings {
     pub spool_fsync: SpoolFsync,
     pub dead_letter_max_bytes: u64,
     pub retry_interval: Duration,
+    pub journal_dir: PathBuf,
+    pub journal_file_max_bytes: u64,
+    pub journal_max_bytes: u64,
+    pub journal_buffer_max_bytes: u64,
+    pub journal_fsync: SpoolFsync,
 }
 
 /// A request being recorded; emitting its `end` record (or dropping the guard) marks it done.
@@ -198,26 +243,48 @@ impl Recorder {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Recorder, SpoolError> {
-        Self::start_with(settings, store, tracker, cancel, spool::file_opener())
+        Self::start_with(
+            settings,
+            store,
+            tracker,
+            cancel,
+            spool::file_opener(),
+            spool::file_opener(),
+        )
     }
 
-    /// [`Recorder::start`] with the spool's files opened by `opener` (a seam for tests).
-    fn start_with(
+    /// [`Recorder::start`] with the spool's and the journal's files opened by the given openers
+    /// (a seam for tests).
+    pub(crate) fn start_with(
         settings: RecorderSettings,
         store: Arc<dyn RawWriter>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
         opener: Opener,
+        journal_opener: Opener,
     ) -> Result<Recorder, SpoolError> {
         let limits = SpoolLimits {
             max_bytes: settings.spool_max_bytes,
             file_max_bytes: settings.spool_file_max_bytes,
             fsync: settings.spool_fsync,
         };
-        let spool = Spool::open(&settings.spool_dir, limits, opener)?;
+        let mut spool = Spool::open(&settings.spool_dir, limits, opener)?;
+        // Recovery: what the journal of an earlier run holds goes to the spool, behind the
+        // spool's own files, and is replayed into the store like them (records already
+        // stored are no-ops there). Done before anything is served.
+        let (leftovers, first_id) = journal::leftovers(&settings.journal_dir)?;
+        if !leftovers.is_empty() {
+            tracing::info!(
+                files = leftovers.len(),
+                dir = %settings.journal_dir.display(),
+                "Replaying journal files left by an earlier run."
+            );
+        }
+        spool.adopt(leftovers)?;
         let stats = Arc::new(RecorderStats::default());
         let space = Arc::new(Notify::new());
         let spool_ready = Arc::new(Notify::new());
+        let ledger = Arc::new(Ledger::new());
         let spool = spooler::start(
             spool,
             SpoolerSettings {
@@ -231,7 +298,24 @@ impl Recorder {
                 stats: stats.clone(),
                 ready: spool_ready.clone(),
                 space: space.clone(),
+                ledger: ledger.clone(),
             },
+            tracker,
+        );
+        let journal = journal::start(
+            JournalSettings {
+                dir: settings.journal_dir.clone(),
+                file_max_bytes: settings.journal_file_max_bytes,
+                max_bytes: settings.journal_max_bytes,
+                buffer_max_bytes: settings.journal_buffer_max_bytes,
+                fsync: settings.journal_fsync,
+                retry_interval: settings.retry_interval,
+            },
+            first_id,
+            journal_opener,
+            ledger.clone(),
+            spool.clone(),
+            stats.clone(),
             tracker,
         );
         let queue = Arc::new(QueueBudget {
@@ -241,6 +325,7 @@ impl Recorder {
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let recorder = Recorder {
             tx,
+            journal: journal.clone(),
             queue: queue.clone(),
             spool: spool.clone(),
             space: space.clone(),
@@ -261,6 +346,8 @@ impl Recorder {
             retry_interval: settings.retry_interval,
             next_retry: Instant::now(),
             stats,
+            ledger,
+            journal,
         };
         tracker.spawn(writer.run(cancel));
         Ok(recorder)
@@ -270,10 +357,10 @@ impl Recorder {
         &self.stats
     }
 
-    /// Whether a new request may be accepted: false once the spool is nearly full, or while
-    /// the disk refuses spool writes.
+    /// Whether a new request may be accepted: false once the spool or the journal is nearly
+    /// full, or while the disk refuses their writes.
     pub(crate) fn can_accept(&self) -> bool {
-        self.spool.has_room(spool_headroom(self.spool.max_bytes()))
+        self.spool.has_room(spool_headroom(self.spool.max_bytes())) && self.journal.has_room()
     }
 
     /// Whether records of refused requests (no key, bad path) may be taken: only while the
@@ -289,26 +376,26 @@ impl Recorder {
         }
     }
 
-    /// Hands a record to the writer without waiting on the store; waits only when queue and
-    /// spool are both full, until one has room.
-    pub(crate) async fn record(&self, record: RawRecord) {
-        let size = estimated_size(&record);
-        let Err(mut record) = self.offer(Box::new(record), size, false) else {
-            return;
-        };
+    /// Waits for space in the queue or the spool for a record both refused.
+    pub(crate) async fn requeue(&self, refused: Refused) {
+        let Refused {
+            mut record,
+            size,
+            seq,
+        } = refused;
         tracing::warn!("Queue and spool are full; waiting for space.");
         loop {
             // Registered before looking, so space freed in between is not missed.
             let mut space = pin!(self.space.notified());
             space.as_mut().enable();
-            record = match self.offer(record, size, true) {
+            record = match self.offer(record, size, seq, true) {
                 Ok(()) => return,
                 Err(r) => r,
             };
             if self.tx.is_closed() {
                 tracing::error!(
                     record_id = %record.id(),
-                    "Recorder stopped before a record could be queued; it is lost."
+                    "Recorder stopped before a record could be queued; it is lost unless the journal took it."
                 );
                 return;
             }
@@ -316,21 +403,41 @@ impl Recorder {
         }
     }
 
-    /// Hands a record over without waiting: to the queue, else to the spool. Gives the record
-    /// back only when both are full; the caller must then wait with [`Recorder::record`].
-    pub(crate) fn try_record(&self, record: RawRecord) -> Result<(), Box<RawRecord>> {
+    /// Journals the record (adds it to the journal's buffer) and hands it over without
+    /// waiting: to the queue, else to the spool. Gives the record back only when both are
+    /// full; the caller must then wait with [`Recorder::requeue`].
+    pub(crate) fn try_record(&self, record: RawRecord) -> Result<Journaled, Refused> {
         let size = estimated_size(&record);
-        self.offer(Box::new(record), size, false)
+        let seq = self.journal.append(&record);
+        match self.offer(Box::new(record), size, seq, false) {
+            Ok(()) => Ok(Journaled(seq)),
+            Err(record) => Err(Refused { record, size, seq }),
+        }
+    }
+
+    /// A future that completes once the record behind `ticket` is in a journal file (or the
+    /// journal gave up on it: see `unjournaled`); `None` when it already is.
+    pub(crate) fn journaled(
+        &self,
+        ticket: Journaled,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + 'static>>> {
+        if ticket.0 == UNJOURNALED {
+            return None;
+        }
+        self.journal
+            .released(ticket.0)
+            .map(|f| Box::pin(f) as Pin<Box<dyn Future<Output = ()> + Send>>)
     }
 
     fn offer(
         &self,
         record: Box<RawRecord>,
         size: u64,
+        seq: u64,
         patient: bool,
     ) -> Result<(), Box<RawRecord>> {
         let record = if self.queue.reserve(size, patient) {
-            match self.tx.try_send(Item::Record(record, size)) {
+            match self.tx.try_send(Item::Record(record, size, seq)) {
                 Ok(()) => {
                     self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -340,7 +447,7 @@ impl Recorder {
                 ) => {
                     self.queue.release(size);
                     match item {
-                        Item::Record(r, _) => r,
+                        Item::Record(r, _, _) => r,
                         Item::Flush(_) => return Ok(()),
                     }
                 }
@@ -348,7 +455,7 @@ impl Recorder {
         } else {
             record
         };
-        self.spool.offer(record, size)?;
+        self.spool.offer(record, size, seq)?;
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
         self.stats.spooled.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -389,6 +496,34 @@ impl Recorder {
     /// Estimated bytes of records in the queue and the writer's hands.
     pub fn queued_bytes(&self) -> u64 {
         self.queue.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes in this run's journal files.
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal.disk_bytes()
+    }
+}
+
+/// Settings for tests: small limits, everything under `dir`, replays only on `flush`.
+#[cfg(test)]
+pub(crate) fn test_settings(dir: &std::path::Path) -> RecorderSettings {
+    RecorderSettings {
+        queue_capacity: 64,
+        queue_max_bytes: 1 << 20,
+        max_batch_records: 16,
+        flush_interval: Duration::ZERO,
+        spool_dir: dir.to_path_buf(),
+        spool_max_bytes: 1 << 22,
+        spool_file_max_bytes: 64 * 1024,
+        spool_buffer_max_bytes: 1 << 20,
+        spool_fsync: SpoolFsync::Never,
+        dead_letter_max_bytes: 1 << 20,
+        retry_interval: Duration::from_secs(3600),
+        journal_dir: dir.join("journal"),
+        journal_file_max_bytes: 64 * 1024,
+        journal_max_bytes: 1 << 22,
+        journal_buffer_max_bytes: 1 << 20,
+        journal_fsync: SpoolFsync::Never,
     }
 }
 

@@ -3,7 +3,9 @@
 //! none of this file's I/O runs on an async worker.
 //!
 //! Format: numbered files `{id:016}.spool`, each a run of frames
-//! `[len: u32 LE][crc32 of the payload: u32 LE][len bytes of the record's JSON]`.
+//! `[len: u32 LE][crc32 of the payload: u32 LE][len bytes of the record's JSON]`. The journal
+//! writes the same frames, and at start the journal files an earlier run left are adopted and
+//! read as spool files ([`Spool::adopt`]).
 //!
 //! Invariants:
 //! - records are read back in append order, across files and restarts;
@@ -162,7 +164,7 @@ impl DiskBatch {
     }
 }
 
-fn encode_frame(buf: &mut Vec<u8>, record: &RawRecord) -> Result<(), SpoolError> {
+pub(crate) fn encode_frame(buf: &mut Vec<u8>, record: &RawRecord) -> Result<(), SpoolError> {
     let payload = serde_json::to_vec(record)?;
     let len = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "record over 4 GiB"))?;
@@ -209,6 +211,24 @@ impl Spool {
             corrupt_records: 0,
             disk_bytes,
         })
+    }
+
+    /// Takes files another writer left (the journal's, from an earlier run) into the spool,
+    /// behind its own files: they are read, checked frame by frame and deleted once their
+    /// records are acknowledged, like spool files, and never appended to. Only before the first
+    /// append, while no file is open for appending.
+    pub(crate) fn adopt(&mut self, paths: Vec<PathBuf>) -> Result<(), SpoolError> {
+        if self.writer.is_some() {
+            return Err(io::Error::other("files can only be adopted before appending").into());
+        }
+        for path in paths {
+            let size = fs::metadata(&path)?.len();
+            let id = self.next_id;
+            self.next_id += 1;
+            self.files.push_back(SpoolFile { id, path, size });
+        }
+        self.publish();
+        Ok(())
     }
 
     /// Bytes not yet acknowledged.

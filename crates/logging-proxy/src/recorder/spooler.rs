@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tollgate_records::RawRecord;
 
 use super::RecorderStats;
+use super::journal::Ledger;
 use super::spool::{DiskBatch, Spool, SpoolError, SpoolFsync};
 
 /// Gauges the thread publishes and request tasks read without waiting on it.
@@ -47,8 +48,9 @@ pub(crate) struct Shared {
 }
 
 enum Command {
-    /// A record a request task could not queue; its size is already in `buffer_bytes`.
-    Overflow(Box<RawRecord>, u64),
+    /// A record a request task could not queue, its estimated size (already in
+    /// `buffer_bytes`) and its journal sequence number (settled once the spool has it).
+    Overflow(Box<RawRecord>, u64, u64),
     /// A batch from the writer; refused (given back) only when the disk refused it and the
     /// memory budget is spent.
     Append {
@@ -113,6 +115,8 @@ pub(crate) struct SpoolerSettings {
     pub(crate) ready: Arc<Notify>,
     /// Woken when memory is freed, for request tasks waiting in `Recorder::record`.
     pub(crate) space: Arc<Notify>,
+    /// Where overflowed records are marked settled for the journal once the spool has them.
+    pub(crate) ledger: Arc<Ledger>,
 }
 
 /// Starts the spool thread on `tracker`'s blocking pool; it runs until [`SpoolHandle::stop`].
@@ -120,6 +124,12 @@ pub(crate) fn start(spool: Spool, settings: SpoolerSettings, tracker: &TaskTrack
     let (handle, worker) = worker(spool, settings);
     tracker.spawn_blocking(move || worker.run());
     handle
+}
+
+/// A handle whose thread never runs: for tests that only read its gauges.
+#[cfg(test)]
+pub(crate) fn detached(spool: Spool, settings: SpoolerSettings) -> SpoolHandle {
+    worker(spool, settings).0
 }
 
 fn worker(spool: Spool, settings: SpoolerSettings) -> (SpoolHandle, Worker) {
@@ -145,9 +155,14 @@ fn worker(spool: Spool, settings: SpoolerSettings) -> (SpoolHandle, Worker) {
 }
 
 impl SpoolHandle {
-    /// Hands a record to the spool without waiting. Refused (given back) when the memory for
-    /// records on their way to disk is spent, or the spool is at its cap.
-    pub(crate) fn offer(&self, record: Box<RawRecord>, size: u64) -> Result<(), Box<RawRecord>> {
+    /// Hands a record (journaled as `seq`) to the spool without waiting. Refused (given back)
+    /// when the memory for records on their way to disk is spent, or the spool is at its cap.
+    pub(crate) fn offer(
+        &self,
+        record: Box<RawRecord>,
+        size: u64,
+        seq: u64,
+    ) -> Result<(), Box<RawRecord>> {
         let s = &self.shared;
         let disk = s.disk_bytes.load(Ordering::Relaxed);
         let reserved = s
@@ -161,12 +176,12 @@ impl SpoolHandle {
         if reserved.is_err() {
             return Err(record);
         }
-        match self.tx.send(Command::Overflow(record, size)) {
+        match self.tx.send(Command::Overflow(record, size, seq)) {
             Ok(()) => Ok(()),
             Err(mpsc::SendError(cmd)) => {
                 s.buffer_bytes.fetch_sub(size, Ordering::AcqRel);
                 match cmd {
-                    Command::Overflow(record, _) => Err(record),
+                    Command::Overflow(record, _, _) => Err(record),
                     _ => Ok(()),
                 }
             }
@@ -260,6 +275,18 @@ impl SpoolHandle {
         let _ = self.tx.send(Command::Stop);
     }
 
+    /// Whether the spool holds records in memory only (the disk refused them). Such records
+    /// count as settled for the journal, so the journal keeps its files meanwhile. Published
+    /// before the records are marked settled.
+    pub(crate) fn in_memory(&self) -> bool {
+        self.shared.degraded.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_in_memory_for_test(&self, in_memory: bool) {
+        self.shared.degraded.store(in_memory, Ordering::Release);
+    }
+
     /// Nothing on disk or on its way there.
     pub(crate) fn is_empty(&self) -> bool {
         self.pending_bytes() == 0
@@ -304,12 +331,16 @@ impl Worker {
                 break;
             };
             match cmd {
-                Command::Overflow(record, size) => {
+                Command::Overflow(record, size, seq) => {
                     // Group commit: one write (and one sync) for every overflow already waiting.
                     let mut group = vec![(*record, size)];
+                    let mut seqs = vec![seq];
                     loop {
                         match self.rx.try_recv() {
-                            Ok(Command::Overflow(r, s)) => group.push((*r, s)),
+                            Ok(Command::Overflow(r, s, q)) => {
+                                group.push((*r, s));
+                                seqs.push(q);
+                            }
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -318,6 +349,7 @@ impl Worker {
                         }
                     }
                     self.overflow(group);
+                    self.settings.ledger.settle(seqs);
                 }
                 Command::Stop => {
                     self.stop();
@@ -348,7 +380,10 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Overflow(record, size) => self.overflow(vec![(*record, size)]),
+            Command::Overflow(record, size, seq) => {
+                self.overflow(vec![(*record, size)]);
+                self.settings.ledger.settle([seq]);
+            }
             Command::Append {
                 records,
                 sizes,
@@ -405,6 +440,8 @@ impl Worker {
             .store(self.in_memory(), Ordering::Release);
     }
 
+    /// Puts a group of overflowed records on disk, or in the tail. Either way `publish` has
+    /// run before it returns, so the journal sees `degraded` before these records settle.
     fn overflow(&mut self, group: Vec<(RawRecord, u64)>) {
         let bytes: u64 = group.iter().map(|(_, s)| s).sum();
         if !self.in_memory() {
@@ -569,7 +606,7 @@ impl Worker {
         if !self.tail.is_empty() {
             tracing::error!(
                 records = self.tail.len(),
-                "Recorder stopping with records the disk refused and the store did not take; they are lost."
+                "Recorder stopping with records the disk refused and the store did not take; they are not in the spool (those the journal took stay in its files and are replayed at the next start)."
             );
         }
     }
@@ -678,6 +715,7 @@ mod tests {
                 stats: stats.clone(),
                 ready: Arc::new(Notify::new()),
                 space: Arc::new(Notify::new()),
+                ledger: Arc::new(Ledger::new()),
             },
         );
         Rig {
@@ -699,7 +737,7 @@ mod tests {
         fn offer(&mut self, id: &str) {
             let r = sample_request(id);
             let size = super::super::estimated_size(&r);
-            assert!(self.handle.offer(Box::new(r), size).is_ok());
+            assert!(self.handle.offer(Box::new(r), size, 0).is_ok());
             self.pump();
         }
 
@@ -779,7 +817,7 @@ mod tests {
         rig.offer("a");
         // …but no more while it is held.
         let r = sample_request("b");
-        assert!(rig.handle.offer(Box::new(r), 600).is_err());
+        assert!(rig.handle.offer(Box::new(r), 600, 0).is_err());
         let (reply, _answer) = oneshot::channel();
         rig.worker.handle(Command::Append {
             records: vec![sample_request("c")],

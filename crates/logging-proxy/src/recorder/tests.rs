@@ -71,20 +71,8 @@ impl FakeStore {
 }
 
 fn settings(dir: &Path) -> RecorderSettings {
-    RecorderSettings {
-        queue_capacity: 64,
-        queue_max_bytes: 1 << 20,
-        max_batch_records: 16,
-        flush_interval: Duration::ZERO,
-        spool_dir: dir.to_path_buf(),
-        spool_max_bytes: 1 << 22,
-        spool_file_max_bytes: 64 * 1024,
-        spool_buffer_max_bytes: 1 << 20,
-        spool_fsync: SpoolFsync::Never,
-        dead_letter_max_bytes: 1 << 20,
-        // Replays happen on `flush`, so tests decide when.
-        retry_interval: Duration::from_secs(3600),
-    }
+    // Replays happen on `flush`, so tests decide when.
+    test_settings(dir)
 }
 
 struct Rig {
@@ -100,14 +88,29 @@ fn rig(tweak: impl FnOnce(&mut RecorderSettings)) -> Rig {
 }
 
 fn rig_with(tweak: impl FnOnce(&mut RecorderSettings), opener: Opener) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
+    rig_in(tempfile::tempdir().unwrap(), tweak, opener)
+}
+
+/// A recorder on `dir`, as a process starting on what an earlier one left there.
+fn rig_in(
+    dir: tempfile::TempDir,
+    tweak: impl FnOnce(&mut RecorderSettings),
+    opener: Opener,
+) -> Rig {
     let mut s = settings(dir.path());
     tweak(&mut s);
     let store = Arc::new(FakeStore::default());
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let recorder =
-        Recorder::start_with(s, store.clone(), &tracker, cancel.clone(), opener).unwrap();
+    let recorder = Recorder::start_with(
+        s,
+        store.clone(),
+        &tracker,
+        cancel.clone(),
+        opener,
+        spool::file_opener(),
+    )
+    .unwrap();
     Rig {
         recorder,
         store,
@@ -418,4 +421,132 @@ fn estimated_size_follows_the_bodies() {
     let small = estimated_size(&sample_chunk("e", 1, "x"));
     let large = estimated_size(&sample_chunk("e", 1, &"x".repeat(10_000)));
     assert_eq!(large - small, 9_999);
+}
+
+fn journal_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    journal::leftovers(&dir.join("journal")).unwrap().0
+}
+
+/// Waits until the journal has written the records behind `tickets`.
+async fn journaled(recorder: &Recorder, tickets: Vec<Journaled>) {
+    for t in tickets {
+        if let Some(wait) = recorder.journaled(t) {
+            tokio::time::timeout(Duration::from_secs(30), wait)
+                .await
+                .expect("journaled");
+        }
+    }
+}
+
+/// Defect: records waited in the queue (and the writer's batch) only in memory, so a SIGKILL
+/// lost them although the responses they describe had gone out.
+#[tokio::test]
+async fn records_journaled_before_a_kill_are_replayed_at_the_next_start() {
+    let rig = rig(|_| {});
+    // The store takes nothing: the records sit in the queue and the writer's batch.
+    let stall = rig.store.stall.lock().await;
+    let all = names("j", 5);
+    let tickets = all
+        .iter()
+        .map(|id| rig.recorder.try_record(sample_request(id)).unwrap())
+        .collect();
+    journaled(&rig.recorder, tickets).await;
+    assert!(rig.store.ids().is_empty());
+    // Killed here: what is on disk is what the next process finds.
+    let killed = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(killed.path().join("journal")).unwrap();
+    for f in journal_files(rig.dir.path()) {
+        std::fs::copy(
+            &f,
+            killed.path().join("journal").join(f.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    drop(stall);
+    rig.shutdown().await;
+
+    let next = rig_in(killed, |_| {}, spool::file_opener());
+    next.recorder.flush().await;
+    assert_eq!(
+        next.store.ids(),
+        ids(&all),
+        "every journaled record, in order"
+    );
+    assert_eq!(next.recorder.spooled_bytes(), 0);
+    let dir = next.dir.path().to_path_buf();
+    next.shutdown().await;
+    assert!(journal_files(&dir).is_empty(), "replayed files are deleted");
+}
+
+#[tokio::test]
+async fn journal_files_go_once_their_records_are_stored() {
+    let rig = rig(|_| {});
+    let tickets = names("s", 4)
+        .iter()
+        .map(|id| rig.recorder.try_record(sample_request(id)).unwrap())
+        .collect();
+    journaled(&rig.recorder, tickets).await;
+    assert_eq!(journal_files(rig.dir.path()).len(), 1);
+    assert!(rig.recorder.journal_bytes() > 0);
+    rig.recorder.flush().await;
+    assert_eq!(stat(&rig.recorder.stats().journaled), 4);
+    let dir = rig.dir.path().to_path_buf();
+    rig.shutdown().await;
+    assert!(
+        journal_files(&dir).is_empty(),
+        "a clean stop leaves no journal"
+    );
+}
+
+/// Spooled records are safe on disk, so they release the journal; records the spool holds in
+/// memory only (the disk refuses spool writes) do not.
+#[tokio::test]
+async fn the_journal_is_kept_only_for_records_not_yet_safe_in_the_store_or_spool() {
+    let rig = rig(|_| {});
+    rig.store.outage.store(true, Ordering::SeqCst);
+    rig.record_all(&names("d", 3));
+    rig.recorder.flush().await;
+    assert!(
+        rig.recorder.spooled_bytes() > 0,
+        "spooled during the outage"
+    );
+    let dir = rig.dir.path().to_path_buf();
+    rig.shutdown().await;
+    assert!(
+        journal_files(&dir).is_empty(),
+        "spooled records release the journal"
+    );
+
+    // Now the spool's disk refuses too: the records are only in memory when the process stops.
+    let budget = Arc::new(Mutex::new(Some(0)));
+    let opener = spool::tests::short_opener(budget, Arc::new(AtomicU64::new(0)));
+    let rig = rig_with(|_| {}, opener);
+    rig.store.outage.store(true, Ordering::SeqCst);
+    let all = names("m", 3);
+    rig.record_all(&all);
+    rig.recorder.flush().await;
+    assert!(rig.recorder.spooled_bytes() > 0);
+    assert!(
+        !rig.recorder.can_accept(),
+        "refusing while records are in memory"
+    );
+    let Rig {
+        tracker,
+        cancel,
+        dir,
+        ..
+    } = rig;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    assert!(
+        !journal_files(dir.path()).is_empty(),
+        "kept for the next start"
+    );
+
+    // The next start replays them from the journal.
+    let next = rig_in(dir, |_| {}, spool::file_opener());
+    next.recorder.flush().await;
+    assert_eq!(next.store.ids(), ids(&all));
+    next.shutdown().await;
 }

@@ -1,5 +1,6 @@
 //! The writer task: drains the queue into the store in batches, spools what the store cannot
-//! take, replays the spool, and sets aside records the store rejects for good.
+//! take, replays the spool, and sets aside records the store rejects for good. Records it
+//! stored, dead-lettered or spooled are marked settled in the journal's ledger.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_records::RawRecord;
 use tollgate_store::{RawWriter, StoreError};
 
+use super::journal::{Journal, Ledger};
 use super::spooler::SpoolHandle;
 use super::{Item, QueueBudget, RecorderStats};
 
@@ -31,6 +33,9 @@ pub(super) struct Writer {
     pub(super) retry_interval: Duration,
     pub(super) next_retry: Instant,
     pub(super) stats: Arc<RecorderStats>,
+    pub(super) ledger: Arc<Ledger>,
+    /// Stopped after the spool, once everything is stored or spooled.
+    pub(super) journal: Journal,
 }
 
 /// How far a write of a run of records got.
@@ -76,6 +81,7 @@ impl Writer {
                 self.replay().await;
                 self.spool.barrier().await;
                 self.spool.stop();
+                self.journal.stop();
                 return;
             }
             self.linger(&mut items).await;
@@ -105,12 +111,14 @@ impl Writer {
 
     async fn process(&mut self, items: &mut Vec<Item>) {
         let mut records = Vec::with_capacity(items.len());
+        let mut seqs = Vec::with_capacity(items.len());
         let mut bytes = 0;
         let mut flushes = Vec::new();
         for item in items.drain(..) {
             match item {
-                Item::Record(r, size) => {
+                Item::Record(r, size, seq) => {
                     records.push(*r);
+                    seqs.push(seq);
                     bytes += size;
                 }
                 Item::Flush(done) => flushes.push(done),
@@ -119,7 +127,7 @@ impl Writer {
         // Queue slots are free again.
         self.space.notify_waiters();
         if !records.is_empty() {
-            self.write(records).await;
+            self.write(records, seqs).await;
         }
         // The bytes stay counted until the records are written or spooled: the budget bounds
         // what the writer holds too.
@@ -136,9 +144,11 @@ impl Writer {
         }
     }
 
-    async fn write(&mut self, mut records: Vec<RawRecord>) {
+    /// Writes a batch from the queue (`seqs`: the records' journal sequence numbers).
+    async fn write(&mut self, mut records: Vec<RawRecord>, mut seqs: Vec<u64>) {
         if self.spool.is_empty() {
             let written = self.store_isolating(&records).await;
+            self.ledger.settle(seqs.drain(..written.done));
             if written.done == records.len() {
                 return;
             }
@@ -149,7 +159,7 @@ impl Writer {
             self.next_retry = Instant::now() + self.retry_interval;
             records.drain(..written.done);
         }
-        self.spool_or_hold(records).await;
+        self.spool_or_hold(records, seqs).await;
         self.replay().await;
     }
 
@@ -157,12 +167,14 @@ impl Writer {
     /// cannot take it (disk refusing and memory spent) the writer holds it and retries the
     /// store and the spool until one accepts; the queue then fills, `record` waits, and the
     /// proxy stops accepting new requests meanwhile.
-    async fn spool_or_hold(&mut self, mut records: Vec<RawRecord>) {
+    async fn spool_or_hold(&mut self, mut records: Vec<RawRecord>, mut seqs: Vec<u64>) {
         let mut warned = false;
         loop {
             let n = records.len() as u64;
             match self.spool.append(records).await {
                 Ok(()) => {
+                    // On disk, or in the spool's memory (which the journal checks itself).
+                    self.ledger.settle(seqs);
                     self.stats.spooled.fetch_add(n, Ordering::Relaxed);
                     return;
                 }
@@ -180,6 +192,7 @@ impl Writer {
             }
             tokio::time::sleep(self.retry_interval).await;
             let written = self.store_isolating(&records).await;
+            self.ledger.settle(seqs.drain(..written.done));
             if written.done == records.len() {
                 return;
             }
