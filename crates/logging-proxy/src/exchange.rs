@@ -63,6 +63,8 @@ async fn run(
     for record in described.records() {
         hand_over(&app.recorder, &app.requests, record);
     }
+    let mut accepted = accepted;
+    accepted.recorded(&app.recorder, &app.requests, &ctx.info, next_seq);
     let end = |error: ProxyError, attempts: Vec<Attempt>, accepted: Accepted| {
         end_accepted(
             &app,

@@ -74,10 +74,7 @@ fn admit(app: &AppState, ctx: &mut Ctx) -> Result<Accepted, ProxyError> {
     if !app.recorder.can_accept() {
         return Err(ProxyError::RecorderFull);
     }
-    Ok(Accepted {
-        inflight: app.recorder.begin(),
-        slot: ctx.slot.take(),
-    })
+    Ok(Accepted::new(app.recorder.begin(), ctx.slot.take()))
 }
 
 async fn read_body(app: &AppState, body: Body) -> Result<Bytes, ProxyError> {

@@ -291,7 +291,7 @@ impl Tee {
         };
         let ticket = hand_over(&recorder, &requests, RawRecord::End(end));
         // Released after the end record is handed over: that is what `flush` waits for.
-        drop(ex.accepted);
+        ex.accepted.release();
         ticket
     }
 }
@@ -638,10 +638,7 @@ mod tests {
                 headers: BTreeMap::new(),
                 content_type,
                 first_segment_seq: 1,
-                accepted: Accepted {
-                    inflight: self.recorder.begin(),
-                    slot: None,
-                },
+                accepted: Accepted::new(self.recorder.begin(), None),
             };
             TeeBody::new(
                 reqwest::Response::from(upstream),
