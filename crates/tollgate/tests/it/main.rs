@@ -14,5 +14,6 @@
 mod e2e;
 mod harness;
 mod hostile;
+mod kill;
 mod otlp;
 mod pipeline;
