@@ -21,7 +21,7 @@ use crate::context::{self, Keep, RequestInfo};
 use crate::error::ProxyError;
 use crate::path::Route;
 use crate::recorder::{InFlight, Recorder};
-use crate::tee::{hand_over, millis};
+use crate::tee::{after_journaled, hand_over, millis};
 
 /// What an accepted request holds until its `end` is handed over: the recorder's in-flight
 /// mark (what `flush` waits for) and its slot of the concurrency limit. Once its records are
@@ -141,12 +141,13 @@ pub(crate) fn refuse(
         let request = context::request_record(&seen, Consumer::anonymous(), Keep::Summary);
         hand_over(&app.recorder, &app.requests, RawRecord::Request(request));
         let end = end_record(info, 1, &error, Vec::new());
-        hand_over(&app.recorder, &app.requests, RawRecord::End(end));
-    } else {
-        app.stats
-            .refusals_unrecorded
-            .fetch_add(1, Ordering::Relaxed);
+        let ticket = hand_over(&app.recorder, &app.requests, RawRecord::End(end));
+        // Complete only once its records survive a kill, like every recorded answer.
+        return after_journaled(&app.recorder, ticket, error.into_response());
     }
+    app.stats
+        .refusals_unrecorded
+        .fetch_add(1, Ordering::Relaxed);
     error.into_response()
 }
 
@@ -166,10 +167,11 @@ pub(crate) fn end_accepted(
         hand_over(&app.recorder, &app.requests, record);
     }
     let end = end_record(info, end_seq, &error, attempts);
-    hand_over(&app.recorder, &app.requests, RawRecord::End(end));
+    let ticket = hand_over(&app.recorder, &app.requests, RawRecord::End(end));
     // Released after the end is handed over: that is what `flush` waits for.
     accepted.release();
-    error.into_response()
+    // Complete only once its records survive a kill, like every recorded answer.
+    after_journaled(&app.recorder, ticket, error.into_response())
 }
 
 #[cfg(test)]

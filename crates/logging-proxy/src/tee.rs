@@ -315,6 +315,57 @@ pub(crate) fn hand_over(
     }
 }
 
+/// Tollgate's own answer (a refusal, a backend failure) once its `end` is handed over: the
+/// headers go out at once, the body (small, sized: its length stays exact, so hyper still sends
+/// `content-length`) is held until the journal has written the `end`, so this response too is
+/// complete only once its records survive a SIGKILL.
+pub(crate) fn after_journaled(
+    recorder: &Recorder,
+    ticket: Journaled,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    match recorder.journaled(ticket) {
+        Some(journaled) => response.map(|body| {
+            axum::body::Body::new(Held {
+                journaled: Some(journaled),
+                body,
+            })
+        }),
+        None => response,
+    }
+}
+
+/// A body whose first frame waits for the journal.
+struct Held {
+    journaled: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    body: axum::body::Body,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Some(journaled) = self.journaled.as_mut() {
+            ready!(journaled.as_mut().poll(cx));
+            self.journaled = None;
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Not ended while held: hyper must poll it, even for an empty body.
+        self.journaled.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The end of a response, held until its `end` record is journaled.
 struct Closing {
     journaled: Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -707,6 +758,36 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 >= 1
         );
+        rig.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tollgates_own_answer_is_held_until_its_end_is_journaled() {
+        use axum::response::IntoResponse;
+        use http_body_util::BodyExt;
+
+        let rig = rig();
+        let ticket = rig
+            .recorder
+            .try_record(tollgate_store::conformance::sample_request("own"))
+            .unwrap();
+        let answer = crate::error::ProxyError::RecorderFull.into_response();
+        let len = http_body::Body::size_hint(answer.body()).exact();
+        let held = after_journaled(&rig.recorder, ticket, answer);
+        assert_eq!(
+            http_body::Body::size_hint(held.body()).exact(),
+            len,
+            "still sized: content-length is kept"
+        );
+        let mut body = held.into_body();
+        let mut frame = body.frame();
+        assert!(
+            (&mut frame).now_or_never().is_none(),
+            "held for the journal"
+        );
+        open_gate(&rig.gate);
+        let data = within(frame).await.unwrap().unwrap().into_data().unwrap();
+        assert!(String::from_utf8_lossy(&data).contains("error"));
         rig.shutdown().await;
     }
 
