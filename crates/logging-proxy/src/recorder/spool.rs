@@ -25,9 +25,9 @@
 //! Durability ([`SpoolFsync`], `spool_fsync`): `never`, the default, leaves written frames to
 //! the OS page cache. They survive the process crashing or being killed, not a power loss or a
 //! kernel crash. The default is `never` because the spool exists to ride out store outages and
-//! bursts, and records still in the in-memory queue are lost in the same events anyway: syncing
-//! only the spool would add a disk flush to every overflow without making the recorder
-//! power-loss proof. `always` syncs the data after every append (the spool thread writes the
+//! bursts, and records the journal holds (with its default `journal_fsync = "never"`) are lost
+//! in the same events anyway: syncing only the spool would add a disk flush to every overflow
+//! without making the recorder power-loss proof. `always` syncs the data after every append (the spool thread writes the
 //! records that are waiting together, so one sync covers a group) and syncs the directory when
 //! a file is created, for deployments that want spooled records to survive a power loss.
 

@@ -735,9 +735,13 @@ mod tests {
         }
 
         fn offer(&mut self, id: &str) {
+            self.offer_journaled(id, 0);
+        }
+
+        fn offer_journaled(&mut self, id: &str, seq: u64) {
             let r = sample_request(id);
             let size = super::super::estimated_size(&r);
-            assert!(self.handle.offer(Box::new(r), size, 0).is_ok());
+            assert!(self.handle.offer(Box::new(r), size, seq).is_ok());
             self.pump();
         }
 
@@ -775,6 +779,25 @@ mod tests {
         assert_eq!(rig.drain(), vec!["a:0", "b:0", "c:0"]);
         assert!(rig.handle.is_empty());
         assert!(rig.handle.has_room(0));
+    }
+
+    /// An overflowed record releases its journal entry once the spool has it; one the disk
+    /// refused is flagged in memory before it counts as settled, so the journal keeps its file.
+    #[test]
+    fn overflowed_records_settle_once_the_spool_has_them() {
+        let mut rig = rig(1 << 20);
+        let ledger = rig.worker.settings.ledger.clone();
+        rig.offer_journaled("a", 1);
+        assert_eq!(ledger.low(), 2, "on disk: settled");
+        assert!(!rig.handle.in_memory());
+        *rig.budget.lock().unwrap() = Some(0);
+        rig.offer_journaled("b", 2);
+        assert_eq!(ledger.low(), 3, "in the tail: settled…");
+        assert!(rig.handle.in_memory(), "…with the spool saying so");
+        *rig.budget.lock().unwrap() = None;
+        rig.worker.next_tail_retry = Instant::now();
+        rig.worker.retry_tail();
+        assert!(!rig.handle.in_memory(), "on disk now");
     }
 
     #[test]
