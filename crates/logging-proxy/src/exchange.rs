@@ -57,7 +57,7 @@ async fn run(
     body: Bytes,
     backend: usize,
     accepted: Accepted,
-    answer: oneshot::Sender<Response>,
+    mut answer: oneshot::Sender<Response>,
 ) {
     let next_seq = described.next_seq();
     for record in described.records() {
@@ -150,7 +150,7 @@ async fn run(
         first_segment_seq: next_seq,
         accepted,
     };
-    let body = tee::TeeBody::new(
+    let mut body = tee::TeeBody::new(
         upstream,
         exchange,
         app.recorder.clone(),
@@ -159,6 +159,15 @@ async fn run(
         app.config.limits.clone(),
         &app.config.recorder,
     );
+    // A sized answer's first chunk is read (and, for a non-stream answer, recorded and
+    // journaled) before the head goes out, so head and body leave in one write. Not for a
+    // client already gone: the body is then drained and recorded as disconnected.
+    if !answer.is_closed() {
+        tokio::select! {
+            () = body.prime() => {}
+            () = answer.closed() => {}
+        }
+    }
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() =
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

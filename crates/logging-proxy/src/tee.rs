@@ -382,6 +382,8 @@ pub(crate) struct TeeBody {
     timer: Pin<Box<Sleep>>,
     /// Recording is done; the response's end waits for the journal.
     closing: Option<Closing>,
+    /// What [`TeeBody::prime`] read ahead, yielded first.
+    primed: Option<Option<Result<Bytes, io::Error>>>,
     recorder: Recorder,
 }
 
@@ -424,6 +426,30 @@ impl TeeBody {
             tee: Some(tee),
             timer,
             closing: None,
+            primed: None,
+        }
+    }
+
+    /// For a body sized by `content-length`, reads ahead until the client's first item is
+    /// ready — for a non-stream answer (one chunk, the whole body) that is after its `end` is
+    /// journaled — before the response goes to the server. The server writes a response's
+    /// head and first chunk together only when the body is ready at its first poll; otherwise
+    /// it flushes the head alone, and the held body costs a second write and packet. Chunked
+    /// bodies (streams) are not read ahead: their first bytes go out as they arrive. Gives up
+    /// (nothing lost: the body reads on as usual) when Tollgate shuts down.
+    pub(crate) async fn prime(&mut self) {
+        let Some(abort) = self
+            .tee
+            .as_ref()
+            .filter(|t| t.expected_len.is_some())
+            .map(|t| t.abort.clone())
+        else {
+            return;
+        };
+        let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx));
+        tokio::select! {
+            item = first => self.primed = Some(item),
+            () = abort.cancelled() => {}
         }
     }
 
@@ -450,6 +476,9 @@ impl Stream for TeeBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(item) = this.primed.take() {
+            return Poll::Ready(item);
+        }
         if let Some(closing) = this.closing.as_mut() {
             ready!(closing.journaled.as_mut().poll(cx));
             let last = this.closing.take().and_then(|c| c.last);
@@ -788,6 +817,38 @@ mod tests {
         open_gate(&rig.gate);
         let data = within(frame).await.unwrap().unwrap().into_data().unwrap();
         assert!(String::from_utf8_lossy(&data).contains("error"));
+        rig.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_primed_sized_body_is_ready_at_the_first_poll_once_journaled() {
+        let rig = rig();
+        let upstream = http::Response::new(reqwest::Body::from("{\"ok\":true}"));
+        let mut body = rig.body(upstream);
+        let mut prime = Box::pin(body.prime());
+        assert!(
+            (&mut prime).now_or_never().is_none(),
+            "priming waits for the journal"
+        );
+        open_gate(&rig.gate);
+        within(prime).await;
+        // The server's first poll finds the whole body: head and body go out together.
+        let first = body.next().now_or_never().expect("ready at the first poll");
+        assert_eq!(&first.unwrap().unwrap()[..], b"{\"ok\":true}");
+        assert!(within(body.next()).await.is_none());
+        rig.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunked_body_is_not_primed() {
+        let rig = rig();
+        let chunks: Vec<Result<Bytes, io::Error>> = vec![Ok(Bytes::from_static(b"data: a\n\n"))];
+        let upstream = http::Response::new(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )));
+        let mut body = rig.body(upstream);
+        within(body.prime()).await;
+        assert!(body.primed.is_none(), "streams are not read ahead");
         rig.shutdown().await;
     }
 
