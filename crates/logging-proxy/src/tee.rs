@@ -27,7 +27,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
 use tollgate_records::{
@@ -207,9 +207,20 @@ struct Tee {
     /// disconnect.
     expected_len: Option<u64>,
     sent: u64,
+    /// An upstream item read ahead (to learn whether the chunk before it was the last), not
+    /// yet processed.
+    ahead: Option<reqwest::Result<Bytes>>,
 }
 
 impl Tee {
+    /// The next upstream item: the one read ahead, else the upstream's.
+    fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Option<reqwest::Result<Bytes>>> {
+        match self.ahead.take() {
+            Some(item) => Poll::Ready(Some(item)),
+            None => self.upstream.as_mut().poll_next(cx),
+        }
+    }
+
     fn on_chunk(&mut self, chunk: &[u8]) {
         self.sent += chunk.len() as u64;
         let at = micros_since(self.ex.started);
@@ -409,6 +420,7 @@ impl TeeBody {
         let tee = Tee {
             expected_len,
             sent: 0,
+            ahead: None,
             upstream: Box::pin(upstream.bytes_stream()),
             segmenter,
             ex,
@@ -487,16 +499,29 @@ impl Stream for TeeBody {
         let Some(tee) = this.tee.as_mut() else {
             return Poll::Ready(None);
         };
-        match tee.upstream.as_mut().poll_next(cx) {
+        match tee.poll_upstream(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 tee.on_chunk(&chunk);
-                if !tee.sized_body_complete() {
+                let last = tee.sized_body_complete() || {
+                    // A look ahead: when the upstream has already ended, this chunk is the last
+                    // one, and it is held with the end, so the chunked terminator follows it in
+                    // the same write instead of a write of its own after the journal's.
+                    match tee.upstream.as_mut().poll_next(cx) {
+                        Poll::Ready(None) => true,
+                        Poll::Ready(Some(item)) => {
+                            tee.ahead = Some(item);
+                            false
+                        }
+                        Poll::Pending => false,
+                    }
+                };
+                if !last {
                     let next = tee.timer_deadline();
                     this.timer.as_mut().reset(next);
                     return Poll::Ready(Some(Ok(chunk)));
                 }
-                // The client has everything once this chunk is out, and hyper will not poll
-                // again: the end is recorded now and the chunk waits for it.
+                // The client has everything once this chunk (and, chunked, the terminator) is
+                // out: the end is recorded now and the chunk waits for it.
                 match this.tee.take() {
                     Some(tee) => {
                         let ticket = tee.finish(false);
@@ -568,8 +593,9 @@ async fn drain(mut tee: Tee, client_disconnected: bool) {
     loop {
         let wait_until = tee.timer_deadline().min(drain_until);
         let abort = tee.abort.clone();
+        let upstream = std::future::poll_fn(|cx| tee.poll_upstream(cx));
         let next = tokio::select! {
-            next = tokio::time::timeout_at(wait_until, tee.upstream.next()) => next,
+            next = tokio::time::timeout_at(wait_until, upstream) => next,
             () = abort.cancelled() => {
                 tee.fail("ShuttingDown", "Tollgate shut down before the upstream ended.".into());
                 break;
@@ -610,7 +636,7 @@ mod tests {
     use std::fs::{File, OpenOptions};
     use std::sync::{Arc, Condvar, Mutex};
 
-    use futures_util::FutureExt;
+    use futures_util::{FutureExt, StreamExt};
     use proptest::prelude::*;
     use tollgate_store::{RawWriter, StoreError};
 
@@ -757,27 +783,25 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_chunked_body_ends_only_once_its_end_record_is_journaled() {
         let rig = rig();
-        let chunks: Vec<Result<Bytes, io::Error>> = vec![
-            Ok(Bytes::from_static(b"data: a\n\n")),
-            Ok(Bytes::from_static(b"data: b\n\n")),
-        ];
-        let upstream = http::Response::new(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )));
+        // Chunks as the test sends them; the upstream ends when the sender is dropped.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Bytes, io::Error>>();
+        let chunks =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+            );
+        let upstream = http::Response::new(reqwest::Body::wrap_stream(chunks));
         let mut body = rig.body(upstream);
         // The journal writes nothing yet; the chunks still go out at once.
-        for expected in [&b"data: a\n\n"[..], b"data: b\n\n"] {
-            let chunk = within(body.next()).await.unwrap().unwrap();
-            assert_eq!(&chunk[..], expected);
+        for chunk in [&b"data: a\n\n"[..], b"data: b\n\n"] {
+            tx.send(Ok(Bytes::from_static(chunk))).unwrap();
+            let got = within(body.next()).await.unwrap().unwrap();
+            assert_eq!(&got[..], chunk);
         }
-        // The upstream has ended, the `end` is handed over: the end of the body waits.
+        // The upstream ends after the last chunk went out: the end of the body waits.
+        drop(tx);
         let mut end = body.next();
         assert!((&mut end).now_or_never().is_none(), "held for the journal");
-        assert_eq!(
-            rig.recorder.in_flight(),
-            0,
-            "the end record was handed over"
-        );
         open_gate(&rig.gate);
         assert!(within(end).await.is_none(), "ends once journaled");
         assert!(
@@ -786,6 +810,41 @@ mod tests {
                 .journaled
                 .load(std::sync::atomic::Ordering::Relaxed)
                 >= 1
+        );
+        rig.shutdown().await;
+    }
+
+    /// When the upstream has already ended as its last chunk is read, that chunk is held with
+    /// the end, so the terminator can follow it in one write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_chunk_is_held_when_the_upstream_has_already_ended() {
+        let rig = rig();
+        let chunks: Vec<Result<Bytes, io::Error>> = vec![
+            Ok(Bytes::from_static(b"data: a\n\n")),
+            Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+        ];
+        let upstream = http::Response::new(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )));
+        let mut body = rig.body(upstream);
+        let first = within(body.next()).await.unwrap().unwrap();
+        assert_eq!(&first[..], b"data: a\n\n", "not the last: at once");
+        let mut last = body.next();
+        assert!(
+            (&mut last).now_or_never().is_none(),
+            "the last chunk is held"
+        );
+        assert_eq!(
+            rig.recorder.in_flight(),
+            0,
+            "the end record was handed over"
+        );
+        open_gate(&rig.gate);
+        let last = within(last).await.unwrap().unwrap();
+        assert_eq!(&last[..], b"data: [DONE]\n\n");
+        assert!(
+            body.next().now_or_never().expect("at once").is_none(),
+            "then the end, at once"
         );
         rig.shutdown().await;
     }
