@@ -104,7 +104,7 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     let r = &app.recorder;
     let s = r.stats();
     let p = &app.stats;
-    let rows: [(&str, &str, &str, u64); 18] = [
+    let rows: [(&str, &str, &str, u64); 21] = [
         (
             "tollgate_recorder_records_enqueued_total",
             "counter",
@@ -182,6 +182,24 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "gauge",
             "Estimated bytes of records in the in-memory queue and the writer's batch.",
             r.queued_bytes(),
+        ),
+        (
+            "tollgate_recorder_overflow_bytes",
+            "gauge",
+            "Estimated bytes of records waiting in memory because queue and spool were both full.",
+            r.overflow_bytes(),
+        ),
+        (
+            "tollgate_recorder_records_overflowed_total",
+            "counter",
+            "Records that found queue and spool full and waited in memory for room.",
+            s.overflowed.load(Relaxed),
+        ),
+        (
+            "tollgate_recorder_records_overflow_lost_total",
+            "counter",
+            "Records still waiting for room at shutdown and not journaled: lost.",
+            s.overflow_lost.load(Relaxed),
         ),
         (
             "tollgate_recorder_spool_bytes",

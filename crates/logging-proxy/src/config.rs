@@ -58,6 +58,9 @@ pub struct LimitsConfig {
     pub header_read_timeout_ms: u64,
     /// Time a client has to send the whole request body; slower gets 408.
     pub body_read_timeout_ms: u64,
+    /// Longest a write to a client may stay blocked (the client not reading its response);
+    /// then the connection is closed and the rest of the answer drained and recorded.
+    pub client_write_timeout_ms: u64,
     /// Requests handled at once (from the headers to the `end` record, streams included);
     /// beyond it new requests are shed with a 503 and `retry-after`.
     pub max_concurrent_requests: usize,
@@ -86,6 +89,9 @@ impl Default for LimitsConfig {
             max_drain_ms: 120_000,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 60_000,
+            // A client that takes nothing for this long is gone in all but name; the openai
+            // SDKs read as fast as bytes arrive.
+            client_write_timeout_ms: 30_000,
             max_concurrent_requests: 4_096,
             max_connections: 10_000,
             max_connections_per_ip: 1_024,
@@ -314,6 +320,7 @@ impl ProxyConfig {
             ("total_timeout_ms", l.total_timeout_ms),
             ("header_read_timeout_ms", l.header_read_timeout_ms),
             ("body_read_timeout_ms", l.body_read_timeout_ms),
+            ("client_write_timeout_ms", l.client_write_timeout_ms),
             ("max_concurrent_requests", l.max_concurrent_requests as u64),
             ("max_connections", l.max_connections as u64),
             ("max_connections_per_ip", l.max_connections_per_ip as u64),
@@ -332,6 +339,7 @@ impl ProxyConfig {
             ("total_timeout_ms", l.total_timeout_ms),
             ("header_read_timeout_ms", l.header_read_timeout_ms),
             ("body_read_timeout_ms", l.body_read_timeout_ms),
+            ("client_write_timeout_ms", l.client_write_timeout_ms),
             ("max_drain_ms", l.max_drain_ms),
         ] {
             if v > MAX_DURATION_MS {

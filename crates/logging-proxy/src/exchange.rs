@@ -28,7 +28,7 @@ use crate::headers;
 use crate::path;
 use crate::phases::Described;
 use crate::reject::{Accepted, end_accepted};
-use crate::tee::{self, Exchange, hand_over, millis};
+use crate::tee::{self, Exchange, millis};
 
 /// Starts the exchange and waits for its response head (or Tollgate's error answer).
 pub(crate) async fn start(
@@ -61,10 +61,10 @@ async fn run(
 ) {
     let next_seq = described.next_seq();
     for record in described.records() {
-        hand_over(&app.recorder, &app.requests, record);
+        app.recorder.record(record);
     }
     let mut accepted = accepted;
-    accepted.recorded(&app.recorder, &app.requests, &ctx.info, next_seq);
+    accepted.recorded(&app.recorder, &ctx.info, next_seq);
     let end = |error: ProxyError, attempts: Vec<Attempt>, accepted: Accepted| {
         end_accepted(
             &app,

@@ -20,6 +20,7 @@ mod phases;
 pub mod recorder;
 mod reject;
 mod server;
+mod stall;
 mod tee;
 
 use std::future::Future;
@@ -179,6 +180,7 @@ impl Proxy {
         let l = &self.state.config.limits;
         let limits = server::ServeLimits {
             header_read_timeout: Duration::from_millis(l.header_read_timeout_ms),
+            client_write_timeout: Duration::from_millis(l.client_write_timeout_ms),
             max_connections: l.max_connections,
             max_connections_per_ip: l.max_connections_per_ip,
         };

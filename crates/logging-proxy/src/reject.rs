@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use tokio_util::task::TaskTracker;
 use tollgate_records::{
     Attempt, Body as RecordBody, Consumer, EndRecord, RawRecord, SCHEMA_VERSION,
 };
@@ -21,7 +20,7 @@ use crate::context::{self, Keep, RequestInfo};
 use crate::error::ProxyError;
 use crate::path::Route;
 use crate::recorder::{InFlight, Recorder};
-use crate::tee::{after_journaled, hand_over, millis};
+use crate::tee::{after_journaled, millis};
 
 /// What an accepted request holds until its `end` is handed over: the recorder's in-flight
 /// mark (what `flush` waits for) and its slot of the concurrency limit. Once its records are
@@ -40,7 +39,6 @@ pub(crate) struct Accepted {
 /// What the fallback `end` needs.
 struct OpenRequest {
     recorder: Recorder,
-    requests: TaskTracker,
     info: RequestInfo,
     end_seq: u32,
 }
@@ -55,16 +53,9 @@ impl Accepted {
     }
 
     /// The request's own records are handed over; its `end` will be `end_seq`.
-    pub(crate) fn recorded(
-        &mut self,
-        recorder: &Recorder,
-        requests: &TaskTracker,
-        info: &RequestInfo,
-        end_seq: u32,
-    ) {
+    pub(crate) fn recorded(&mut self, recorder: &Recorder, info: &RequestInfo, end_seq: u32) {
         self.open = Some(OpenRequest {
             recorder: recorder.clone(),
-            requests: requests.clone(),
             info: info.clone(),
             end_seq,
         });
@@ -85,7 +76,7 @@ impl Drop for Accepted {
                 "An accepted request ended without its end record; recording it as failed."
             );
             let end = end_record(&open.info, open.end_seq, &ProxyError::Internal, Vec::new());
-            hand_over(&open.recorder, &open.requests, RawRecord::End(end));
+            open.recorder.record(RawRecord::End(end));
         }
     }
 }
@@ -139,9 +130,9 @@ pub(crate) fn refuse(
             route,
         };
         let request = context::request_record(&seen, Consumer::anonymous(), Keep::Summary);
-        hand_over(&app.recorder, &app.requests, RawRecord::Request(request));
+        app.recorder.record(RawRecord::Request(request));
         let end = end_record(info, 1, &error, Vec::new());
-        let ticket = hand_over(&app.recorder, &app.requests, RawRecord::End(end));
+        let ticket = app.recorder.record(RawRecord::End(end));
         // Complete only once its records survive a kill, like every recorded answer.
         return after_journaled(&app.recorder, ticket, error.into_response());
     }
@@ -164,10 +155,10 @@ pub(crate) fn end_accepted(
     accepted: Accepted,
 ) -> Response {
     for record in records {
-        hand_over(&app.recorder, &app.requests, record);
+        app.recorder.record(record);
     }
     let end = end_record(info, end_seq, &error, attempts);
-    let ticket = hand_over(&app.recorder, &app.requests, RawRecord::End(end));
+    let ticket = app.recorder.record(RawRecord::End(end));
     // Released after the end is handed over: that is what `flush` waits for.
     accepted.release();
     // Complete only once its records survive a kill, like every recorded answer.
@@ -201,7 +192,7 @@ mod tests {
     async fn an_accepted_request_always_gets_exactly_one_end() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Collect::default());
-        let tracker = TaskTracker::new();
+        let tracker = tokio_util::task::TaskTracker::new();
         let cancel = CancellationToken::new();
         let recorder = Recorder::start(
             crate::recorder::test_settings(dir.path()),
@@ -210,19 +201,18 @@ mod tests {
             cancel.clone(),
         )
         .unwrap();
-        let requests = TaskTracker::new();
 
         // Dropped before any of its records: nothing was recorded, nothing to end.
         drop(Accepted::new(recorder.begin(), None));
         // Dropped after its records, without an end: the guard writes it.
         let abandoned = RequestInfo::new();
         let mut a = Accepted::new(recorder.begin(), None);
-        a.recorded(&recorder, &requests, &abandoned, 3);
+        a.recorded(&recorder, &abandoned, 3);
         drop(a);
         // Ended normally: released, no second end.
         let finished = RequestInfo::new();
         let mut b = Accepted::new(recorder.begin(), None);
-        b.recorded(&recorder, &requests, &finished, 1);
+        b.recorded(&recorder, &finished, 1);
         b.release();
 
         recorder.flush().await;

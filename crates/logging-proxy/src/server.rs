@@ -5,6 +5,8 @@
 //!   holds a kept-alive connection without sending the next request, is cut off;
 //! - a cap on open connections in total and per client IP: a connection over either cap is
 //!   closed on accept and counted;
+//! - a client write timeout (`client_write_timeout_ms`, see `stall.rs`): a client that stops
+//!   reading its response is cut off, and its request drained and recorded;
 //! - `TCP_NODELAY`, and the client's address as `ConnectInfo` for the records;
 //! - shutdown: stop accepting, let open connections finish within the grace period, then close
 //!   whatever is left.
@@ -25,11 +27,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ProxyStats;
+use crate::stall::WriteDeadline;
 
 /// Connection-level limits, from `[proxy.limits]`.
 #[derive(Debug, Clone)]
 pub(crate) struct ServeLimits {
     pub header_read_timeout: Duration,
+    pub client_write_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
 }
@@ -120,7 +124,10 @@ pub(crate) async fn serve(
                 r
             })
             .service(router.clone());
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let conn = http.serve_connection(
+            TokioIo::new(WriteDeadline::new(stream, limits.client_write_timeout)),
+            TowerToHyperService::new(service),
+        );
         let conn = graceful.watch(conn);
         let force = force.clone();
         tasks.spawn(async move {

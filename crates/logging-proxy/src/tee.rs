@@ -221,12 +221,30 @@ impl Tee {
         }
     }
 
-    fn on_chunk(&mut self, chunk: &[u8]) {
+    /// Records a chunk; whether it arrived past the total timeout.
+    fn on_chunk(&mut self, chunk: &[u8]) -> bool {
         self.sent += chunk.len() as u64;
         let at = micros_since(self.ex.started);
         for segment in self.segmenter.push(chunk, at) {
-            hand_over(&self.recorder, &self.requests, segment);
+            self.recorder.record(segment);
         }
+        at >= self.limits.total_timeout_ms.saturating_mul(1000)
+    }
+
+    /// The response is still going at the total timeout — an upstream sending slowly, or a
+    /// client reading slowly (one that stops altogether is cut off sooner, by the connection's
+    /// write timeout): the client is cut off and the rest of AOAI's answer is drained, within
+    /// the drain bounds, so its usage is still recorded.
+    fn cut_off(mut self) {
+        self.error = Some(ErrorInfo {
+            source: ErrorSource::Downstream,
+            code: "TotalTimeout".into(),
+            message: "The response was still being sent at the total timeout; the client was cut off and the rest of the answer drained.".into(),
+        });
+        // The drain has its own bounds; the passed total deadline must not end it at once.
+        self.deadline = Instant::now() + Duration::from_millis(self.limits.max_drain_ms);
+        let requests = self.requests.clone();
+        requests.spawn(drain(self, true));
     }
 
     fn fail(&mut self, code: &str, message: String) {
@@ -270,7 +288,6 @@ impl Tee {
             segmenter,
             ex,
             recorder,
-            requests,
             error,
             truncated,
             ..
@@ -278,7 +295,7 @@ impl Tee {
         let (last, inline_body, segments, response_bytes) =
             segmenter.finish(ex.content_type.as_deref());
         if let Some(segment) = last {
-            hand_over(&recorder, &requests, segment);
+            recorder.record(segment);
         }
         let end = EndRecord {
             schema_version: SCHEMA_VERSION,
@@ -300,29 +317,10 @@ impl Tee {
             first_segment_seq: ex.first_segment_seq,
             response_bytes,
         };
-        let ticket = hand_over(&recorder, &requests, RawRecord::End(end));
+        let ticket = recorder.record(RawRecord::End(end));
         // Released after the end record is handed over: that is what `flush` waits for.
         ex.accepted.release();
         ticket
-    }
-}
-
-/// Gives a record to the recorder without blocking the poll that produced it; in the rare case
-/// that queue and spool are both full, a tracked task waits for queue space. The record is
-/// journaled either way; the ticket says when it is written.
-pub(crate) fn hand_over(
-    recorder: &Recorder,
-    requests: &TaskTracker,
-    record: RawRecord,
-) -> Journaled {
-    match recorder.try_record(record) {
-        Ok(ticket) => ticket,
-        Err(refused) => {
-            let ticket = refused.ticket();
-            let recorder = recorder.clone();
-            requests.spawn(async move { recorder.requeue(refused).await });
-            ticket
-        }
     }
 }
 
@@ -501,7 +499,15 @@ impl Stream for TeeBody {
         };
         match tee.poll_upstream(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
-                tee.on_chunk(&chunk);
+                if tee.on_chunk(&chunk) {
+                    if let Some(tee) = this.tee.take() {
+                        tee.cut_off();
+                    }
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "response past the total timeout",
+                    ))));
+                }
                 let last = tee.sized_body_complete() || {
                     // A look ahead: when the upstream has already ended, this chunk is the last
                     // one, and it is held with the end, so the chunked terminator follows it in
@@ -552,13 +558,24 @@ impl Stream for TeeBody {
                 if this.timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
+                if Instant::now() >= tee.deadline {
+                    // The total timeout: the answer may still come, and AOAI bills it.
+                    if let Some(tee) = this.tee.take() {
+                        tee.cut_off();
+                    }
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "response past the total timeout",
+                    ))));
+                }
+                // Silent for the idle timeout: the upstream is presumed dead.
                 tee.timed_out();
                 if let Some(tee) = this.tee.take() {
                     tee.finish(false);
                 }
                 Poll::Ready(Some(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "upstream timeout",
+                    "upstream idle timeout",
                 ))))
             }
         }
@@ -615,7 +632,8 @@ async fn drain(mut tee: Tee, client_disconnected: bool) {
         match next {
             None => break,
             Some(Ok(chunk)) => {
-                tee.on_chunk(&chunk);
+                // Past the total timeout only matters to a client; the drain has its bounds.
+                let _ = tee.on_chunk(&chunk);
                 drained += chunk.len() as u64;
                 if drained > tee.limits.max_drain_bytes {
                     tee.truncated = true;

@@ -53,11 +53,12 @@ pub(crate) mod spool;
 mod spooler;
 mod writer;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -103,6 +104,10 @@ pub struct RecorderStats {
     /// Records handed over but not journaled (a failed write, a journal over its caps): their
     /// responses did not wait, so a SIGKILL could lose them.
     pub unjournaled: AtomicU64,
+    /// Records that found queue and spool full and waited in memory for room.
+    pub overflowed: AtomicU64,
+    /// Records still waiting for room at shutdown that were not journaled either: lost.
+    pub overflow_lost: AtomicU64,
 }
 
 /// A cheap estimate of a record's size, in memory and in the spool: bodies and segment data
@@ -197,9 +202,77 @@ pub struct Recorder {
     spool: SpoolHandle,
     /// Woken when queue or spool memory is freed.
     space: Arc<Notify>,
+    overflow: Arc<Overflow>,
     inflight: Arc<AtomicUsize>,
     idle: Arc<Notify>,
     stats: Arc<RecorderStats>,
+}
+
+/// Records neither the queue nor the spool could take (both full), in arrival order, waiting
+/// for room. Bounded in practice by admission: a full spool refuses new requests, so only the
+/// requests already in flight add to it. One task drains it ([`Recorder::feed_overflow`]).
+#[derive(Default)]
+struct Overflow {
+    records: Mutex<VecDeque<Refused>>,
+    bytes: AtomicU64,
+    ready: Notify,
+    /// Records listed and not yet in the queue or the spool (one may be in the feeding task's
+    /// hands), and a wake-up when that reaches zero: `flush` waits for it.
+    pending: AtomicUsize,
+    emptied: Notify,
+}
+
+impl Overflow {
+    fn push(&self, refused: Refused, stats: &RecorderStats) {
+        let size = refused.size;
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        if records.is_empty() {
+            tracing::warn!("Queue and spool are full; records wait for room in memory.");
+        }
+        records.push_back(refused);
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        drop(records);
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        stats.overflowed.fetch_add(1, Ordering::Relaxed);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<Refused> {
+        let r = self
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()?;
+        self.bytes.fetch_sub(r.size, Ordering::Relaxed);
+        Some(r)
+    }
+
+    /// A record popped is in the queue or the spool (or given up on at shutdown).
+    fn placed(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Waits until every record listed so far is in the queue or the spool.
+    async fn drained(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
+
+    /// Puts back a record that still found no room, at the front: order is kept.
+    fn unpop(&self, r: Refused) {
+        self.bytes.fetch_add(r.size, Ordering::Relaxed);
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_front(r);
+    }
 }
 
 pub(crate) struct RecorderSettings {
@@ -329,6 +402,7 @@ impl Recorder {
             queue: queue.clone(),
             spool: spool.clone(),
             space: space.clone(),
+            overflow: Arc::new(Overflow::default()),
             inflight: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
             stats: stats.clone(),
@@ -349,6 +423,7 @@ impl Recorder {
             ledger,
             journal,
         };
+        tracker.spawn(recorder.clone().feed_overflow(cancel.clone()));
         tracker.spawn(writer.run(cancel));
         Ok(recorder)
     }
@@ -376,36 +451,77 @@ impl Recorder {
         }
     }
 
-    /// Waits for space in the queue or the spool for a record both refused.
-    pub(crate) async fn requeue(&self, refused: Refused) {
-        let Refused {
-            mut record,
-            size,
-            seq,
-        } = refused;
-        tracing::warn!("Queue and spool are full; waiting for space.");
+    /// Hands a record over without waiting: to the queue, else the spool, else (both full) the
+    /// overflow list, which one task feeds to them as space frees up. A request never waits
+    /// and never spawns a task of its own; the record is journaled either way, and the
+    /// ticket says when it is written.
+    pub(crate) fn record(&self, record: RawRecord) -> Journaled {
+        match self.try_record(record) {
+            Ok(ticket) => ticket,
+            Err(refused) => {
+                let ticket = refused.ticket();
+                self.overflow.push(refused, &self.stats);
+                ticket
+            }
+        }
+    }
+
+    /// Bytes of records waiting in the overflow list for room in the queue or the spool.
+    pub fn overflow_bytes(&self) -> u64 {
+        self.overflow.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The overflow list's one task: moves its records, oldest first, to the queue or the
+    /// spool as room frees up. At shutdown it stops waiting; what is still listed then is in
+    /// the journal, replayed at the next start (and counted, with an ERROR line, if the
+    /// journal could not take it).
+    async fn feed_overflow(self, cancel: CancellationToken) {
         loop {
-            // Registered before looking, so space freed in between is not missed.
+            let ready = self.overflow.ready.notified();
+            let Some(refused) = self.overflow.pop() else {
+                tokio::select! {
+                    () = ready => continue,
+                    () = cancel.cancelled() => break,
+                }
+            };
+            // Registered before looking, so room freed in between is not missed.
             let mut space = pin!(self.space.notified());
             space.as_mut().enable();
-            record = match self.offer(record, size, seq, true) {
-                Ok(()) => return,
-                Err(r) => r,
-            };
-            if self.tx.is_closed() {
-                tracing::error!(
-                    record_id = %record.id(),
-                    "Recorder stopped before a record could be queued; it is lost unless the journal took it."
-                );
-                return;
+            let Refused { record, size, seq } = refused;
+            match self.offer(record, size, seq, true) {
+                Ok(()) => self.overflow.placed(),
+                Err(record) => {
+                    self.overflow.unpop(Refused { record, size, seq });
+                    tokio::select! {
+                        () = space => {}
+                        () = cancel.cancelled() => break,
+                    }
+                }
             }
-            space.await;
+        }
+        let mut left = 0u64;
+        let mut lost = 0u64;
+        while let Some(r) = self.overflow.pop() {
+            self.overflow.placed();
+            left += 1;
+            if r.seq == UNJOURNALED {
+                lost += 1;
+                tracing::error!(record_id = %r.record.id(), "A record had no room when Tollgate stopped and is not in the journal: it is lost.");
+            }
+        }
+        if left > 0 {
+            self.stats.overflow_lost.fetch_add(lost, Ordering::Relaxed);
+            tracing::warn!(
+                records = left,
+                unjournaled = lost,
+                "Records still waiting for room at shutdown; the journaled ones are replayed at the next start."
+            );
         }
     }
 
     /// Journals the record (adds it to the journal's buffer) and hands it over without
     /// waiting: to the queue, else to the spool. Gives the record back only when both are
-    /// full; the caller must then wait with [`Recorder::requeue`].
+    /// full; [`Recorder::record`] then lists it in the overflow list.
     pub(crate) fn try_record(&self, record: RawRecord) -> Result<Journaled, Refused> {
         let size = estimated_size(&record);
         let seq = self.journal.append(&record);
@@ -465,6 +581,7 @@ impl Recorder {
     /// written (or spooled, if the store is failing).
     pub async fn flush(&self) {
         self.wait_idle().await;
+        self.overflow.drained().await;
         let (done, wait) = oneshot::channel();
         if self.tx.send(Item::Flush(done)).await.is_ok() {
             let _ = wait.await;

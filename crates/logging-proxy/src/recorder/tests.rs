@@ -550,3 +550,112 @@ async fn the_journal_is_kept_only_for_records_not_yet_safe_in_the_store_or_spool
     assert_eq!(next.store.ids(), ids(&all));
     next.shutdown().await;
 }
+
+/// An opener whose files' writes hang until `released` is set: a disk that stopped answering.
+fn hanging_opener(released: &Arc<(Mutex<bool>, Condvar)>) -> Opener {
+    let released = released.clone();
+    // Nobody waits for the "entered" signal here.
+    let (entered, _) = std::sync::mpsc::channel();
+    let entered = Mutex::new(entered);
+    Box::new(move |path| {
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(path)?;
+        Ok(Box::new(HangingWrites {
+            file,
+            entered: entered.lock().unwrap().clone(),
+            released: released.clone(),
+        }))
+    })
+}
+
+fn release(released: &Arc<(Mutex<bool>, Condvar)>) {
+    let (lock, cvar) = &**released;
+    *lock.lock().unwrap() = true;
+    cvar.notify_all();
+}
+
+/// Review finding: with queue and spool both full, every record handed over spawned a task of
+/// its own to wait for room, without bound. Now they wait in one list fed by one task, in
+/// order, counted in `overflow_bytes`, and `flush` covers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_with_no_room_wait_in_one_list_and_all_arrive() {
+    let released = Arc::new((Mutex::new(false), Condvar::new()));
+    let rig = rig_with(
+        |s| {
+            s.queue_capacity = 1;
+            s.max_batch_records = 1;
+            s.spool_buffer_max_bytes = 1;
+        },
+        hanging_opener(&released),
+    );
+    rig.store.outage.store(true, Ordering::SeqCst);
+    let all = names("o", 40);
+    for id in &all {
+        rig.recorder.record(sample_request(id));
+    }
+    let overflowed = stat(&rig.recorder.stats().overflowed);
+    assert!(overflowed > 0, "queue and spool are full: records wait");
+    assert!(rig.recorder.overflow_bytes() > 0);
+    release(&released);
+    rig.store.outage.store(false, Ordering::SeqCst);
+    rig.recorder.flush().await;
+    rig.recorder.flush().await;
+    let mut stored = rig.store.ids();
+    stored.sort();
+    stored.dedup();
+    let mut expected = ids(&all);
+    expected.sort();
+    assert_eq!(stored, expected, "every record reached the store");
+    assert_eq!(rig.recorder.overflow_bytes(), 0);
+    rig.shutdown().await;
+}
+
+/// Records still waiting for room when the proxy stops are not lost: shutdown does not wait
+/// for room that will never come, and the journal replays them at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_waiting_for_room_at_shutdown_are_replayed_at_the_next_start() {
+    let released = Arc::new((Mutex::new(false), Condvar::new()));
+    let rig = rig_with(
+        |s| {
+            s.queue_capacity = 1;
+            s.max_batch_records = 1;
+            s.spool_buffer_max_bytes = 1;
+        },
+        hanging_opener(&released),
+    );
+    rig.store.outage.store(true, Ordering::SeqCst);
+    let all = names("w", 40);
+    for id in &all {
+        rig.recorder.record(sample_request(id));
+    }
+    assert!(stat(&rig.recorder.stats().overflowed) > 0);
+    let Rig {
+        recorder,
+        store: _,
+        tracker,
+        cancel,
+        dir,
+    } = rig;
+    cancel.cancel();
+    // The disk answers again only once the stop is under way: the writer and the spool thread
+    // can finish; the records still listed are left to the journal.
+    release(&released);
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .expect("the recorder stops with records still waiting for room");
+    assert_eq!(stat(&recorder.stats().overflow_lost), 0);
+    drop(recorder);
+
+    let next = rig_in(dir, |_| {}, spool::file_opener());
+    next.recorder.flush().await;
+    let mut stored = next.store.ids();
+    stored.sort();
+    stored.dedup();
+    let mut expected = ids(&all);
+    expected.sort();
+    assert_eq!(stored, expected, "the next start stored every record");
+    next.shutdown().await;
+}

@@ -3,4 +3,5 @@
 mod hostile;
 mod recorder;
 mod shutdown;
+mod slow_reader;
 mod support;

@@ -85,15 +85,24 @@ impl Stack {
     /// Simulator + proxy (consumer `tester` with [`KEY`]), `tweak` applied to the proxy's
     /// configuration.
     pub(crate) async fn start(tweak: impl FnOnce(&mut ProxyConfig)) -> Stack {
+        Self::start_with_sim(|_| {}, tweak).await
+    }
+
+    /// [`Stack::start`] with `sim` applied to the simulator's configuration too.
+    pub(crate) async fn start_with_sim(
+        sim: impl FnOnce(&mut SimConfig),
+        tweak: impl FnOnce(&mut ProxyConfig),
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = tollgate_store::open(&tollgate_store::StoreConfig::embedded(dir.path()))
             .await
             .expect("store");
-        let sim = Simulator::new(SimConfig {
+        let mut sim_config = SimConfig {
             api_key: Some(SIM_KEY.into()),
             ..SimConfig::default()
-        })
-        .expect("sim");
+        };
+        sim(&mut sim_config);
+        let sim = Simulator::new(sim_config).expect("sim");
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
 
@@ -262,6 +271,14 @@ impl Stack {
 
     pub(crate) async fn connect(&self) -> TcpStream {
         TcpStream::connect(self.addr).await.expect("connect")
+    }
+
+    /// A connection with a small receive buffer, so a client that reads slowly (or not at
+    /// all) holds the proxy's writes back after a few kilobytes.
+    pub(crate) async fn connect_small_window(&self) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("receive buffer");
+        socket.connect(self.addr).await.expect("connect")
     }
 }
 
