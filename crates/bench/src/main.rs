@@ -49,6 +49,10 @@ struct Cli {
     /// Rounds per scenario; targets are interleaved within each round.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Run only these scenarios, as `CONCURRENCY:KIND` (`64:stream`, `1:non-stream`); repeat
+    /// the flag for several. Default: all four. Useful to profile one scenario.
+    #[arg(long)]
+    only: Vec<String>,
     /// Runtime worker threads of the proxy process (default: one per core).
     #[arg(long)]
     proxy_workers: Option<usize>,
@@ -199,6 +203,22 @@ impl ChildProxy {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// CPU time (user + system) the child has used so far, in milliseconds.
+    fn cpu_ms(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses and may hold spaces):
+        // utime and stime are the 12th and 13th, in clock ticks.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        // /proc reports clock ticks in USER_HZ, which the kernel ABI fixes at 100 per second.
+        ticks * 10.0
+    }
+
     fn stop(mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
@@ -216,6 +236,8 @@ struct Figures {
 
 #[derive(Clone, Copy)]
 struct Row {
+    /// The proxy process's CPU time per request, in ms (NaN for the direct target).
+    cpu_ms: f64,
     rps: f64,
     p50: f64,
     p99: f64,
@@ -353,34 +375,57 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         cli.seconds
     );
     let targets = [
-        ("direct", sim_base.clone(), "sim"),
+        ("direct", sim_base.clone(), "sim", None),
         (
             "proxy, store discards",
             format!("http://{}", null.addr),
             KEY,
+            Some(&null),
         ),
-        ("proxy, logging on", format!("http://{}", logged.addr), KEY),
+        (
+            "proxy, logging on",
+            format!("http://{}", logged.addr),
+            KEY,
+            Some(&logged),
+        ),
     ];
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
+            if !cli.only.is_empty() && !cli.only.contains(&format!("{concurrency}:{kind}")) {
+                continue;
+            }
             println!();
             println!(
                 "concurrency {concurrency}, {kind}: {} rounds, targets interleaved",
                 cli.rounds
             );
             println!(
-                "{:<24} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7}",
-                "target (median)", "req/s", "p50 ms", "p99 ms", "ttfb p50", "ttfb p99", "errors"
+                "{:<24} {:>9} {:>8} {:>8} {:>9} {:>9} {:>7} {:>12}",
+                "target (median)",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "ttfb p50",
+                "ttfb p99",
+                "errors",
+                "proxy CPU/req"
             );
             // Rounds interleave the targets so that drift in the machine's speed (other
             // tenants) hits all of them alike; medians and per-round ratios are reported.
             let mut rounds: Vec<Vec<Row>> = Vec::new();
             for _ in 0..cli.rounds {
                 let mut round = Vec::new();
-                for (_, base, key) in &targets {
+                for (_, base, key, child) in &targets {
+                    let cpu_before = child.map(ChildProxy::cpu_ms);
                     let mut f = load(base, key, stream, cli.seconds, concurrency).await;
+                    // The proxy's CPU over the run (its background work included: the
+                    // recorder's writes land within the run at these rates) per request.
+                    let cpu_ms = cpu_before
+                        .zip(child.map(ChildProxy::cpu_ms))
+                        .map_or(f64::NAN, |(a, b)| (b - a) / f.requests.max(1) as f64);
                     round.push(Row {
+                        cpu_ms,
                         rps: f.requests as f64 / f.seconds,
                         p50: pct(&mut f.latency, 0.5),
                         p99: pct(&mut f.latency, 0.99),
@@ -394,15 +439,16 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             let med = |t: usize, get: fn(&Row) -> f64| {
                 median(rounds.iter().map(|r| get(&r[t])).collect())
             };
-            for (t, (name, _, _)) in targets.iter().enumerate() {
+            for (t, (name, _, _, _)) in targets.iter().enumerate() {
                 let errors: usize = rounds.iter().map(|r| r[t].errors).sum();
                 println!(
-                    "{name:<24} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {errors:>7}",
+                    "{name:<24} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {errors:>7} {:>12.3}",
                     med(t, |r| r.rps),
                     med(t, |r| r.p50),
                     med(t, |r| r.p99),
                     med(t, |r| r.t50),
                     med(t, |r| r.t99),
+                    med(t, |r| r.cpu_ms),
                 );
             }
             let ratios: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[0].rps).collect();
@@ -423,6 +469,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     }
     println!();
 
+    if cli.open_streams == 0 {
+        null.stop();
+        logged.stop();
+        sim_task.abort();
+        return Ok(());
+    }
     // Memory with many open streams: slow streams, held open until all have started.
     let client = reqwest::Client::builder()
         .no_proxy()
