@@ -18,6 +18,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Bumped whenever a stored field changes meaning or shape.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -187,8 +188,16 @@ pub fn is_event_stream(content_type: Option<&str>) -> bool {
 /// bodies it only passes along: it validates the bytes once and writes them out verbatim
 /// (as embedded JSON, not as a string), which keeps allocation off the request path. Readers
 /// parse it when they need it ([`JsonText::parse`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonText(String);
+#[derive(Debug, Clone)]
+pub struct JsonText(Box<RawValue>);
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for JsonText {}
 
 impl JsonText {
     /// Validates `bytes` as one JSON value nested at most [`MAX_JSON_DEPTH`] deep.
@@ -201,30 +210,33 @@ impl JsonText {
         if json_depth_exceeds(bytes, max_depth) {
             return None;
         }
-        let raw: &serde_json::value::RawValue = serde_json::from_slice(bytes).ok()?;
-        Some(JsonText(raw.get().to_owned()))
+        serde_json::from_slice(bytes).ok().map(JsonText)
     }
 
     pub fn from_value(value: &Value) -> Self {
-        JsonText(value.to_string())
+        // Serialising a `Value` cannot fail (its keys are strings).
+        serde_json::value::to_raw_value(value).map_or_else(|_| Self::null(), JsonText)
+    }
+
+    /// The JSON `null`.
+    pub fn null() -> Self {
+        JsonText(RawValue::NULL.to_owned())
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.get()
     }
 
     pub fn parse(&self) -> Option<Value> {
-        serde_json::from_str(&self.0).ok()
+        serde_json::from_str(self.0.get()).ok()
     }
 }
 
 impl Serialize for JsonText {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // Always valid (checked at construction); the fallback only guards against misuse.
-        match serde_json::from_str::<&serde_json::value::RawValue>(&self.0) {
-            Ok(raw) => raw.serialize(serializer),
-            Err(_) => serializer.serialize_str(&self.0),
-        }
+        // Written verbatim, not parsed again: it was validated once, at construction. (Going
+        // through a `&str` here re-parsed every body on every write, journal and store.)
+        self.0.serialize(serializer)
     }
 }
 
@@ -233,8 +245,7 @@ impl<'de> Deserialize<'de> for JsonText {
         // Taken as raw text, never through a `Value`: no tree is built and no depth limit of
         // a tree applies, so whatever was stored can be read back. `Body` and `RawRecord`
         // deserialise without serde's buffering for this to work.
-        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
-        Ok(JsonText(raw.get().to_owned()))
+        Box::<RawValue>::deserialize(deserializer).map(JsonText)
     }
 }
 
@@ -297,7 +308,7 @@ impl<'de> Deserialize<'de> for Body {
             "empty" => Ok(Body::Empty),
             // `"json": null` reads back as `None`: the stored body was the JSON `null`.
             "json" => Ok(Body::Json {
-                json: r.json.unwrap_or_else(|| JsonText("null".to_owned())),
+                json: r.json.unwrap_or_else(JsonText::null),
             }),
             "text" => Ok(Body::Text {
                 content_type: content_type(),

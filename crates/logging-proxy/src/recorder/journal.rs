@@ -6,9 +6,10 @@
 //! - **Group commit.** Request tasks serialise a record into a frame (the spool's format:
 //!   `[len u32 LE][crc32 u32 LE][JSON]`) and add it to a shared buffer under a short lock, with
 //!   the next sequence number; they never touch a file. One thread takes everything buffered
-//!   since its last write, writes it with one `write_all`, and publishes "released up to
-//!   sequence N" on a watch channel. The tee holds a response's last byte until the watermark
-//!   passes its `end` record; nothing else waits.
+//!   since its last write, writes it with one `write_all`, and moves the watermark "released
+//!   up to sequence N" (`watermark.rs`), which wakes only the responses it passes. The tee
+//!   holds a response's last byte until the watermark passes its `end` record; nothing else
+//!   waits.
 //! - **Durability.** `write(2)` puts the bytes in the page cache, which outlives the process:
 //!   that is what SIGKILL needs. A power loss needs `journal_fsync = "always"` (one
 //!   `fdatasync` per group, and the directory synced when a file is created).
@@ -40,18 +41,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tollgate_records::RawRecord;
 
 use super::RecorderStats;
 use super::spool::{self, AppendFile, Opener, SpoolError, SpoolFsync};
 use super::spooler::SpoolHandle;
+use super::watermark::{self, Watermark};
 
 /// How often the file being appended to is checked for deletion: often enough that an idle
 /// proxy keeps little to replay, rarely enough that a busy one does not create and delete a file
 /// per batch.
 const ACTIVE_CHECK: Duration = Duration::from_secs(1);
+
+/// Buffered bytes at which any record wakes the thread, not only an `end`.
+const WAKE_AT_BYTES: usize = 256 * 1024;
 
 /// Sequence numbers start at 1; 0 means "not journaled" (nothing to wait for, nothing to settle).
 pub(crate) const UNJOURNALED: u64 = 0;
@@ -185,6 +189,9 @@ struct Shared {
     max_bytes: u64,
     buffer_max_bytes: u64,
     stats: Arc<RecorderStats>,
+    /// Highest sequence number released: written, or given up on (failed write). Moved to the
+    /// end when the thread is gone, which releases every waiter.
+    released: Arc<Watermark>,
 }
 
 impl Shared {
@@ -197,9 +204,8 @@ impl Shared {
 #[derive(Clone)]
 pub(crate) struct Journal {
     shared: Arc<Shared>,
-    /// Highest sequence number released: written, or given up on (failed write). Closed when
-    /// the thread is gone, which releases every waiter.
-    released: watch::Receiver<u64>,
+    /// Held by every handle; the thread stops once none is left.
+    _handles: Arc<()>,
 }
 
 /// Starts the journal thread on `tracker`'s blocking pool; it runs until [`Journal::stop`].
@@ -239,11 +245,12 @@ fn worker(
         max_bytes: settings.max_bytes,
         buffer_max_bytes: settings.buffer_max_bytes,
         stats,
+        released: Arc::new(Watermark::default()),
     });
-    let (released_tx, released) = watch::channel(0);
+    let handles = Arc::new(());
     let worker = Worker {
+        handles: Arc::downgrade(&handles),
         shared: shared.clone(),
-        released: released_tx,
         opener,
         ledger,
         spool,
@@ -256,7 +263,13 @@ fn worker(
         active_checked: Instant::now(),
         settings,
     };
-    (Journal { shared, released }, worker)
+    (
+        Journal {
+            shared,
+            _handles: handles,
+        },
+        worker,
+    )
 }
 
 impl Journal {
@@ -292,7 +305,12 @@ impl Journal {
         let seq = p.next_seq;
         p.next_seq += 1;
         s.buffer_bytes.store(p.buf.len() as u64, Ordering::Relaxed);
-        let wake = std::mem::take(&mut p.sleeping);
+        // Only an `end` record has a response waiting for it, and the records before it are
+        // written in its group (the buffer keeps their order); waking the thread for every
+        // record cost a futex wake and two context switches each. A large buffer is written
+        // without waiting for an `end`.
+        let urgent = matches!(record, RawRecord::End(_)) || p.buf.len() >= WAKE_AT_BYTES;
+        let wake = urgent && std::mem::take(&mut p.sleeping);
         drop(p);
         if wake {
             s.wake.notify_one();
@@ -303,14 +321,11 @@ impl Journal {
     /// A future that completes once record `seq` is released (written to the journal, or given
     /// up on); `None` when it already is.
     pub(crate) fn released(&self, seq: u64) -> Option<impl Future<Output = ()> + Send + 'static> {
-        if seq == UNJOURNALED || *self.released.borrow() >= seq {
+        let released = &self.shared.released;
+        if seq == UNJOURNALED || released.get() >= seq {
             return None;
         }
-        let mut released = self.released.clone();
-        Some(async move {
-            // An error means the thread is gone, which releases everything.
-            let _ = released.wait_for(|r| *r >= seq).await;
-        })
+        Some(watermark::reached(released.clone(), seq))
     }
 
     /// Whether the journal takes new requests' records: not while writes fail, nor within the
@@ -349,7 +364,7 @@ struct JournalFile {
 
 struct Worker {
     shared: Arc<Shared>,
-    released: watch::Sender<u64>,
+    handles: std::sync::Weak<()>,
     opener: Opener,
     ledger: Arc<Ledger>,
     spool: SpoolHandle,
@@ -367,6 +382,13 @@ struct Worker {
     settings: JournalSettings,
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // However the thread ends (a stop, a panic), no response waits for it any longer.
+        self.shared.released.close();
+    }
+}
+
 /// A group taken from the buffer: its frames and the last sequence number among them.
 struct Group {
     frames: Vec<u8>,
@@ -381,7 +403,7 @@ impl Worker {
             self.wait();
             let due = self.active_checked.elapsed() >= ACTIVE_CHECK;
             if self.turn(due) {
-                // Dropping the sender releases every waiter, whatever they wait for.
+                // Dropping the worker releases every waiter, whatever they wait for.
                 return;
             }
         }
@@ -393,7 +415,7 @@ impl Worker {
         let shared = self.shared.clone();
         let mut p = shared.lock();
         while p.buf.is_empty() && !p.stop {
-            if self.released.is_closed() {
+            if self.handles.strong_count() == 0 {
                 // Every handle is gone without a stop (the recorder was dropped, a test
                 // panicked): nothing can add records, so stop rather than keep a thread.
                 p.stop = true;
@@ -429,11 +451,7 @@ impl Worker {
         if !group.frames.is_empty() {
             self.write_group(&group);
         }
-        self.released.send_if_modified(|r| {
-            let moved = group.last_seq > *r;
-            *r = (*r).max(group.last_seq);
-            moved
-        });
+        self.shared.released.advance(group.last_seq);
         self.spare = group.frames;
         self.spare.clear();
         // A burst's buffer is not kept for ever.
@@ -664,8 +682,27 @@ mod tests {
         }
 
         fn released(&self) -> u64 {
-            *self.journal.released.borrow()
+            self.journal.shared.released.get()
         }
+    }
+
+    /// Found when the watch channel gave way to the watermark: the thread counted a clone of
+    /// its own as a handle, never stopped, and a runtime without an explicit shutdown (a
+    /// test's) waited on it for ever.
+    #[test]
+    fn the_thread_stops_once_every_handle_is_gone_and_releases_waiters() {
+        let mut rig = rig(|_| {}, file_opener());
+        let worker = rig.worker.take().unwrap();
+        let mark = rig.journal.shared.released.clone();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            worker.run();
+            let _ = done_tx.send(());
+        });
+        drop(rig.journal);
+        done.recv_timeout(Duration::from_secs(30))
+            .expect("the thread stopped with no handle left");
+        assert_eq!(mark.get(), u64::MAX, "every waiter is released");
     }
 
     #[test]

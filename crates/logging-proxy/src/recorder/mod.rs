@@ -51,6 +51,7 @@
 mod journal;
 pub(crate) mod spool;
 mod spooler;
+mod watermark;
 mod writer;
 
 use std::collections::VecDeque;
