@@ -129,6 +129,9 @@ impl Proxy {
         let mut client = reqwest::Client::builder()
             .connect_timeout(validated.connect_timeout())
             .pool_idle_timeout(Duration::from_secs(90))
+            // A gateway passes a backend's redirect to the client: following it would replay
+            // the request, backend key included, to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true);
         if !validated.use_env_proxy {
             client = client.no_proxy();

@@ -5,3 +5,4 @@ mod recorder;
 mod shutdown;
 mod slow_reader;
 mod support;
+mod upstream;
