@@ -1,5 +1,4 @@
 //! What a backend answers reaches the client as it was answered.
-#![expect(clippy::expect_used, reason = "tests fail loudly")]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
