@@ -7,6 +7,12 @@
 //! and memory are its own; the simulator and the load generator share this process.
 //!
 //! Run: `cargo run --release -p tollgate-bench -- --seconds 5 --rounds 3 --concurrency 64`
+//!
+//! Before/after: build an earlier commit's benchmark (`git worktree add /tmp/base COMMIT`,
+//! `cargo build --release -p tollgate-bench` there) and pass it as `--baseline
+//! /tmp/base/target/release/tollgate-bench`; its proxy joins the same rounds as one more
+//! target, so both are measured under the same conditions. Figures from separate runs are not
+//! comparable on a shared machine: the direct target alone moved by a third between runs.
 
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
 #![expect(
@@ -53,6 +59,11 @@ struct Cli {
     /// the flag for several. Default: all four. Useful to profile one scenario.
     #[arg(long)]
     only: Vec<String>,
+    /// Another build of this benchmark (an earlier commit's `tollgate-bench`) whose proxy runs,
+    /// logging on, as one more target in the same rounds: a before/after comparison measured
+    /// side by side, under the same machine conditions.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Runtime worker threads of the proxy process (default: one per core).
     #[arg(long)]
     proxy_workers: Option<usize>,
@@ -167,12 +178,13 @@ struct ChildProxy {
 
 impl ChildProxy {
     fn start(
+        exe: &std::path::Path,
         backend: &str,
         null_store: bool,
         dir: &std::path::Path,
         workers: Option<usize>,
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(exe);
         if let Some(n) = workers {
             // Read by tokio's runtime builder in the child only.
             cmd.env("TOKIO_WORKER_THREADS", n.to_string());
@@ -360,13 +372,34 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     });
     let sim_base = format!("http://{sim_addr}");
     let dir = tempfile::tempdir()?;
-    let null = ChildProxy::start(&sim_base, true, &dir.path().join("null"), cli.proxy_workers)?;
+    let exe = std::env::current_exe()?;
+    let null = ChildProxy::start(
+        &exe,
+        &sim_base,
+        true,
+        &dir.path().join("null"),
+        cli.proxy_workers,
+    )?;
     let logged = ChildProxy::start(
+        &exe,
         &sim_base,
         false,
         &dir.path().join("logged"),
         cli.proxy_workers,
     )?;
+    let baseline = cli
+        .baseline
+        .as_deref()
+        .map(|exe| {
+            ChildProxy::start(
+                exe,
+                &sim_base,
+                false,
+                &dir.path().join("baseline"),
+                cli.proxy_workers,
+            )
+        })
+        .transpose()?;
     let idle_rss = logged.rss_mb();
 
     println!(
@@ -374,7 +407,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cli.seconds
     );
-    let targets = [
+    let mut targets = vec![
         ("direct", sim_base.clone(), "sim", None),
         (
             "proxy, store discards",
@@ -389,6 +422,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             Some(&logged),
         ),
     ];
+    if let Some(b) = &baseline {
+        targets.push(("baseline, logging on", format!("http://{}", b.addr), KEY, Some(b)));
+    }
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -465,6 +501,15 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 median(rounds.iter().map(|r| r[2].t50 - r[0].t50).collect()),
                 median(rounds.iter().map(|r| r[2].t99 - r[0].t99).collect()),
             );
+            if baseline.is_some() {
+                let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();
+                let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[3].cpu_ms).collect();
+                println!(
+                    "  logging on vs baseline: throughput {:.2}x, CPU per request {:.2}x (medians of rounds)",
+                    median(rps),
+                    median(cpu)
+                );
+            }
         }
     }
     println!();
@@ -472,6 +517,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     if cli.open_streams == 0 {
         null.stop();
         logged.stop();
+        if let Some(b) = baseline {
+            b.stop();
+        }
         sim_task.abort();
         return Ok(());
     }
@@ -522,6 +570,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     holders.abort_all();
     null.stop();
     logged.stop();
+    if let Some(b) = baseline {
+        b.stop();
+    }
     sim_task.abort();
     Ok(())
 }

@@ -142,24 +142,30 @@ impl Consumer {
 pub const MAX_JSON_DEPTH: usize = 64;
 
 /// Whether the JSON text nests arrays and objects more than `max` deep. A single pass over the
-/// bytes that tracks strings and brackets; it does not validate (the caller does that).
+/// bytes that tracks strings and brackets; it does not validate (the caller does that). String
+/// contents, most of a chat body, are skipped with `memchr` to the next quote or backslash
+/// rather than looked at byte by byte.
 pub fn json_depth_exceeds(bytes: &[u8], max: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                // To the closing quote: skip to each quote or backslash; a backslash escapes
+                // the byte after it.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
+                        None => return false,
+                        Some(at) if bytes[i + at] == b'\\' => i += at + 2,
+                        Some(at) => {
+                            i += at + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -169,6 +175,7 @@ pub fn json_depth_exceeds(bytes: &[u8], max: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -854,6 +861,43 @@ mod tests {
         assert!(!json_depth_exceeds(br#"{"a":"[[[[[[[[[[\"[["}"#, 2));
         assert!(json_depth_exceeds(br#"{"a":[{"b":[1]}]}"#, 3));
         assert!(!json_depth_exceeds(br#"{"a":[{"b":[1]}]}"#, 4));
+    }
+
+    /// The nesting depth of a JSON text by serde_json's own parser, which we did not write:
+    /// parsed into a `Value` (JSON texts here are shallow enough for its recursion limit).
+    fn depth_by_serde(value: &Value) -> usize {
+        match value {
+            Value::Array(items) => 1 + items.iter().map(depth_by_serde).max().unwrap_or(0),
+            Value::Object(map) => 1 + map.values().map(depth_by_serde).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// JSON values of any shape, with strings full of brackets, quotes and backslashes.
+    fn arbitrary_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[\\[\\]{}\"\\\\a-z ]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(8, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map("[\\[\\]{}\"\\\\a-z]{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn depth_scan_agrees_with_serde_on_any_json(value in arbitrary_json(), max in 0usize..10) {
+            let text = serde_json::to_vec(&value).unwrap();
+            let depth = depth_by_serde(&value);
+            proptest::prop_assert_eq!(json_depth_exceeds(&text, max), depth > max);
+        }
     }
 
     #[test]
