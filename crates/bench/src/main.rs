@@ -423,7 +423,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         ),
     ];
     if let Some(b) = &baseline {
-        targets.push(("baseline, logging on", format!("http://{}", b.addr), KEY, Some(b)));
+        targets.push((
+            "baseline, logging on",
+            format!("http://{}", b.addr),
+            KEY,
+            Some(b),
+        ));
     }
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
