@@ -359,22 +359,10 @@ impl AppendFile for HangingWrites {
 async fn try_record_never_waits_on_the_disk() {
     let (entered_tx, entered) = std::sync::mpsc::channel();
     let released = Arc::new((Mutex::new(false), Condvar::new()));
-    let opener: Opener = {
-        let released = released.clone();
-        let entered_tx = Mutex::new(entered_tx);
-        Box::new(move |path| {
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(path)?;
-            Ok(Box::new(HangingWrites {
-                file,
-                entered: entered_tx.lock().unwrap().clone(),
-                released: released.clone(),
-            }))
-        })
-    };
-    let rig = rig_with(|s| s.queue_capacity = 1, opener);
+    let rig = rig_with(
+        |s| s.queue_capacity = 1,
+        hanging_opener(&released, entered_tx),
+    );
     let stall = rig.store.stall.lock().await;
     let all = names("h", 6);
     // From a plain thread, so a hand-over that blocked on the disk would show as a timeout
@@ -551,11 +539,13 @@ async fn the_journal_is_kept_only_for_records_not_yet_safe_in_the_store_or_spool
     next.shutdown().await;
 }
 
-/// An opener whose files' writes hang until `released` is set: a disk that stopped answering.
-fn hanging_opener(released: &Arc<(Mutex<bool>, Condvar)>) -> Opener {
+/// Files whose writes signal `entered`, then hang until `released` is set: a disk that stopped
+/// answering.
+fn hanging_opener(
+    released: &Arc<(Mutex<bool>, Condvar)>,
+    entered: std::sync::mpsc::Sender<()>,
+) -> Opener {
     let released = released.clone();
-    // Nobody waits for the "entered" signal here.
-    let (entered, _) = std::sync::mpsc::channel();
     let entered = Mutex::new(entered);
     Box::new(move |path| {
         let file = OpenOptions::new()
@@ -576,31 +566,41 @@ fn release(released: &Arc<(Mutex<bool>, Condvar)>) {
     cvar.notify_all();
 }
 
-/// Review finding: with queue and spool both full, every record handed over spawned a task of
-/// its own to wait for room, without bound. Now they wait in one list fed by one task, in
-/// order, counted in `overflow_bytes`, and `flush` covers them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_with_no_room_wait_in_one_list_and_all_arrive() {
-    let released = Arc::new((Mutex::new(false), Condvar::new()));
+type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+/// A recorder with no room anywhere — a one-record queue, a store in an outage, a one-byte
+/// spool buffer on a disk that does not answer until the gate is opened — handed 40 records
+/// named `prefix0…`.
+fn no_room(prefix: &str) -> (Rig, Gate, Vec<String>) {
+    let released: Gate = Arc::new((Mutex::new(false), Condvar::new()));
     let rig = rig_with(
         |s| {
             s.queue_capacity = 1;
             s.max_batch_records = 1;
             s.spool_buffer_max_bytes = 1;
         },
-        hanging_opener(&released),
+        // Nobody waits for the "entered" signal here.
+        hanging_opener(&released, std::sync::mpsc::channel().0),
     );
     rig.store.outage.store(true, Ordering::SeqCst);
-    let all = names("o", 40);
+    let all = names(prefix, 40);
     for id in &all {
         rig.recorder.record(sample_request(id));
     }
+    (rig, released, all)
+}
+
+/// Review finding: with queue and spool both full, every record handed over spawned a task of
+/// its own to wait for room, without bound. Now they wait in one list fed by one task, in
+/// order, counted in `overflow_bytes`, and `flush` covers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_with_no_room_wait_in_one_list_and_all_arrive() {
+    let (rig, released, all) = no_room("o");
     let overflowed = stat(&rig.recorder.stats().overflowed);
     assert!(overflowed > 0, "queue and spool are full: records wait");
     assert!(rig.recorder.overflow_bytes() > 0);
     release(&released);
     rig.store.outage.store(false, Ordering::SeqCst);
-    rig.recorder.flush().await;
     rig.recorder.flush().await;
     let mut stored = rig.store.ids();
     stored.sort();
@@ -616,20 +616,7 @@ async fn records_with_no_room_wait_in_one_list_and_all_arrive() {
 /// for room that will never come, and the journal replays them at the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_waiting_for_room_at_shutdown_are_replayed_at_the_next_start() {
-    let released = Arc::new((Mutex::new(false), Condvar::new()));
-    let rig = rig_with(
-        |s| {
-            s.queue_capacity = 1;
-            s.max_batch_records = 1;
-            s.spool_buffer_max_bytes = 1;
-        },
-        hanging_opener(&released),
-    );
-    rig.store.outage.store(true, Ordering::SeqCst);
-    let all = names("w", 40);
-    for id in &all {
-        rig.recorder.record(sample_request(id));
-    }
+    let (rig, released, all) = no_room("w");
     assert!(stat(&rig.recorder.stats().overflowed) > 0);
     let Rig {
         recorder,
