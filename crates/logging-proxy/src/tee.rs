@@ -17,7 +17,10 @@
 //! - the `end` record is emitted exactly once, when the upstream body ends, fails, times out,
 //!   or the drain bound after a client disconnect is reached;
 //! - a client that disconnects does not stop the reading: the task keeps reading the upstream
-//!   (at most `max_drain_bytes` / `max_drain_ms` more) so AOAI's usage frame is still recorded.
+//!   (at most `max_drain_bytes` / `max_drain_ms` more) so AOAI's usage frame is still recorded;
+//! - no client holds a request past the limits: one that stops reading is cut off by its
+//!   connection's write timeout (`stall.rs`), and a response still going at `total_timeout_ms`
+//!   (a slow reader, a slow upstream) is cut off and drained like a disconnect.
 
 use std::collections::BTreeMap;
 use std::future::Future;
