@@ -8,10 +8,8 @@
 //! Requests an HTTP client would fix or refuse go over raw TCP. Every wait is bounded.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -20,7 +18,7 @@ use tokio::net::TcpStream;
 use tollgate_records::{ConsolidatedRecord, UsageSource};
 use tollgate_store::RecordQuery;
 
-use crate::harness::sha;
+use crate::up::{Up, UpConfig};
 
 const KEY: &str = "hostile-pipeline-key";
 const ADMIN_KEY: &str = "hostile-pipeline-admin-key";
@@ -46,102 +44,28 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
     }
 }
 
-/// The `tollgate up` child; killed on drop, its log printed when the test failed.
-struct Up {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Up {
-    fn start(dir: &Path, data: &Path) -> Up {
-        let config = dir.join("tollgate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"shutdown_grace_ms = 2000
-[proxy]
-admin_key_sha256 = "{admin}"
-[[proxy.consumers]]
-id = "hostile"
-key_sha256 = ["{key}"]
-[proxy.limits]
+/// This run's `tollgate up`: tight limits, so the hostile clients meet them.
+fn start_up(dir: &Path, data: &Path) -> Up {
+    let sections = format!(
+        "[proxy.limits]
 max_request_body_bytes = {BODY_LIMIT}
 max_header_bytes = 16384
 header_read_timeout_ms = 1500
 body_read_timeout_ms = 2000
 [proxy.recorder]
-max_body_part_bytes = 262144
-[log]
-filter = "warn"
-"#,
-                admin = sha(ADMIN_KEY),
-                key = sha(KEY),
-            ),
-        )
-        .expect("write config");
-        let log = dir.join("tollgate.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["up", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start tollgate up");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let mut addr = None;
-        // The banner is a handful of lines; `listening on` comes first.
-        for line in lines.by_ref().take(50) {
-            let line = line.expect("stdout line");
-            if let Some(url) = line.strip_prefix("listening on http://") {
-                addr = Some(url.trim().parse().expect("listen address"));
-                break;
-            }
-        }
-        let addr = addr.unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!(
-                "tollgate up did not say where it listens:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        // The rest of stdout (the banner's tail, `stopped`) is small; the pipe holds it.
-        Up { child, addr, log }
-    }
-
-    fn base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// `VmHWM` of the child, in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc status")
-    }
-}
-
-impl Drop for Up {
-    #[expect(clippy::print_stderr, reason = "the child's log explains a failed run")]
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!("tollgate up log (tail):\n{}", tail.join("\n"));
-        }
-    }
+max_body_part_bytes = 262144"
+    );
+    Up::start(
+        dir,
+        data,
+        "tollgate",
+        &UpConfig {
+            consumer: "hostile",
+            key: KEY,
+            admin_key: ADMIN_KEY,
+            sections: &sections,
+        },
+    )
 }
 
 /// What a request must have become in the store.
@@ -438,7 +362,7 @@ fn parse_response(buf: &[u8]) -> (u16, Option<String>, Value) {
 async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let up = Up::start(dir.path(), &data);
+    let up = start_up(dir.path(), &data);
     let c = Client {
         // No pooled connections: the short header-read timeout closes idle ones.
         http: reqwest::Client::builder()

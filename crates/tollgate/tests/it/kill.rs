@@ -22,10 +22,10 @@
 //! Waits are bounded and synchronise on events (stdout lines, responses, the admin flush).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,7 +34,7 @@ use serde_json::json;
 use tollgate_records::UsageSource;
 use tollgate_store::RecordQuery;
 
-use crate::harness::sha;
+use crate::up::{Up, UpConfig};
 
 const KEY: &str = "kill-consumer-key";
 const ADMIN_KEY: &str = "kill-admin-key";
@@ -50,14 +50,6 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
     }
 }
 
-/// A `tollgate up` child; killed on drop, its log printed when the test failed.
-struct Up {
-    /// Shared with the workers: the one that reads the last counted response kills it.
-    child: Arc<Mutex<Child>>,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
 /// SIGKILL (what `Child::kill` sends on Unix), and the exit reaped.
 fn sigkill(child: &Mutex<Child>) {
     let mut child = child.lock().expect("child");
@@ -66,85 +58,21 @@ fn sigkill(child: &Mutex<Child>) {
     assert!(!status.success(), "killed, not exited: {status}");
 }
 
-impl Up {
-    /// `recorder`: extra lines for `[proxy.recorder]`.
-    fn start(dir: &Path, data: &Path, run: &str, recorder: &str) -> Up {
-        let config = dir.join("tollgate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"shutdown_grace_ms = 2000
-[proxy]
-admin_key_sha256 = "{admin}"
-[[proxy.consumers]]
-id = "kill"
-key_sha256 = ["{key}"]
-[proxy.recorder]
-flush_interval_ms = 200
-{recorder}
-[log]
-filter = "warn"
-"#,
-                admin = sha(ADMIN_KEY),
-                key = sha(KEY),
-            ),
-        )
-        .expect("write config");
-        let log = dir.join(format!("tollgate-{run}.log"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["up", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start tollgate up");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut addr = None;
-        // The banner is a handful of lines; `listening on` comes first.
-        for line in BufReader::new(stdout).lines().take(50) {
-            let line = line.expect("stdout line");
-            if let Some(url) = line.strip_prefix("listening on http://") {
-                addr = Some(url.trim().parse().expect("listen address"));
-                break;
-            }
-        }
-        let addr = addr.unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!(
-                "tollgate up did not say where it listens:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Up {
-            child: Arc::new(Mutex::new(child)),
-            addr,
-            log,
-        }
-    }
-
-    fn base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Up {
-    #[expect(clippy::print_stderr, reason = "the child's log explains a failed run")]
-    fn drop(&mut self) {
-        if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!("tollgate up log (tail):\n{}", tail.join("\n"));
-        }
-    }
+/// A run's `tollgate up`, its writer lingering 200 ms a batch; `recorder`: extra lines for
+/// `[proxy.recorder]`.
+fn start_up(dir: &Path, data: &Path, run: &str, recorder: &str) -> Up {
+    let sections = format!("[proxy.recorder]\nflush_interval_ms = 200\n{recorder}");
+    Up::start(
+        dir,
+        data,
+        &format!("tollgate-{run}"),
+        &UpConfig {
+            consumer: "kill",
+            key: KEY,
+            admin_key: ADMIN_KEY,
+            sections: &sections,
+        },
+    )
 }
 
 /// What the workers send, and how often the process is killed.
@@ -312,7 +240,7 @@ async fn kill_and_restart(label: &str, recorder: &str, load: Load) {
         .expect("client");
     let completed = Arc::new(Mutex::new(Vec::new()));
     for run in 0..load.kills {
-        let up = Up::start(dir.path(), &data, &format!("killed-{run}"), recorder);
+        let up = start_up(dir.path(), &data, &format!("killed-{run}"), recorder);
         let count = Arc::new(AtomicUsize::new(0));
         let mut workers = tokio::task::JoinSet::new();
         for n in 0..WORKERS {
@@ -336,7 +264,7 @@ async fn kill_and_restart(label: &str, recorder: &str, load: Load) {
     }
     let completed = completed.lock().expect("ids").clone();
 
-    let up = Up::start(dir.path(), &data, "restarted", recorder);
+    let up = start_up(dir.path(), &data, "restarted", recorder);
     let flush = within(
         "the admin flush",
         http.post(format!("{}/tollgate/admin/flush", up.base()))

@@ -17,3 +17,4 @@ mod hostile;
 mod kill;
 mod otlp;
 mod pipeline;
+mod up;
