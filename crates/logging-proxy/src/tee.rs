@@ -654,15 +654,15 @@ async fn drain(mut tee: Tee, client_disconnected: bool) {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::{File, OpenOptions};
-    use std::sync::{Arc, Condvar, Mutex};
+    use std::sync::Arc;
 
     use futures_util::{FutureExt, StreamExt};
     use proptest::prelude::*;
     use tollgate_store::{RawWriter, StoreError};
 
     use super::*;
-    use crate::recorder::spool::{self, AppendFile, Opener};
+    use crate::recorder::spool;
+    use crate::recorder::spool::tests::{Gate, open_gate};
 
     /// Takes everything, keeps nothing.
     struct Discard;
@@ -672,40 +672,6 @@ mod tests {
         async fn append(&self, _batch: &[RawRecord]) -> Result<(), StoreError> {
             Ok(())
         }
-    }
-
-    type Gate = Arc<(Mutex<bool>, Condvar)>;
-
-    /// A journal file whose writes wait until the test opens the gate: a journal that has not
-    /// written yet.
-    struct Gated {
-        file: File,
-        gate: Gate,
-    }
-
-    impl AppendFile for Gated {
-        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-            let (open, cvar) = &*self.gate;
-            let mut open = open.lock().unwrap();
-            while !*open {
-                open = cvar.wait(open).unwrap();
-            }
-            std::io::Write::write_all(&mut self.file, buf)
-        }
-
-        fn sync_data(&mut self) -> io::Result<()> {
-            self.file.sync_data()
-        }
-
-        fn set_len(&mut self, len: u64) -> io::Result<()> {
-            self.file.set_len(len)
-        }
-    }
-
-    fn open_gate(gate: &Gate) {
-        let (open, cvar) = &**gate;
-        *open.lock().unwrap() = true;
-        cvar.notify_all();
     }
 
     struct Rig {
@@ -718,20 +684,9 @@ mod tests {
 
     fn rig() -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let journal_opener: Opener = {
-            let gate = gate.clone();
-            Box::new(move |path| {
-                let file = OpenOptions::new()
-                    .create_new(true)
-                    .append(true)
-                    .open(path)?;
-                Ok(Box::new(Gated {
-                    file,
-                    gate: gate.clone(),
-                }))
-            })
-        };
+        // A journal that has not written yet, until the test opens the gate.
+        let gate = spool::tests::gate();
+        let journal_opener = spool::tests::gated_opener(&gate, None);
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let recorder = Recorder::start_with(

@@ -596,6 +596,69 @@ pub(crate) mod tests {
         }
     }
 
+    /// A gate a test opens; until then writes to files from [`gated_opener`] wait.
+    pub(crate) type Gate = Arc<(Mutex<bool>, std::sync::Condvar)>;
+
+    pub(crate) fn gate() -> Gate {
+        Arc::new((Mutex::new(false), std::sync::Condvar::new()))
+    }
+
+    pub(crate) fn open_gate(gate: &Gate) {
+        let (open, cvar) = &**gate;
+        *open.lock().unwrap() = true;
+        cvar.notify_all();
+    }
+
+    /// A file whose writes (each first signalled on `entered`) wait until the gate opens: a
+    /// disk that stopped answering, or a journal that has not written yet.
+    struct Gated {
+        file: File,
+        entered: Option<std::sync::mpsc::Sender<()>>,
+        gate: Gate,
+    }
+
+    impl AppendFile for Gated {
+        fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+            if let Some(entered) = &self.entered {
+                let _ = entered.send(());
+            }
+            let (open, cvar) = &*self.gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cvar.wait(open).unwrap();
+            }
+            Write::write_all(&mut self.file, buf)
+        }
+
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.file.sync_data()
+        }
+
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+    }
+
+    /// An opener of [`Gated`] files.
+    pub(crate) fn gated_opener(
+        gate: &Gate,
+        entered: Option<std::sync::mpsc::Sender<()>>,
+    ) -> Opener {
+        let gate = gate.clone();
+        let entered = Mutex::new(entered);
+        Box::new(move |path| {
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(path)?;
+            Ok(Box::new(Gated {
+                file,
+                entered: entered.lock().unwrap().clone(),
+                gate: gate.clone(),
+            }))
+        })
+    }
+
     /// An opener whose files share one write budget (`None`: unlimited).
     pub(crate) fn short_opener(budget: Arc<Mutex<Option<u64>>>, syncs: Arc<AtomicU64>) -> Opener {
         Box::new(move |path| {

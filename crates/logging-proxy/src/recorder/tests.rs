@@ -1,17 +1,16 @@
 //! The recorder against fake stores: rejections, outages, the byte budget, a blocked disk.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Condvar, Mutex};
 
 use async_trait::async_trait;
 use tollgate_store::StoreError;
 use tollgate_store::conformance::{sample_chunk, sample_request};
 
-use super::spool::AppendFile;
+use super::spool::tests::{Gate, gate, gated_opener, open_gate};
 use super::*;
 
 /// A store that keeps what it is given, and fails on demand: `outage` fails every append
@@ -326,42 +325,15 @@ async fn a_record_larger_than_the_whole_budget_is_spooled_and_replayed_without_a
     rig.shutdown().await;
 }
 
-/// A spool file whose writes block until the test releases them: a disk that hangs.
-struct HangingWrites {
-    file: File,
-    entered: std::sync::mpsc::Sender<()>,
-    released: Arc<(Mutex<bool>, Condvar)>,
-}
-
-impl AppendFile for HangingWrites {
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        let _ = self.entered.send(());
-        let (lock, cvar) = &*self.released;
-        let mut released = lock.lock().unwrap();
-        while !*released {
-            released = cvar.wait(released).unwrap();
-        }
-        std::io::Write::write_all(&mut self.file, buf)
-    }
-
-    fn sync_data(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
-    }
-}
-
 /// Defect: a full queue made `try_record` append to the spool file itself, inside the
 /// response body's `poll_next`, so a slow disk stalled an async worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn try_record_never_waits_on_the_disk() {
     let (entered_tx, entered) = std::sync::mpsc::channel();
-    let released = Arc::new((Mutex::new(false), Condvar::new()));
+    let released = gate();
     let rig = rig_with(
         |s| s.queue_capacity = 1,
-        hanging_opener(&released, entered_tx),
+        gated_opener(&released, Some(entered_tx)),
     );
     let stall = rig.store.stall.lock().await;
     let all = names("h", 6);
@@ -383,11 +355,7 @@ async fn try_record_never_waits_on_the_disk() {
     let returned = done.recv_timeout(Duration::from_secs(30));
     // Released before asserting, so a hand-over stuck on the disk fails the test instead of
     // hanging it.
-    {
-        let (lock, cvar) = &*released;
-        *lock.lock().unwrap() = true;
-        cvar.notify_all();
-    }
+    open_gate(&released);
     assert!(writing, "the spool thread is writing");
     assert_eq!(
         returned,
@@ -539,48 +507,18 @@ async fn the_journal_is_kept_only_for_records_not_yet_safe_in_the_store_or_spool
     next.shutdown().await;
 }
 
-/// Files whose writes signal `entered`, then hang until `released` is set: a disk that stopped
-/// answering.
-fn hanging_opener(
-    released: &Arc<(Mutex<bool>, Condvar)>,
-    entered: std::sync::mpsc::Sender<()>,
-) -> Opener {
-    let released = released.clone();
-    let entered = Mutex::new(entered);
-    Box::new(move |path| {
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)?;
-        Ok(Box::new(HangingWrites {
-            file,
-            entered: entered.lock().unwrap().clone(),
-            released: released.clone(),
-        }))
-    })
-}
-
-fn release(released: &Arc<(Mutex<bool>, Condvar)>) {
-    let (lock, cvar) = &**released;
-    *lock.lock().unwrap() = true;
-    cvar.notify_all();
-}
-
-type Gate = Arc<(Mutex<bool>, Condvar)>;
-
 /// A recorder with no room anywhere — a one-record queue, a store in an outage, a one-byte
 /// spool buffer on a disk that does not answer until the gate is opened — handed 40 records
 /// named `prefix0…`.
 fn no_room(prefix: &str) -> (Rig, Gate, Vec<String>) {
-    let released: Gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let released = gate();
     let rig = rig_with(
         |s| {
             s.queue_capacity = 1;
             s.max_batch_records = 1;
             s.spool_buffer_max_bytes = 1;
         },
-        // Nobody waits for the "entered" signal here.
-        hanging_opener(&released, std::sync::mpsc::channel().0),
+        gated_opener(&released, None),
     );
     rig.store.outage.store(true, Ordering::SeqCst);
     let all = names(prefix, 40);
@@ -599,7 +537,7 @@ async fn records_with_no_room_wait_in_one_list_and_all_arrive() {
     let overflowed = stat(&rig.recorder.stats().overflowed);
     assert!(overflowed > 0, "queue and spool are full: records wait");
     assert!(rig.recorder.overflow_bytes() > 0);
-    release(&released);
+    open_gate(&released);
     rig.store.outage.store(false, Ordering::SeqCst);
     rig.recorder.flush().await;
     let mut stored = rig.store.ids();
@@ -628,7 +566,7 @@ async fn records_waiting_for_room_at_shutdown_are_replayed_at_the_next_start() {
     cancel.cancel();
     // The disk answers again only once the stop is under way: the writer and the spool thread
     // can finish; the records still listed are left to the journal.
-    release(&released);
+    open_gate(&released);
     tracker.close();
     tokio::time::timeout(Duration::from_secs(30), tracker.wait())
         .await
