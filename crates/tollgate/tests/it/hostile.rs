@@ -16,9 +16,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_records::{ConsolidatedRecord, UsageSource};
-use tollgate_store::RecordQuery;
 
-use crate::up::{Up, UpConfig};
+use crate::up::{Up, UpConfig, consolidated, open_store};
 
 const KEY: &str = "hostile-pipeline-key";
 const ADMIN_KEY: &str = "hostile-pipeline-admin-key";
@@ -687,20 +686,8 @@ async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_on
         PEAK_RSS_BOUND_KIB / 1024
     );
 
-    let store = tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data))
-        .await
-        .expect("open the store");
-    let all = store
-        .list(&RecordQuery {
-            limit: Some(10_000),
-            ..RecordQuery::default()
-        })
-        .await
-        .expect("list");
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &all {
-        *count.entry(r.id.as_str()).or_default() += 1;
-    }
+    let store = open_store(&data).await;
+    let (all, count) = consolidated(store.as_ref()).await;
     let mut problems = Vec::new();
     for e in &expected {
         let n = count.get(e.id.as_str()).copied().unwrap_or(0);

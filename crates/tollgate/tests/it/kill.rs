@@ -32,9 +32,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tollgate_records::UsageSource;
-use tollgate_store::RecordQuery;
 
-use crate::up::{Up, UpConfig};
+use crate::up::{Up, UpConfig, consolidated, open_store};
 
 const KEY: &str = "kill-consumer-key";
 const ADMIN_KEY: &str = "kill-admin-key";
@@ -275,20 +274,8 @@ async fn kill_and_restart(label: &str, recorder: &str, load: Load) {
     .expect("flush");
     assert_eq!(flush.status(), 200);
 
-    let store = tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data))
-        .await
-        .expect("open the store");
-    let all = store
-        .list(&RecordQuery {
-            limit: Some(100_000),
-            ..RecordQuery::default()
-        })
-        .await
-        .expect("list");
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &all {
-        *count.entry(r.id.as_str()).or_default() += 1;
-    }
+    let store = open_store(&data).await;
+    let (all, count) = consolidated(store.as_ref()).await;
     let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "listed more than once: {twice:?}");
     let by_id: BTreeMap<&str, _> = all.iter().map(|r| (r.id.as_str(), r)).collect();

@@ -1,11 +1,15 @@
 //! `tollgate up` as a child process (bundled simulator, embedded store), for the tests that
 //! drive the real binary from outside: the hostile-client run and the SIGKILL run.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+
+use tollgate_records::ConsolidatedRecord;
+use tollgate_store::{RecordQuery, Store};
 
 use crate::harness::sha;
 
@@ -119,4 +123,29 @@ impl Drop for Up {
             eprintln!("tollgate up log (tail):\n{}", tail.join("\n"));
         }
     }
+}
+
+/// The embedded store under `data`, opened from the test (the writing process may be gone).
+pub(crate) async fn open_store(data: &Path) -> Arc<dyn Store> {
+    tollgate_store::open(&tollgate_store::StoreConfig::embedded(data))
+        .await
+        .expect("open the store")
+}
+
+/// Every consolidated record in `store`, and how many there are of each request id.
+pub(crate) async fn consolidated(
+    store: &dyn Store,
+) -> (Vec<ConsolidatedRecord>, BTreeMap<String, usize>) {
+    let all = store
+        .list(&RecordQuery {
+            limit: Some(100_000),
+            ..RecordQuery::default()
+        })
+        .await
+        .expect("list");
+    let mut count = BTreeMap::new();
+    for r in &all {
+        *count.entry(r.id.clone()).or_default() += 1;
+    }
+    (all, count)
 }
