@@ -7,7 +7,8 @@
 //!   `[len u32 LE][crc32 u32 LE][JSON]`) and add it to a shared buffer under a short lock, with
 //!   the next sequence number; they never touch a file. One thread takes everything buffered
 //!   since its last write, writes it with one `write_all`, and moves the watermark "released
-//!   up to sequence N" (`watermark.rs`), which wakes only the responses it passes. The tee
+//!   up to sequence N" (`watermark.rs`), which wakes only the responses it passes. The thread
+//!   is woken when a response starts waiting, not per record. The tee
 //!   holds a response's last byte until the watermark passes its `end` record; nothing else
 //!   waits.
 //! - **Durability.** `write(2)` puts the bytes in the page cache, which outlives the process:
@@ -54,7 +55,7 @@ use super::watermark::{self, Watermark};
 /// per batch.
 const ACTIVE_CHECK: Duration = Duration::from_secs(1);
 
-/// Buffered bytes at which any record wakes the thread, not only an `end`.
+/// Buffered bytes at which an append wakes the thread, with no response waiting yet.
 const WAKE_AT_BYTES: usize = 256 * 1024;
 
 /// Sequence numbers start at 1; 0 means "not journaled" (nothing to wait for, nothing to settle).
@@ -305,17 +306,25 @@ impl Journal {
         let seq = p.next_seq;
         p.next_seq += 1;
         s.buffer_bytes.store(p.buf.len() as u64, Ordering::Relaxed);
-        // Only an `end` record has a response waiting for it, and the records before it are
-        // written in its group (the buffer keeps their order); waking the thread for every
-        // record cost a futex wake and two context switches each. A large buffer is written
-        // without waiting for an `end`.
-        let urgent = matches!(record, RawRecord::End(_)) || p.buf.len() >= WAKE_AT_BYTES;
-        let wake = urgent && std::mem::take(&mut p.sleeping);
+        // The thread is woken when a response starts waiting ([`Journal::released`]), not per
+        // record: waking it for every record cost a futex wake and two context switches each,
+        // and the records before the one waited for are written in its group (the buffer keeps
+        // their order). A large buffer is written without waiting for a waiter.
+        let wake = p.buf.len() >= WAKE_AT_BYTES && std::mem::take(&mut p.sleeping);
         drop(p);
         if wake {
             s.wake.notify_one();
         }
         seq
+    }
+
+    /// Wakes the thread if it sleeps: something waits for what is buffered.
+    fn wake(&self) {
+        let s = &self.shared;
+        let wake = std::mem::take(&mut s.lock().sleeping);
+        if wake {
+            s.wake.notify_one();
+        }
     }
 
     /// A future that completes once record `seq` is released (written to the journal, or given
@@ -325,6 +334,7 @@ impl Journal {
         if seq == UNJOURNALED || released.get() >= seq {
             return None;
         }
+        self.wake();
         Some(watermark::reached(released.clone(), seq))
     }
 
