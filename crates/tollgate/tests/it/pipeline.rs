@@ -429,10 +429,12 @@ async fn a_full_queue_overflows_to_the_spool_and_loses_nothing() {
     drop(stalled);
     s.settle().await;
     let stored = s.store.read(None, 10_000).await.unwrap().records.len() as u64;
-    assert_eq!(
-        spooled,
-        stored - 2,
-        "all but the writer's batch and the queue's slot were spooled"
+    // The queue's slot is never spooled. The writer's first batch is, when a record reached
+    // the spool before the writer took it (a writer never stores past a non-empty spool, to
+    // keep the order); which comes first is a race, so both outcomes are allowed.
+    assert!(
+        (stored - 2..stored).contains(&spooled),
+        "all but the writer's batch and the queue's slot were spooled: {spooled} of {stored}"
     );
     for id in &ids {
         let r = s.record(id).await;
