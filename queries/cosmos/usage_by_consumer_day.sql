@@ -10,7 +10,9 @@ SELECT
     SUM(c.usage.cachedInputTokens) AS cachedInputTokens,
     SUM(c.usage.outputTokens) AS outputTokens,
     SUM(c.usage.totalTokens) AS totalTokens,
-    SUM(c.cost.total) AS cost
+    SUM(c.cost.total) AS cost,
+    -- tokens used by a model the price table lacks: no cost, counted apart (not as $0)
+    SUM(c.unpriced = true ? 1 : 0) AS unpricedRequests
 FROM c
 WHERE c.time >= @from AND c.time < @to
 GROUP BY c.consumer.id, c.deployment, c.model, LEFT(c.time, 10)

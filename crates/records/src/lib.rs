@@ -688,6 +688,10 @@ pub struct ConsolidatedRecord {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
+    /// Tokens were used but the model has no price (no entry in the price table, or no model
+    /// known): `cost` is absent rather than zero, and `tollgate report` lists the model.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpriced: bool,
     /// The prompt as sent (chat messages, completions prompt or embeddings input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Value>,

@@ -106,6 +106,7 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
             source: UsageSource::Reported,
         }),
         cost: None,
+        unpriced: false,
         prompt: None,
         choices: vec![],
         prompt_filter_results: None,
@@ -229,6 +230,8 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     must(store.upsert(&recs).await, "upsert again");
     let mut changed = sample_consolidated("r2", "alice", 1, 60);
     changed.status = Some(429);
+    // Its model has no price: counted apart, not as a cost of zero.
+    changed.unpriced = true;
     must(store.upsert(&[changed.clone()]).await, "upsert changed");
     assert_eq!(must(store.get("r2").await, "get"), Some(changed));
 
@@ -242,7 +245,9 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     assert_eq!(rows[0].input_tokens, 160);
     assert_eq!(rows[0].total_tokens, 180);
     assert_eq!(rows[0].errors, 1);
+    assert_eq!(rows[0].unpriced_requests, 1);
     assert_eq!(rows[1].consumer, "bob");
+    assert_eq!(rows[1].unpriced_requests, 0);
 
     let day2 = Utc
         .with_ymd_and_hms(2026, 11, 2, 0, 0, 0)

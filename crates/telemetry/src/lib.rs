@@ -301,6 +301,9 @@ pub fn genai_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
             c.price_table_version.clone(),
         ));
     }
+    if r.unpriced {
+        attrs.push(KeyValue::new("tollgate.cost.unpriced", true));
+    }
     if let Some(l) = &r.latency {
         if let Some(t) = l.ttfb_ms {
             attrs.push(KeyValue::new("tollgate.latency.ttfb_ms", t));

@@ -63,15 +63,22 @@ impl PriceTable {
         Self::parse(DEFAULT_PRICE_TABLE)
     }
 
-    /// The entry for a model: an exact match, else the longest entry that prefixes the name
-    /// (`gpt-4o-2024-08-06` → `gpt-4o`, `gpt-4o-mini-2024-07-18` → `gpt-4o-mini`).
+    /// The entry for a model: an exact match, else the longest entry the name extends by a
+    /// version suffix only (`gpt-4o-2024-08-06` → `gpt-4o`, `gpt-35-turbo-0125` →
+    /// `gpt-35-turbo`). Any other tail names a different model with a different price
+    /// (`gpt-4-32k` is not `gpt-4`, `o3-mini` is not `o3`), so it gets `None`: unpriced, never
+    /// the price of a neighbour.
     pub fn lookup(&self, model: &str) -> Option<&Price> {
         if let Some(p) = self.models.get(model) {
             return Some(p);
         }
         self.models
             .iter()
-            .filter(|(name, _)| model.starts_with(name.as_str()))
+            .filter(|(name, _)| {
+                model
+                    .strip_prefix(name.as_str())
+                    .is_some_and(is_version_suffix)
+            })
             .max_by_key(|(name, _)| name.len())
             .map(|(_, p)| p)
     }
@@ -94,19 +101,135 @@ impl PriceTable {
     }
 }
 
+/// A snapshot suffix: `-` then digits in dash-separated groups (`-2024-08-06`, `-0613`).
+fn is_version_suffix(tail: &str) -> bool {
+    tail.strip_prefix('-').is_some_and(|v| {
+        v.split('-')
+            .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn entry<'a>(t: &'a PriceTable, name: &str) -> &'a Price {
+        t.models.get(name).unwrap()
+    }
+
     #[test]
-    fn bundled_table_parses_and_prefix_lookup_prefers_longest() {
+    fn dated_snapshots_take_their_family_price() {
         let t = PriceTable::bundled().unwrap();
         assert_eq!(t.currency, "USD");
-        let mini = t.lookup("gpt-4o-mini-2024-07-18").unwrap();
-        assert_eq!(mini, t.models.get("gpt-4o-mini").unwrap());
-        let big = t.lookup("gpt-4o-2024-08-06").unwrap();
-        assert_eq!(big, t.models.get("gpt-4o").unwrap());
-        assert!(t.lookup("whisper").is_none());
+        for (model, family) in [
+            ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+            ("gpt-4o-2024-08-06", "gpt-4o"),
+            ("gpt-4o-2024-11-20", "gpt-4o"),
+            ("gpt-4-0613", "gpt-4"),
+            ("gpt-4-32k-0613", "gpt-4-32k"),
+            ("gpt-4-turbo-2024-04-09", "gpt-4-turbo"),
+            ("gpt-35-turbo-0125", "gpt-35-turbo"),
+            ("gpt-35-turbo-16k-0613", "gpt-35-turbo-16k"),
+            ("o3-mini-2025-01-31", "o3-mini"),
+            ("o1-2024-12-17", "o1"),
+        ] {
+            assert_eq!(t.lookup(model), Some(entry(&t, family)), "{model}");
+        }
+    }
+
+    /// Defect: the longest prefix priced gpt-4-32k and gpt-4-turbo as gpt-4, o3-mini and
+    /// o3-pro as o3, and gpt-4o-2024-05-13 as gpt-4o.
+    #[test]
+    fn a_model_that_only_starts_like_another_is_not_priced_as_it() {
+        let t = PriceTable::bundled().unwrap();
+        // Each has its own published price.
+        assert_eq!(t.lookup("gpt-4-32k").unwrap().input_per_1m, 60.0);
+        assert_eq!(t.lookup("gpt-4-turbo").unwrap().input_per_1m, 10.0);
+        assert_eq!(t.lookup("o3-mini").unwrap().input_per_1m, 1.10);
+        assert_eq!(t.lookup("o3-pro").unwrap().input_per_1m, 20.0);
+        assert_eq!(t.lookup("gpt-4o-2024-05-13").unwrap().input_per_1m, 5.0);
+        assert_eq!(
+            t.lookup("gpt-35-turbo-instruct").unwrap().output_per_1m,
+            2.0
+        );
+        assert_eq!(t.lookup("gpt-35-turbo-16k").unwrap().input_per_1m, 3.0);
+        // No entry and no version suffix: unpriced, never a neighbour's price.
+        for model in [
+            "gpt-4-1106-preview",
+            "gpt-4o-audio-preview",
+            "gpt-4o-realtime",
+            "o3-deep-research",
+            "gpt-4.5-preview",
+            "whisper",
+            "gpt-4o-",
+            "gpt-4o--",
+            "gpt-4oo",
+        ] {
+            assert!(t.lookup(model).is_none(), "{model}");
+            assert!(t.cost(model, 1000, 0, 1000).is_none(), "{model}");
+        }
+    }
+
+    #[test]
+    fn every_bundled_entry_is_pinned() {
+        // Each row of the bundled table as published (see the sources in prices.toml):
+        // input, cached input, output per 1M tokens.
+        let expected: &[(&str, f64, Option<f64>, f64)] = &[
+            ("gpt-4o", 2.50, Some(1.25), 10.00),
+            ("gpt-4o-2024-05-13", 5.00, None, 15.00),
+            ("gpt-4o-mini", 0.15, Some(0.075), 0.60),
+            ("gpt-4.1", 2.00, Some(0.50), 8.00),
+            ("gpt-4.1-mini", 0.40, Some(0.10), 1.60),
+            ("gpt-4.1-nano", 0.10, Some(0.025), 0.40),
+            ("gpt-5", 1.25, Some(0.125), 10.00),
+            ("gpt-5-mini", 0.25, Some(0.025), 2.00),
+            ("gpt-5-nano", 0.05, Some(0.005), 0.40),
+            ("o1", 15.00, Some(7.50), 60.00),
+            ("o1-mini", 1.10, None, 4.40),
+            ("o3", 2.00, None, 8.00),
+            ("o3-mini", 1.10, Some(0.55), 4.40),
+            ("o3-pro", 20.00, None, 80.00),
+            ("o4-mini", 1.10, Some(0.275), 4.40),
+            ("gpt-35-turbo", 0.50, None, 1.50),
+            ("gpt-35-turbo-16k", 3.00, None, 4.00),
+            ("gpt-35-turbo-instruct", 1.50, None, 2.00),
+            ("gpt-4", 30.00, None, 60.00),
+            ("gpt-4-32k", 60.00, None, 120.00),
+            ("gpt-4-turbo", 10.00, None, 30.00),
+            ("text-embedding-3-small", 0.02, None, 0.0),
+            ("text-embedding-3-large", 0.13, None, 0.0),
+            ("text-embedding-ada-002", 0.10, None, 0.0),
+        ];
+        let t = PriceTable::bundled().unwrap();
+        assert_eq!(t.models.len(), expected.len(), "every entry is pinned here");
+        for &(model, input, cached, output) in expected {
+            let p = entry(&t, model);
+            assert_eq!(
+                (p.input_per_1m, p.cached_input_per_1m, p.output_per_1m),
+                (input, cached, output),
+                "{model}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_suffixes() {
+        for tail in ["-2024-08-06", "-0613", "-1", "-2025-01-31"] {
+            assert!(is_version_suffix(tail), "{tail}");
+        }
+        for tail in [
+            "",
+            "-",
+            "--",
+            "-32k",
+            "-mini",
+            "-0613-preview",
+            "2024",
+            "-2024--08",
+            "-16k-0613",
+        ] {
+            assert!(!is_version_suffix(tail), "{tail}");
+        }
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! The chat counting rule against prompt_tokens the OpenAI API reported for bodies OpenAI
 //! published (`fixtures/published_prompt_tokens.json`, each case with its source).
 
-#![expect(clippy::expect_used, reason = "a malformed fixture fails the test")]
-
 use serde_json::Value;
 
 #[test]

@@ -27,7 +27,18 @@ pub(crate) struct Totals {
     pub(crate) output_tokens: u64,
     pub(crate) total_tokens: u64,
     pub(crate) estimated_requests: u64,
+    /// Cost of the priced requests; the unpriced ones are counted apart, never as zero.
     pub(crate) cost: f64,
+    pub(crate) unpriced_requests: u64,
+}
+
+/// A model that used tokens without a price, so its cost is missing from the totals.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Unpriced {
+    pub(crate) model: String,
+    pub(crate) requests: u64,
+    pub(crate) total_tokens: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,6 +48,7 @@ pub(crate) struct Report {
     pub(crate) to: Option<DateTime<Utc>>,
     pub(crate) rows: Vec<UsageRow>,
     pub(crate) totals: Totals,
+    pub(crate) unpriced_models: Vec<Unpriced>,
 }
 
 /// Parses `30d`, `12h`, `45m` into a duration.
@@ -78,13 +90,39 @@ pub(crate) async fn build(
         totals.total_tokens += r.total_tokens;
         totals.estimated_requests += r.estimated_requests;
         totals.cost += r.cost;
+        totals.unpriced_requests += r.unpriced_requests;
     }
     Ok(Report {
         from: query.from,
         to: query.to,
+        unpriced_models: unpriced_models(&rows),
         rows,
         totals,
     })
+}
+
+/// The models with unpriced requests, by model across consumers and days. A row mixes priced
+/// and unpriced requests only when a model got a price part-way (a table edit), so its tokens
+/// are the row's; the requests are the unpriced ones.
+fn unpriced_models(rows: &[UsageRow]) -> Vec<Unpriced> {
+    let mut by_model = std::collections::BTreeMap::<&str, (u64, u64)>::new();
+    for r in rows.iter().filter(|r| r.unpriced_requests > 0) {
+        let e = by_model.entry(r.model.as_str()).or_default();
+        e.0 += r.unpriced_requests;
+        e.1 += r.total_tokens;
+    }
+    by_model
+        .into_iter()
+        .map(|(model, (requests, total_tokens))| Unpriced {
+            model: if model.is_empty() {
+                "(no model)".to_owned()
+            } else {
+                model.to_owned()
+            },
+            requests,
+            total_tokens,
+        })
+        .collect()
 }
 
 pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
@@ -113,6 +151,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 "total",
                 "estimated",
                 "cost",
+                "unpriced",
             ]);
             for r in &report.rows {
                 t.add_row([
@@ -128,6 +167,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                     r.total_tokens.to_string(),
                     r.estimated_requests.to_string(),
                     format!("{:.6}", r.cost),
+                    r.unpriced_requests.to_string(),
                 ]);
             }
             let x = &report.totals;
@@ -144,8 +184,15 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 x.total_tokens.to_string(),
                 x.estimated_requests.to_string(),
                 format!("{:.6}", x.cost),
+                x.unpriced_requests.to_string(),
             ]);
             say(&t.to_string());
+            for u in &report.unpriced_models {
+                say(&format!(
+                    "unpriced: {} ({} requests, {} tokens) has no entry in the price table, so its cost is not in the totals; add it to a copy of prices.toml and set parser.price_table_path",
+                    u.model, u.requests, u.total_tokens
+                ));
+            }
         }
     }
     Ok(())
@@ -153,6 +200,8 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use tollgate_records::ConsolidatedRecord;
+
     use super::*;
 
     #[test]
@@ -166,5 +215,61 @@ mod tests {
         );
         assert!(parse_time("2026-11-02T10:00:00Z").is_ok());
         assert!(parse_time("yesterday").is_err());
+    }
+
+    fn record(id: &str, consumer: &str, model: &str, cost: Option<f64>) -> ConsolidatedRecord {
+        let mut r: ConsolidatedRecord = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 1, "id": id, "time": "2026-11-02T10:00:00Z",
+            "consumer": {"id": consumer, "authKind": "apiKey"}, "model": model,
+            "operation": "chat.completions", "path": "/", "stream": false, "status": 200,
+            "usage": {"inputTokens": 10, "outputTokens": 5, "totalTokens": 15,
+                      "cachedInputTokens": 0, "source": "reported"},
+            "choices": [], "clientDisconnected": false, "complete": true
+        }))
+        .unwrap();
+        r.cost = cost.map(|total| tollgate_records::Cost {
+            input: total,
+            cached_input: 0.0,
+            output: 0.0,
+            total,
+            currency: "USD".into(),
+            price_table_version: "t".into(),
+        });
+        r.unpriced = cost.is_none();
+        r
+    }
+
+    /// Defect: an unpriced model's requests were summed as $0, indistinguishable from free.
+    #[tokio::test]
+    async fn unpriced_requests_are_counted_and_their_models_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tollgate_store::embedded::EmbeddedStore::open(dir.path(), 1000)
+            .await
+            .unwrap();
+        store
+            .upsert(&[
+                record("a", "alice", "gpt-4o-2024-08-06", Some(0.5)),
+                record("b", "alice", "gpt-x", None),
+                record("c", "bob", "gpt-x", None),
+            ])
+            .await
+            .unwrap();
+        let report = build(Arc::new(store), RecordQuery::default())
+            .await
+            .unwrap();
+        assert_eq!(report.totals.requests, 3);
+        assert_eq!(report.totals.unpriced_requests, 2);
+        assert!((report.totals.cost - 0.5).abs() < 1e-9);
+        assert_eq!(
+            report.unpriced_models,
+            vec![Unpriced {
+                model: "gpt-x".into(),
+                requests: 2,
+                total_tokens: 30
+            }]
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["unpricedModels"][0]["model"], "gpt-x");
+        assert_eq!(json["totals"]["unpricedRequests"], 2);
     }
 }

@@ -292,6 +292,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
             ttfb_ms: e.ttfb_ms,
             total_ms: e.total_ms,
         }),
+        unpriced: cost.is_none() && usage.as_ref().is_some_and(|u| u.total_tokens > 0),
         usage,
         cost,
         prompt,
@@ -439,6 +440,35 @@ mod tests {
             (9, 4, UsageSource::Reported)
         );
         assert!(dropped.cost.is_some());
+    }
+
+    /// Defect: a model with no price entry read as $0 in the store and the report.
+    #[test]
+    fn a_model_without_a_price_is_recorded_unpriced_not_free() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let answer = |model: &str| {
+            json!({"id": "x", "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}})
+        };
+        let r = consolidate(
+            &parts(200, answer("gpt-4-1106-preview")),
+            &opts(&models, &prices, true),
+        )
+        .unwrap();
+        assert!(r.usage.is_some() && r.cost.is_none() && r.unpriced);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["unpriced"], true);
+        assert!(json.get("cost").is_none());
+
+        let r = consolidate(
+            &parts(200, answer("gpt-4o-2024-08-06")),
+            &opts(&models, &prices, true),
+        )
+        .unwrap();
+        assert!(r.cost.is_some() && !r.unpriced);
+        assert!(serde_json::to_value(&r).unwrap().get("unpriced").is_none());
     }
 
     #[test]

@@ -65,12 +65,33 @@ CREATE TABLE IF NOT EXISTS requests (
     total_tokens INTEGER NOT NULL,
     estimated INTEGER NOT NULL,
     cost REAL NOT NULL,
-    doc TEXT NOT NULL
+    doc TEXT NOT NULL,
+    unpriced INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 CREATE INDEX IF NOT EXISTS requests_consumer ON requests (consumer, time_ms);
 CREATE INDEX IF NOT EXISTS requests_deployment ON requests (deployment, model, time_ms);
 ";
+
+/// Brings a database an earlier version created up to [`SCHEMA`].
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_unpriced = conn
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'unpriced'")
+        .and_then(|mut s| s.exists([]))
+        .map_err(io)?;
+    if !has_unpriced {
+        // Earlier versions stored an unpriced request's cost as 0; its record has no cost.
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE requests ADD COLUMN unpriced INTEGER NOT NULL DEFAULT 0;
+             UPDATE requests SET unpriced = 1
+              WHERE total_tokens > 0 AND json_extract(doc, '$.cost') IS NULL;
+             COMMIT;",
+        )
+        .map_err(io)?;
+    }
+    Ok(())
+}
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -114,6 +135,7 @@ impl EmbeddedStore {
         };
         let writer = connect()?;
         writer.execute_batch(SCHEMA).map_err(io)?;
+        migrate(&writer)?;
         let reader = connect()?;
         Ok(EmbeddedStore {
             writer: Arc::new(Mutex::new(writer)),
@@ -359,6 +381,7 @@ struct RequestRow {
     total: u64,
     estimated: bool,
     cost: f64,
+    unpriced: bool,
     doc: String,
 }
 
@@ -379,7 +402,9 @@ impl RequestRow {
             output: usage.map_or(0, |u| u.output_tokens),
             total: usage.map_or(0, |u| u.total_tokens),
             estimated: usage.is_some_and(|u| u.source == tollgate_records::UsageSource::Estimated),
+            // An unpriced request adds nothing to a sum of costs; `unpriced` says so.
             cost: r.cost.as_ref().map_or(0.0, |c| c.total),
+            unpriced: r.unpriced,
             doc: serde_json::to_string(r).map_err(corrupt)?,
         })
     }
@@ -423,8 +448,8 @@ impl RequestStore for EmbeddedStore {
                     .prepare_cached(
                         "INSERT INTO requests (id, time_ms, day, consumer, deployment, model, operation,
                             status, input_tokens, cached_input_tokens, output_tokens, total_tokens,
-                            estimated, cost, doc)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                            estimated, cost, doc, unpriced)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                          ON CONFLICT(id) DO UPDATE SET time_ms = excluded.time_ms, day = excluded.day,
                             consumer = excluded.consumer, deployment = excluded.deployment,
                             model = excluded.model, operation = excluded.operation,
@@ -432,7 +457,8 @@ impl RequestStore for EmbeddedStore {
                             cached_input_tokens = excluded.cached_input_tokens,
                             output_tokens = excluded.output_tokens,
                             total_tokens = excluded.total_tokens, estimated = excluded.estimated,
-                            cost = excluded.cost, doc = excluded.doc",
+                            cost = excluded.cost, doc = excluded.doc,
+                            unpriced = excluded.unpriced",
                     )
                     .map_err(io)?;
                 for r in &rows {
@@ -451,7 +477,8 @@ impl RequestStore for EmbeddedStore {
                         r.total as i64,
                         r.estimated,
                         r.cost,
-                        r.doc
+                        r.doc,
+                        r.unpriced
                     ])
                     .map_err(io)?;
                 }
@@ -507,7 +534,7 @@ impl RequestStore for EmbeddedStore {
                 "SELECT consumer, deployment, model, day, COUNT(*),
                         SUM(CASE WHEN status IS NULL OR status >= 400 THEN 1 ELSE 0 END),
                         SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
-                        SUM(total_tokens), SUM(estimated), SUM(cost)
+                        SUM(total_tokens), SUM(estimated), SUM(cost), SUM(unpriced)
                  FROM requests WHERE {clause}
                  GROUP BY consumer, deployment, model, day
                  ORDER BY day, consumer, deployment, model"
@@ -528,6 +555,7 @@ impl RequestStore for EmbeddedStore {
                         total_tokens: r.get::<_, i64>(9)? as u64,
                         estimated_requests: r.get::<_, i64>(10)? as u64,
                         cost: r.get(11)?,
+                        unpriced_requests: r.get::<_, i64>(12)? as u64,
                     })
                 })
                 .map_err(io)?

@@ -58,3 +58,51 @@ async fn unreadable_document_is_a_dead_letter_and_the_feed_moves_on() {
     let rest = store.read(page.position.as_deref(), 10).await.unwrap();
     assert!(rest.records.is_empty() && rest.dead_letters.is_empty());
 }
+
+/// A database from before the `unpriced` column: opened, it gains the column, and requests
+/// whose record has tokens but no cost (stored then with a cost of 0) are marked unpriced.
+#[tokio::test]
+async fn an_older_database_gains_the_unpriced_column() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let old_schema = SCHEMA.replace(",\n    unpriced INTEGER NOT NULL DEFAULT 0", "");
+        assert_ne!(old_schema, SCHEMA, "the old schema lacks the column");
+        conn.execute_batch(&old_schema).unwrap();
+        let mut priced = crate::conformance::sample_consolidated("priced", "a", 1, 10);
+        priced.cost = Some(tollgate_records::Cost {
+            input: 1.0,
+            cached_input: 0.0,
+            output: 1.0,
+            total: 2.0,
+            currency: "USD".into(),
+            price_table_version: "t".into(),
+        });
+        let unpriced = crate::conformance::sample_consolidated("unpriced", "a", 1, 10);
+        for r in [priced, unpriced] {
+            conn.execute(
+                "INSERT INTO requests (id, time_ms, day, consumer, deployment, model, operation,
+                    status, input_tokens, cached_input_tokens, output_tokens, total_tokens,
+                    estimated, cost, doc)
+                 VALUES (?1, 0, '2026-11-01', 'a', 'd', 'gpt-4o', 'chat.completions', 200,
+                    10, 0, 10, 20, 0, ?2, ?3)",
+                params![
+                    r.id,
+                    r.cost.as_ref().map_or(0.0, |c| c.total),
+                    serde_json::to_string(&r).unwrap()
+                ],
+            )
+            .unwrap();
+        }
+    }
+    let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();
+    let rows = store.usage(&RecordQuery::default()).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].requests, rows[0].unpriced_requests), (2, 1));
+    assert!((rows[0].cost - 2.0).abs() < 1e-9);
+    // Opening again finds the column and changes nothing.
+    drop(store);
+    let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();
+    let rows = store.usage(&RecordQuery::default()).await.unwrap();
+    assert_eq!(rows[0].unpriced_requests, 1);
+}
