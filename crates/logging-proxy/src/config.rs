@@ -243,6 +243,14 @@ impl Validated {
 }
 
 impl ProxyConfig {
+    /// Validates the configuration without building a proxy: no spool, no journal, no
+    /// directory touched (`tollgate check` while another process owns the data directory).
+    pub fn check(&self) -> Result<(), crate::ProxyBuildError> {
+        self.validate()
+            .map(|_| ())
+            .map_err(crate::ProxyBuildError::Config)
+    }
+
     /// Checks everything and returns every problem at once.
     pub(crate) fn validate(&self) -> Result<Validated, Vec<String>> {
         let mut problems = Vec::new();

@@ -218,7 +218,32 @@ impl StoreConfig {
 pub trait Store: RawWriter + ChangeFeed + RequestStore {}
 impl<T: RawWriter + ChangeFeed + RequestStore> Store for T {}
 
-/// Opens the configured backend and runs its healthcheck.
+/// Opens a store that must already hold Tollgate's data, for commands that only read
+/// (`report`, `check`): a mistyped data directory is an error naming it, not a new empty store
+/// that reports zeros.
+pub async fn open_existing(config: &StoreConfig) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match config {
+        #[cfg(feature = "embedded")]
+        StoreConfig::Embedded { data_dir, .. } => {
+            let file = data_dir.join(embedded::DATABASE_FILE);
+            if !file.is_file() {
+                return Err(StoreError::Config(format!(
+                    "{} holds no Tollgate store ({} is missing); point --data-dir or \
+                     store.data_dir at the directory `tollgate up` writes to",
+                    data_dir.display(),
+                    embedded::DATABASE_FILE
+                )));
+            }
+        }
+        // `open` says this build has no embedded store.
+        #[cfg(not(feature = "embedded"))]
+        StoreConfig::Embedded { .. } => {}
+    }
+    open(config).await
+}
+
+/// Opens the configured backend (creating an embedded store if there is none) and runs its
+/// healthcheck.
 pub async fn open(config: &StoreConfig) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     match config {
         #[cfg(feature = "embedded")]

@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
             format,
         } => {
             let config = config::load(path, data_dir.as_ref())?;
-            let store = tollgate_store::open(&config.store)
+            let store = tollgate_store::open_existing(&config.store)
                 .await
                 .context("store could not be opened")?;
             let to = to.as_deref().map(report::parse_time).transpose()?;
@@ -200,27 +200,14 @@ async fn services(
 }
 
 async fn check(config: &config::Config) -> anyhow::Result<()> {
-    let store = tollgate_store::open(&config.store)
+    // Validation only: building a proxy would open the spool and take over the journal files
+    // of a `tollgate up` running on the same data directory.
+    config.proxy.check()?;
+    tollgate_store::open_existing(&config.store)
         .await
         .context("store healthcheck failed")?;
-    let proxy = tollgate_logging_proxy::Proxy::build(
-        &config.proxy,
-        tollgate_logging_proxy::ProxyDeps {
-            store: store as std::sync::Arc<dyn tollgate_store::RawWriter>,
-            data_dir: data_dir(config),
-            after_flush: None,
-        },
-    )?;
-    proxy.shutdown(tokio::time::Instant::now()).await;
     say("configuration ok; store reachable");
     Ok(())
-}
-
-fn data_dir(config: &config::Config) -> PathBuf {
-    config
-        .store
-        .data_dir()
-        .map_or_else(|| PathBuf::from("./data"), PathBuf::from)
 }
 
 fn init_tracing(config: &config::Config) {

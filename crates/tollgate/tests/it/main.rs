@@ -17,4 +17,5 @@ mod hostile;
 mod kill;
 mod otlp;
 mod pipeline;
+mod readonly;
 mod up;
