@@ -224,6 +224,15 @@ fn check_lists_every_problem_and_env_overrides_the_file() {
         ),
     )
     .expect("write config");
+    // A store `tollgate up` would have created: `check` only reads one.
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(tollgate_store::embedded::EmbeddedStore::open(
+            &dir.path().join("data"),
+            1000,
+        ))
+        .expect("store created");
     let ok = Command::new(bin)
         .args(["check", "--config"])
         .arg(&config)
