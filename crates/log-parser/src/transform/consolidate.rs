@@ -211,9 +211,9 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         reported.or_else(|| {
             usage::estimate(&operation, counting_model, request_json.as_ref(), &stitched)
         })
-    } else if prompt_was_filtered(end, end_json.as_ref()) {
-        // AOAI charges the prompt of a request its content filter blocked (HTTP 400,
-        // `content_filter`) and reports no usage for it: count the prompt, nothing else.
+    } else if prompt_is_charged(end, end_json.as_ref()) {
+        // AOAI charges the prompt of some requests it refuses and reports no usage for them:
+        // count the prompt, nothing else.
         usage::estimate(
             &operation,
             counting_model,
@@ -312,14 +312,24 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     })
 }
 
-fn prompt_was_filtered(end: Option<&EndRecord>, body: Option<&Value>) -> bool {
-    if end.is_none_or(|e| e.status != 400) {
+/// Whether AOAI bills the prompt of a request it answered with an error: a prompt its content
+/// filter blocked (400 `content_filter`), one over the model's context length (400
+/// `context_length_exceeded`; the prompt was tokenised to find that out), and a request AOAI
+/// timed out on (408). Only AOAI's own answers count: a 408 the proxy sent when the client's
+/// body stalled never reached a backend.
+fn prompt_is_charged(end: Option<&EndRecord>, body: Option<&Value>) -> bool {
+    let Some(end) = end else {
         return false;
-    }
+    };
+    let from_backend = end.error.is_none() && end.backend.is_some();
     let code = body
         .and_then(|b| b.pointer("/error/code"))
         .and_then(Value::as_str);
-    code == Some("content_filter")
+    match end.status {
+        400 => matches!(code, Some("content_filter" | "context_length_exceeded")) && from_backend,
+        408 => from_backend,
+        _ => false,
+    }
 }
 
 /// An error AOAI returned, summarised from its body.
@@ -493,6 +503,33 @@ mod tests {
             u.input_tokens,
             tollgate_tokens::count_chat_prompt("gpt-4o-2024-08-06", &body)
         );
+
+        // Over the context length: AOAI tokenised the prompt and bills it.
+        let long = json!({"error": {"code": "context_length_exceeded", "message": "This model's maximum context length is 128000 tokens."}});
+        let r = consolidate(&parts(400, long), &opts(&models, &prices, true)).unwrap();
+        let u = r
+            .usage
+            .expect("a prompt over the context length is charged");
+        assert_eq!((u.source, u.output_tokens), (UsageSource::Estimated, 0));
+        assert!(u.input_tokens > 0);
+
+        // AOAI timed out on the request: the prompt is billed.
+        let timeout =
+            json!({"error": {"code": "Timeout", "message": "The operation was timeout."}});
+        let r = consolidate(&parts(408, timeout.clone()), &opts(&models, &prices, true)).unwrap();
+        assert!(r.usage.is_some(), "AOAI's 408 is charged");
+        // The proxy's own 408 (the client's body stalled) never reached AOAI.
+        let mut own = parts(408, timeout);
+        if let Some(end) = own.end.as_mut() {
+            end.backend = None;
+            end.error = Some(ErrorInfo {
+                source: ErrorSource::Downstream,
+                code: "RequestTimeout".into(),
+                message: "body stalled".into(),
+            });
+        }
+        let r = consolidate(&own, &opts(&models, &prices, true)).unwrap();
+        assert!(r.usage.is_none(), "the proxy's own 408 is not charged");
 
         let other = json!({"error": {"code": "BadRequest", "message": "nope"}});
         let r = consolidate(&parts(400, other), &opts(&models, &prices, true)).unwrap();
