@@ -239,6 +239,13 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     assert_eq!(all.len(), 3, "upserts never duplicate");
     assert_eq!(all[0].id, "r3", "newest first");
 
+    // A 200 whose answer was cut, and one that never completed, are errors too.
+    let mut cut = sample_consolidated("r4", "bob", 2, 7);
+    cut.truncated = true;
+    let mut unfinished = sample_consolidated("r5", "bob", 2, 7);
+    unfinished.complete = false;
+    must(store.upsert(&[cut, unfinished]).await, "upsert cut");
+
     let rows = must(store.usage(&RecordQuery::default()).await, "usage");
     assert_eq!(rows.len(), 2);
     assert_eq!((rows[0].consumer.as_str(), rows[0].requests), ("alice", 2));
@@ -248,6 +255,7 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     assert_eq!(rows[0].unpriced_requests, 1);
     assert_eq!(rows[1].consumer, "bob");
     assert_eq!(rows[1].unpriced_requests, 0);
+    assert_eq!((rows[1].requests, rows[1].errors), (3, 2));
 
     let day2 = Utc
         .with_ymd_and_hms(2026, 11, 2, 0, 0, 0)

@@ -144,6 +144,8 @@ pub struct UsageRow {
     pub model: String,
     pub day: String,
     pub requests: u64,
+    /// Requests that failed, never ended, or whose answer was cut (a 200 whose stream the
+    /// backend or a limit cut short is not a success).
     pub errors: u64,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,

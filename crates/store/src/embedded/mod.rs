@@ -532,7 +532,10 @@ impl RequestStore for EmbeddedStore {
         self.read_conn(move |conn| {
             let sql = format!(
                 "SELECT consumer, deployment, model, day, COUNT(*),
-                        SUM(CASE WHEN status IS NULL OR status >= 400 THEN 1 ELSE 0 END),
+                        SUM(CASE WHEN status IS NULL OR status >= 400
+                                   OR json_extract(doc, '$.truncated') = 1
+                                   OR json_extract(doc, '$.complete') = 0
+                                 THEN 1 ELSE 0 END),
                         SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
                         SUM(total_tokens), SUM(estimated), SUM(cost), SUM(unpriced)
                  FROM requests WHERE {clause}
