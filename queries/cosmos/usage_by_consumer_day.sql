@@ -10,7 +10,8 @@ SELECT
     SUM(c.usage.cachedInputTokens) AS cachedInputTokens,
     SUM(c.usage.outputTokens) AS outputTokens,
     SUM(c.usage.totalTokens) AS totalTokens,
-    SUM(c.cost.total) AS cost,
+    -- whole nano-units: integer-valued doubles sum exactly (below 2^53, $9M); divide by 1e9
+    SUM(ROUND(c.cost.total * 1000000000)) AS costNanos,
     -- tokens used by a model the price table lacks: no cost, counted apart (not as $0)
     SUM(c.unpriced = true ? 1 : 0) AS unpricedRequests
 FROM c

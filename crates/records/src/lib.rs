@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+mod money;
+pub use money::Money;
+
 /// Bumped whenever a stored field changes meaning or shape.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -601,10 +604,12 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Cost {
-    pub input: f64,
-    pub cached_input: f64,
-    pub output: f64,
-    pub total: f64,
+    /// Input tokens not served from the prompt cache.
+    pub input: Money,
+    pub cached_input: Money,
+    pub output: Money,
+    /// The sum of the three, exactly.
+    pub total: Money,
     pub currency: String,
     pub price_table_version: String,
 }

@@ -3,7 +3,7 @@
 
 use chrono::{Duration, TimeZone, Utc};
 use tollgate_records::{
-    AuthKind, Body, ChunksRecord, ConsolidatedRecord, Consumer, EndRecord, RawRecord,
+    AuthKind, Body, ChunksRecord, ConsolidatedRecord, Consumer, Cost, EndRecord, Money, RawRecord,
     RequestRecord, SCHEMA_VERSION, SegmentData, Usage, UsageSource,
 };
 
@@ -72,6 +72,18 @@ pub fn sample_end(id: &str, seq: u32) -> RawRecord {
         first_segment_seq: 1,
         response_bytes: 0,
     })
+}
+
+/// A cost of `nanos` nano-units, all of it output.
+pub fn sample_cost(nanos: i64) -> Cost {
+    Cost {
+        input: Money::ZERO,
+        cached_input: Money::ZERO,
+        output: Money::from_nanos(nanos),
+        total: Money::from_nanos(nanos),
+        currency: "USD".into(),
+        price_table_version: "t".into(),
+    }
 }
 
 pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> ConsolidatedRecord {
@@ -244,7 +256,11 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     cut.truncated = true;
     let mut unfinished = sample_consolidated("r5", "bob", 2, 7);
     unfinished.complete = false;
-    must(store.upsert(&[cut, unfinished]).await, "upsert cut");
+    // Costs sum exactly: 0.1 + 0.2 is 0.30000000000000004 in binary floats.
+    let mut r3 = sample_consolidated("r3", "bob", 2, 7);
+    r3.cost = Some(sample_cost(100_000_000));
+    cut.cost = Some(sample_cost(200_000_000));
+    must(store.upsert(&[r3, cut, unfinished]).await, "upsert cut");
 
     let rows = must(store.usage(&RecordQuery::default()).await, "usage");
     assert_eq!(rows.len(), 2);
@@ -256,6 +272,8 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     assert_eq!(rows[1].consumer, "bob");
     assert_eq!(rows[1].unpriced_requests, 0);
     assert_eq!((rows[1].requests, rows[1].errors), (3, 2));
+    assert_eq!(rows[1].cost, Money::from_nanos(300_000_000));
+    assert_eq!(rows[1].cost.to_string(), "0.300000000");
 
     let day2 = Utc
         .with_ymd_and_hms(2026, 11, 2, 0, 0, 0)

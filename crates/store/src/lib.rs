@@ -152,8 +152,8 @@ pub struct UsageRow {
     pub output_tokens: u64,
     pub total_tokens: u64,
     pub estimated_requests: u64,
-    /// Cost of the priced requests only.
-    pub cost: f64,
+    /// Cost of the priced requests only, exactly.
+    pub cost: tollgate_records::Money,
     /// Requests that used tokens but have no price ([`ConsolidatedRecord::unpriced`]).
     pub unpriced_requests: u64,
 }

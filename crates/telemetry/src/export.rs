@@ -287,7 +287,8 @@ impl UsageExporter {
             i.duration.record(s, &attrs);
         }
         if let Some(c) = delta.cost {
-            i.cost.add(c, &attrs);
+            // The counter is a double; each increase is an exact amount.
+            i.cost.add(c.as_f64(), &attrs);
         }
     }
 

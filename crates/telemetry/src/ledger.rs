@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use tollgate_records::ConsolidatedRecord;
+use tollgate_records::{ConsolidatedRecord, Money};
 
 /// How many requests the ledger remembers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +51,7 @@ struct Counted {
     revision: u64,
     input_tokens: u64,
     output_tokens: u64,
-    cost: f64,
+    cost: Money,
     duration: bool,
 }
 
@@ -61,7 +61,7 @@ pub(crate) struct Delta {
     pub(crate) request: bool,
     pub(crate) input_tokens: Option<u64>,
     pub(crate) output_tokens: Option<u64>,
-    pub(crate) cost: Option<f64>,
+    pub(crate) cost: Option<Money>,
     pub(crate) duration_s: Option<f64>,
 }
 
@@ -147,7 +147,7 @@ impl Ledger {
             .usage
             .as_ref()
             .map_or((0, 0), |u| (u.input_tokens, u.output_tokens));
-        let cost = r.cost.as_ref().map_or(0.0, |c| c.total);
+        let cost = r.cost.as_ref().map_or(Money::ZERO, |c| c.total);
         let positive = |d: u64| (d > 0).then_some(d);
         let delta = Delta {
             request: prev.is_none(),
@@ -166,7 +166,7 @@ impl Ledger {
             cost: match (prev, &r.cost) {
                 (_, None) => None,
                 (None, Some(_)) => Some(cost),
-                (Some(_), Some(_)) => Some(cost - before.cost).filter(|d| *d > 0.0),
+                (Some(_), Some(_)) => Some(cost - before.cost).filter(|d| *d > Money::ZERO),
             },
             duration_s: match (&r.latency, before.duration) {
                 (Some(l), false) => Some(l.total_ms / 1000.0),
@@ -265,7 +265,7 @@ pub(crate) mod tests {
         assert_eq!(d.input_tokens, None, "input unchanged");
         assert_eq!(d.output_tokens, Some(15));
         assert_eq!(d.duration_s, None, "duration recorded once");
-        assert!((d.cost.unwrap() - 0.015).abs() < 1e-12);
+        assert_eq!(d.cost, Some(Money::from_nanos(15_000_000)));
         // The older revision arriving late changes nothing and is not exported.
         assert!(!l.needs_export(&partial));
         assert_eq!(l.acknowledge(&partial), None);

@@ -294,7 +294,9 @@ pub fn genai_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
         attrs.push(KeyValue::new("tollgate.usage.source", source));
     }
     if let Some(c) = &r.cost {
-        attrs.push(KeyValue::new("tollgate.cost.total", c.total));
+        attrs.push(KeyValue::new("tollgate.cost.total", c.total.as_f64()));
+        // The exact amount, for sums that must not drift (KQL `sum(tolong(...))`).
+        attrs.push(KeyValue::new("tollgate.cost.total_nanos", c.total.nanos()));
         attrs.push(KeyValue::new("tollgate.cost.currency", c.currency.clone()));
         attrs.push(KeyValue::new(
             "tollgate.cost.price_table_version",

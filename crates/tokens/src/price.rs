@@ -14,6 +14,10 @@ pub enum PriceTableError {
     Parse(#[from] toml::de::Error),
     #[error("price table entry `{model}` has a negative price")]
     NegativePrice { model: String },
+    #[error(
+        "price table entry `{model}` has a price with more than six decimals per 1M tokens, which is not a whole number of pico-units per token"
+    )]
+    TooPrecise { model: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -36,13 +40,41 @@ pub struct PriceTable {
     pub models: BTreeMap<String, Price>,
 }
 
-/// The cost of one request, split as analysts charge it back.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The cost of one request in nano-units (10⁻⁹) of the table's currency, split as analysts
+/// charge it back. Each part is rounded once (half to even) from an exact pico-unit product;
+/// `total` is the exact sum of the parts, so the parts always add up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenCost {
-    pub input: f64,
-    pub cached_input: f64,
-    pub output: f64,
-    pub total: f64,
+    pub input_nanos: i64,
+    pub cached_input_nanos: i64,
+    pub output_nanos: i64,
+    pub total_nanos: i64,
+}
+
+/// A price per 1M tokens as pico-units per token, exact for prices given to at most six
+/// decimals (every published price); `None` for finer, negative or non-finite prices.
+fn pico_per_token(per_1m: f64) -> Option<u64> {
+    if !per_1m.is_finite() || per_1m < 0.0 {
+        return None;
+    }
+    // A decimal read from TOML is the double nearest to it; scaled, it is within a few ulps
+    // of a whole number exactly when the decimal has at most six places.
+    let scaled = per_1m * 1e6;
+    let whole = scaled.round();
+    ((scaled - whole).abs() <= 1e-6 * whole.max(1.0) && whole < u64::MAX as f64)
+        .then_some(whole as u64)
+}
+
+/// `tokens` at `pico` pico-units each, in nano-units rounded half to even.
+fn nanos(tokens: u64, pico: u64) -> i64 {
+    let exact = u128::from(tokens) * u128::from(pico);
+    let (whole, rest) = (exact / 1000, exact % 1000);
+    let rounded = if rest > 500 || (rest == 500 && whole % 2 == 1) {
+        whole + 1
+    } else {
+        whole
+    };
+    i64::try_from(rounded).unwrap_or(i64::MAX)
 }
 
 impl PriceTable {
@@ -50,8 +82,14 @@ impl PriceTable {
         let table: PriceTable = toml::from_str(text)?;
         for (model, p) in &table.models {
             let cached = p.cached_input_per_1m.unwrap_or(0.0);
-            if p.input_per_1m < 0.0 || p.output_per_1m < 0.0 || cached < 0.0 {
+            let prices = [p.input_per_1m, p.output_per_1m, cached];
+            if prices.iter().any(|&x| x < 0.0) {
                 return Err(PriceTableError::NegativePrice {
+                    model: model.clone(),
+                });
+            }
+            if prices.iter().any(|&x| pico_per_token(x).is_none()) {
+                return Err(PriceTableError::TooPrecise {
                     model: model.clone(),
                 });
             }
@@ -88,15 +126,22 @@ impl PriceTable {
     pub fn cost(&self, model: &str, input: u64, cached: u64, output: u64) -> Option<TokenCost> {
         let p = self.lookup(model)?;
         let cached = cached.min(input);
-        let per = |tokens: u64, price: f64| tokens as f64 * price / 1_000_000.0;
-        let input_cost = per(input - cached, p.input_per_1m);
-        let cached_cost = per(cached, p.cached_input_per_1m.unwrap_or(p.input_per_1m));
-        let output_cost = per(output, p.output_per_1m);
+        let input_pico = pico_per_token(p.input_per_1m)?;
+        let cached_pico = match p.cached_input_per_1m {
+            Some(c) => pico_per_token(c)?,
+            None => input_pico,
+        };
+        let output_pico = pico_per_token(p.output_per_1m)?;
+        let input_nanos = nanos(input - cached, input_pico);
+        let cached_input_nanos = nanos(cached, cached_pico);
+        let output_nanos = nanos(output, output_pico);
         Some(TokenCost {
-            input: input_cost,
-            cached_input: cached_cost,
-            output: output_cost,
-            total: input_cost + cached_cost + output_cost,
+            input_nanos,
+            cached_input_nanos,
+            output_nanos,
+            total_nanos: input_nanos
+                .saturating_add(cached_input_nanos)
+                .saturating_add(output_nanos),
         })
     }
 }
@@ -233,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn cost_splits_cached_input() {
+    fn cost_splits_cached_input_exactly() {
         let t = PriceTable::parse(
             r#"version = "t"
 currency = "USD"
@@ -245,10 +290,68 @@ output_per_1m = 10.0
         )
         .unwrap();
         let c = t.cost("m", 1_000_000, 400_000, 500_000).unwrap();
-        assert!((c.input - 1.2).abs() < 1e-9);
-        assert!((c.cached_input - 0.4).abs() < 1e-9);
-        assert!((c.output - 5.0).abs() < 1e-9);
-        assert!((c.total - 6.6).abs() < 1e-9);
+        assert_eq!(
+            (
+                c.input_nanos,
+                c.cached_input_nanos,
+                c.output_nanos,
+                c.total_nanos
+            ),
+            (1_200_000_000, 400_000_000, 5_000_000_000, 6_600_000_000)
+        );
+    }
+
+    /// Defect: costs were floats, so parts summed to 0.0043950000000000005 and totals drifted.
+    #[test]
+    fn published_prices_give_whole_nano_costs_that_add_up() {
+        let t = PriceTable::bundled().unwrap();
+        // gpt-4o-mini: $0.15 per 1M input tokens is 150 nano-dollars a token. Every published
+        // price has at most three decimals per 1M, so a token costs whole nano-units and
+        // nothing is rounded.
+        let c = t.cost("gpt-4o-mini-2024-07-18", 7, 3, 0).unwrap();
+        assert_eq!((c.input_nanos, c.cached_input_nanos), (600, 225));
+        // A price with four decimals (0.0375 per 1M: 37.5 nano-units a token) rounds each part
+        // once, half to even.
+        let odd = PriceTable::parse(
+            "version = \"t\"\ncurrency = \"USD\"\n[models.m]\ninput_per_1m = 0.0375\n",
+        )
+        .unwrap();
+        assert_eq!(odd.cost("m", 1, 0, 0).unwrap().input_nanos, 38);
+        assert_eq!(odd.cost("m", 3, 0, 0).unwrap().input_nanos, 112);
+        let c = t.cost("gpt-4o-2024-08-06", 1000, 200, 500).unwrap();
+        // 800 × 2.50/1M + 200 × 1.25/1M + 500 × 10/1M = 0.002 + 0.00025 + 0.005
+        assert_eq!(
+            (
+                c.input_nanos,
+                c.cached_input_nanos,
+                c.output_nanos,
+                c.total_nanos
+            ),
+            (2_000_000, 250_000, 5_000_000, 7_250_000)
+        );
+        // Rounding half to even at the half nano.
+        assert_eq!(nanos(1, 500), 0);
+        assert_eq!(nanos(3, 500), 2);
+        assert_eq!(nanos(1, 1500), 2);
+        assert_eq!(
+            nanos(u64::MAX, u64::MAX),
+            i64::MAX,
+            "saturates, never wraps"
+        );
+    }
+
+    #[test]
+    fn prices_finer_than_six_decimals_are_rejected() {
+        let err = PriceTable::parse(
+            "version = \"t\"\ncurrency = \"USD\"\n[models.m]\ninput_per_1m = 0.0000001\n",
+        )
+        .unwrap_err();
+        assert!(matches!(err, PriceTableError::TooPrecise { .. }), "{err}");
+        for ok in [0.005, 0.025, 0.075, 0.275, 1.1, 2.5, 120.0, 0.000001] {
+            assert!(pico_per_token(ok).is_some(), "{ok}");
+        }
+        assert_eq!(pico_per_token(0.075), Some(75_000));
+        assert_eq!(pico_per_token(1.1), Some(1_100_000));
     }
 
     #[test]

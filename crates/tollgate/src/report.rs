@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
+use tollgate_records::Money;
 use tollgate_store::{RecordQuery, RequestStore, UsageRow};
 
 use crate::output::say;
@@ -27,8 +28,9 @@ pub(crate) struct Totals {
     pub(crate) output_tokens: u64,
     pub(crate) total_tokens: u64,
     pub(crate) estimated_requests: u64,
-    /// Cost of the priced requests; the unpriced ones are counted apart, never as zero.
-    pub(crate) cost: f64,
+    /// Cost of the priced requests, exactly; the unpriced ones are counted apart, never as
+    /// zero.
+    pub(crate) cost: Money,
     pub(crate) unpriced_requests: u64,
 }
 
@@ -49,6 +51,45 @@ pub(crate) struct Report {
     pub(crate) rows: Vec<UsageRow>,
     pub(crate) totals: Totals,
     pub(crate) unpriced_models: Vec<Unpriced>,
+}
+
+/// A usage row with its cost as fixed-precision text.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CsvRow<'a> {
+    consumer: &'a str,
+    deployment: &'a str,
+    model: &'a str,
+    day: &'a str,
+    requests: u64,
+    errors: u64,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    output_tokens: u64,
+    total_tokens: u64,
+    estimated_requests: u64,
+    cost: String,
+    unpriced_requests: u64,
+}
+
+impl<'a> From<&'a UsageRow> for CsvRow<'a> {
+    fn from(r: &'a UsageRow) -> Self {
+        CsvRow {
+            consumer: &r.consumer,
+            deployment: &r.deployment,
+            model: &r.model,
+            day: &r.day,
+            requests: r.requests,
+            errors: r.errors,
+            input_tokens: r.input_tokens,
+            cached_input_tokens: r.cached_input_tokens,
+            output_tokens: r.output_tokens,
+            total_tokens: r.total_tokens,
+            estimated_requests: r.estimated_requests,
+            cost: r.cost.to_string(),
+            unpriced_requests: r.unpriced_requests,
+        }
+    }
 }
 
 /// Parses `30d`, `12h`, `45m` into a duration.
@@ -131,7 +172,9 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
         Format::Csv => {
             let mut w = csv::Writer::from_writer(Vec::new());
             for r in &report.rows {
-                w.serialize(r)?;
+                // Money as text with its fixed nine decimals, not as a number a reader
+                // re-rounds.
+                w.serialize(CsvRow::from(r))?;
             }
             say(String::from_utf8(w.into_inner()?)?.trim_end());
         }
@@ -166,7 +209,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                     r.output_tokens.to_string(),
                     r.total_tokens.to_string(),
                     r.estimated_requests.to_string(),
-                    format!("{:.6}", r.cost),
+                    r.cost.to_string(),
                     r.unpriced_requests.to_string(),
                 ]);
             }
@@ -183,7 +226,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 x.output_tokens.to_string(),
                 x.total_tokens.to_string(),
                 x.estimated_requests.to_string(),
-                format!("{:.6}", x.cost),
+                x.cost.to_string(),
                 x.unpriced_requests.to_string(),
             ]);
             say(&t.to_string());
@@ -217,7 +260,7 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
     }
 
-    fn record(id: &str, consumer: &str, model: &str, cost: Option<f64>) -> ConsolidatedRecord {
+    fn record(id: &str, consumer: &str, model: &str, cost: Option<i64>) -> ConsolidatedRecord {
         let mut r: ConsolidatedRecord = serde_json::from_value(serde_json::json!({
             "schemaVersion": 1, "id": id, "time": "2026-11-02T10:00:00Z",
             "consumer": {"id": consumer, "authKind": "apiKey"}, "model": model,
@@ -227,11 +270,11 @@ mod tests {
             "choices": [], "clientDisconnected": false, "complete": true
         }))
         .unwrap();
-        r.cost = cost.map(|total| tollgate_records::Cost {
-            input: total,
-            cached_input: 0.0,
-            output: 0.0,
-            total,
+        r.cost = cost.map(|nanos| tollgate_records::Cost {
+            input: Money::from_nanos(nanos),
+            cached_input: Money::ZERO,
+            output: Money::ZERO,
+            total: Money::from_nanos(nanos),
             currency: "USD".into(),
             price_table_version: "t".into(),
         });
@@ -248,7 +291,7 @@ mod tests {
             .unwrap();
         store
             .upsert(&[
-                record("a", "alice", "gpt-4o-2024-08-06", Some(0.5)),
+                record("a", "alice", "gpt-4o-2024-08-06", Some(500_000_000)),
                 record("b", "alice", "gpt-x", None),
                 record("c", "bob", "gpt-x", None),
             ])
@@ -259,7 +302,7 @@ mod tests {
             .unwrap();
         assert_eq!(report.totals.requests, 3);
         assert_eq!(report.totals.unpriced_requests, 2);
-        assert!((report.totals.cost - 0.5).abs() < 1e-9);
+        assert_eq!(report.totals.cost.to_string(), "0.500000000");
         assert_eq!(
             report.unpriced_models,
             vec![Unpriced {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tollgate_records::{
-    Body, ConsolidatedRecord, Consumer, Cost, EndRecord, ErrorInfo, ErrorSource, Latency,
+    Body, ConsolidatedRecord, Consumer, Cost, EndRecord, ErrorInfo, ErrorSource, Latency, Money,
     RawRecord, RequestRecord, SCHEMA_VERSION,
 };
 use tollgate_tokens::PriceTable;
@@ -228,10 +228,10 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
             .prices
             .cost(m, u.input_tokens, u.cached_input_tokens, u.output_tokens)
             .map(|c| Cost {
-                input: c.input,
-                cached_input: c.cached_input,
-                output: c.output,
-                total: c.total,
+                input: Money::from_nanos(c.input_nanos),
+                cached_input: Money::from_nanos(c.cached_input_nanos),
+                output: Money::from_nanos(c.output_nanos),
+                total: Money::from_nanos(c.total_nanos),
                 currency: opts.prices.currency.clone(),
                 price_table_version: opts.prices.version.clone(),
             }),
@@ -560,7 +560,7 @@ mod tests {
             (u.input_tokens, u.output_tokens, u.source),
             (11, 2, UsageSource::Reported)
         );
-        assert!(r.cost.expect("priced").total > 0.0);
+        assert!(r.cost.expect("priced").total > Money::ZERO);
         assert!(r.revision < tollgate_records::COMPLETE_REVISION);
 
         // Without AOAI's figures and without an end, nothing is guessed.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
-use tollgate_records::{ConsolidatedRecord, RawRecord};
+use tollgate_records::{ConsolidatedRecord, Money, RawRecord};
 
 use crate::{
     ChangeFeed, Checkpoint, DeadLetter, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError,
@@ -380,6 +380,7 @@ struct RequestRow {
     output: u64,
     total: u64,
     estimated: bool,
+    /// Exact as a decimal (see [`Money`]); summed as whole nano-units.
     cost: f64,
     unpriced: bool,
     doc: String,
@@ -403,7 +404,7 @@ impl RequestRow {
             total: usage.map_or(0, |u| u.total_tokens),
             estimated: usage.is_some_and(|u| u.source == tollgate_records::UsageSource::Estimated),
             // An unpriced request adds nothing to a sum of costs; `unpriced` says so.
-            cost: r.cost.as_ref().map_or(0.0, |c| c.total),
+            cost: r.cost.as_ref().map_or(0.0, |c| c.total.as_f64()),
             unpriced: r.unpriced,
             doc: serde_json::to_string(r).map_err(corrupt)?,
         })
@@ -537,7 +538,9 @@ impl RequestStore for EmbeddedStore {
                                    OR json_extract(doc, '$.complete') = 0
                                  THEN 1 ELSE 0 END),
                         SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
-                        SUM(total_tokens), SUM(estimated), SUM(cost), SUM(unpriced)
+                        SUM(total_tokens), SUM(estimated),
+                        -- each row's cost as whole nano-units, so the sum is exact
+                        SUM(CAST(ROUND(cost * 1000000000.0) AS INTEGER)), SUM(unpriced)
                  FROM requests WHERE {clause}
                  GROUP BY consumer, deployment, model, day
                  ORDER BY day, consumer, deployment, model"
@@ -557,7 +560,7 @@ impl RequestStore for EmbeddedStore {
                         output_tokens: r.get::<_, i64>(8)? as u64,
                         total_tokens: r.get::<_, i64>(9)? as u64,
                         estimated_requests: r.get::<_, i64>(10)? as u64,
-                        cost: r.get(11)?,
+                        cost: Money::from_nanos(r.get(11)?),
                         unpriced_requests: r.get::<_, i64>(12)? as u64,
                     })
                 })

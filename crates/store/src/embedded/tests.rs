@@ -70,11 +70,12 @@ async fn an_older_database_gains_the_unpriced_column() {
         assert_ne!(old_schema, SCHEMA, "the old schema lacks the column");
         conn.execute_batch(&old_schema).unwrap();
         let mut priced = crate::conformance::sample_consolidated("priced", "a", 1, 10);
+        let m = tollgate_records::Money::from_nanos;
         priced.cost = Some(tollgate_records::Cost {
-            input: 1.0,
-            cached_input: 0.0,
-            output: 1.0,
-            total: 2.0,
+            input: m(1_000_000_000),
+            cached_input: m(0),
+            output: m(1_000_000_000),
+            total: m(2_000_000_000),
             currency: "USD".into(),
             price_table_version: "t".into(),
         });
@@ -88,7 +89,7 @@ async fn an_older_database_gains_the_unpriced_column() {
                     10, 0, 10, 20, 0, ?2, ?3)",
                 params![
                     r.id,
-                    r.cost.as_ref().map_or(0.0, |c| c.total),
+                    r.cost.as_ref().map_or(0.0, |c| c.total.as_f64()),
                     serde_json::to_string(&r).unwrap()
                 ],
             )
@@ -99,7 +100,10 @@ async fn an_older_database_gains_the_unpriced_column() {
     let rows = store.usage(&RecordQuery::default()).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].requests, rows[0].unpriced_requests), (2, 1));
-    assert!((rows[0].cost - 2.0).abs() < 1e-9);
+    assert_eq!(
+        rows[0].cost,
+        tollgate_records::Money::from_nanos(2_000_000_000)
+    );
     // Opening again finds the column and changes nothing.
     drop(store);
     let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();

@@ -743,7 +743,7 @@ async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_on
             Some(u) if u.source == UsageSource::Reported && u.total_tokens > 0 => {}
             u => problems.push(format!("{agent}: usage {u:?}, not reported by AOAI")),
         }
-        if r.cost.as_ref().is_none_or(|c| c.total <= 0.0) {
+        if r.cost.as_ref().is_none_or(|c| c.total.nanos() <= 0) {
             problems.push(format!("{agent}: cost {:?}", r.cost));
         }
     }

@@ -258,7 +258,7 @@ fn assert_counted_once(got: &Received, records: &[ConsolidatedRecord]) {
     let cost: f64 = records
         .iter()
         .filter_map(|r| r.cost.as_ref())
-        .map(|c| c.total)
+        .map(|c| c.total.as_f64())
         .sum();
     assert!((t.cost - cost).abs() < 1e-9, "cost {} != {cost}", t.cost);
     assert_eq!(

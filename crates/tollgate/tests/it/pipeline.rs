@@ -70,12 +70,11 @@ async fn non_stream_usage_equals_the_simulators_and_is_priced() {
     );
     assert_eq!(r.response_headers["x-request-id"], aoai_request_id);
     let cost = r.cost.as_ref().expect("gpt-4o is priced");
-    let expected = u.input_tokens as f64 * 2.5 / 1e6 + u.output_tokens as f64 * 10.0 / 1e6;
-    assert!(
-        (cost.total - expected).abs() < 1e-12,
-        "{} vs {expected}",
-        cost.total
-    );
+    // gpt-4o's published $2.50 and $10.00 per 1M tokens are 2,500 and 10,000 nano-dollars a
+    // token: the cost is exact, not within a float tolerance.
+    let expected = u.input_tokens as i64 * 2_500 + u.output_tokens as i64 * 10_000;
+    assert_eq!(cost.total.nanos(), expected);
+    assert_eq!(cost.input + cost.cached_input + cost.output, cost.total);
     assert!(r.prompt_filter_results.is_some());
 }
 
