@@ -60,8 +60,9 @@ def main():
     assert usage and p[-1]["choices"] == []
     add(usage["prompt_tokens"], usage["completion_tokens"])
 
-    # Streaming chat without include_usage: no usage anywhere; Tollgate estimates it, and the
-    # estimate must equal what the simulator reports for the same request.
+    # Streaming chat without include_usage: the SDK sees no usage anywhere and the same chunks
+    # as a direct call, although Tollgate asked AOAI for the usage on its behalf (and bills
+    # that), which must equal what the simulator reports for the same request.
     kw = {"model": "gpt-4o", "messages": msgs + [{"role": "user", "content": "Again."}]}
     p, d = both(stream, **kw)
     assert p == d, "streamed chat without usage differs"

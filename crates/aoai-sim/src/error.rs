@@ -63,6 +63,15 @@ impl AoaiError {
         )
     }
 
+    /// A body parameter the requested api-version does not know (`stream_options` before
+    /// 2024-09-01-preview).
+    pub fn unknown_parameter(param: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"message": format!("Unrecognized request argument supplied: {param}"), "type": "invalid_request_error", "param": param, "code": "unknown_parameter"}}),
+        )
+    }
+
     /// A prompt blocked by the content filter (charged by AOAI, answered 400).
     pub fn prompt_filtered() -> Self {
         let flagged = json!({"filtered": true, "severity": "high"});

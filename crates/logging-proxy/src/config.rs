@@ -193,6 +193,26 @@ impl Default for RecorderConfig {
     }
 }
 
+/// Asking AOAI for a stream's usage on the client's behalf (`stream_usage.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamUsageConfig {
+    /// Add `stream_options.include_usage` to chat and completions streams that do not ask,
+    /// on api-versions that accept it, so their usage is AOAI's own figure.
+    pub inject: bool,
+    /// Deployments whose backend rejects `stream_options`: left as the client sent them.
+    pub skip_deployments: Vec<String>,
+}
+
+impl Default for StreamUsageConfig {
+    fn default() -> Self {
+        StreamUsageConfig {
+            inject: true,
+            skip_deployments: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
@@ -205,6 +225,7 @@ pub struct ProxyConfig {
     pub admin_key_sha256: Option<String>,
     /// Use `HTTP(S)_PROXY` from the environment for backend connections.
     pub use_env_proxy: bool,
+    pub stream_usage: StreamUsageConfig,
 }
 
 /// A validated backend.
@@ -226,6 +247,7 @@ pub(crate) struct Validated {
     pub recorder: RecorderConfig,
     pub admin_key: Option<[u8; 32]>,
     pub use_env_proxy: bool,
+    pub stream_usage: StreamUsageConfig,
 }
 
 /// Longest duration any limit may name.
@@ -394,6 +416,14 @@ impl ProxyConfig {
             },
             None => None,
         };
+        for d in &self.stream_usage.skip_deployments {
+            // A misspelt name would leave the switch silently off for the real one.
+            if !routes.contains_key(d) {
+                problems.push(format!(
+                    "proxy.stream_usage.skip_deployments: `{d}` is not a deployment of any backend"
+                ));
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -405,6 +435,7 @@ impl ProxyConfig {
             recorder: self.recorder.clone(),
             admin_key,
             use_env_proxy: self.use_env_proxy,
+            stream_usage: self.stream_usage.clone(),
         })
     }
 }

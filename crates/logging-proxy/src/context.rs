@@ -140,6 +140,7 @@ pub(crate) fn request_record(
             Keep::Summary => headers::summary(seen.headers),
         },
         body: RecordBody::Empty,
+        stream_usage_injected: false,
     }
 }
 

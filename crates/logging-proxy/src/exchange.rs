@@ -28,6 +28,7 @@ use crate::headers;
 use crate::path;
 use crate::phases::Described;
 use crate::reject::{Accepted, end_accepted};
+use crate::stream_usage::WithoutUsageFrame;
 use crate::tee::{self, Exchange, millis};
 
 /// Starts the exchange and waits for its response head (or Tollgate's error answer).
@@ -60,6 +61,7 @@ async fn run(
     mut answer: oneshot::Sender<Response>,
 ) {
     let next_seq = described.next_seq();
+    let usage_injected = described.record.stream_usage_injected;
     for record in described.records() {
         app.recorder.record(record);
     }
@@ -168,14 +170,35 @@ async fn run(
             () = answer.closed() => {}
         }
     }
-    let mut response = Response::new(Body::from_stream(body));
+    // The usage frame the proxy asked for is recorded with the rest and kept from the client,
+    // which did not ask for it (many clients index `choices[0]` of every chunk).
+    let filter = usage_injected
+        && status.is_success()
+        && tollgate_records::is_event_stream(exchange_content_type(&response_headers));
+    let mut response = if filter {
+        Response::new(Body::from_stream(WithoutUsageFrame::new(body)))
+    } else {
+        Response::new(Body::from_stream(body))
+    };
     *response.status_mut() =
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     // `x-tollgate-request-id` is added by the context layer on the way out.
     headers::downstream(&response_headers, response.headers_mut());
+    if filter {
+        // Fewer bytes than AOAI sent: a length would be wrong (streams are chunked anyway).
+        response
+            .headers_mut()
+            .remove(axum::http::header::CONTENT_LENGTH);
+    }
     // When the client is gone the response comes back here and is dropped: the tee then
     // drains the rest of AOAI's answer in a tracked task and records it.
     let _ = answer.send(response);
+}
+
+fn exchange_content_type(headers: &reqwest::header::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn failed_attempt(backend: &str, started: Instant, detail: &str) -> Attempt {

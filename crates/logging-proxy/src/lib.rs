@@ -21,6 +21,7 @@ pub mod recorder;
 mod reject;
 mod server;
 mod stall;
+mod stream_usage;
 mod tee;
 
 use std::future::Future;

@@ -8,9 +8,11 @@
 //!    `max_json_depth`, stream flag and (on `/openai/v1/`) the model peeked from the body; a
 //!    body over `max_body_part_bytes` goes into `part` records;
 //! 4. **route** — deployment → backend (404 `DeploymentNotFound`; 400 on v1 without a model);
-//! 5. **forward** — `exchange.rs`: the exchange with the backend runs in a tracked task that does
+//! 5. **usage** — `stream_usage.rs`: a chat or completions stream that does not ask for its
+//!    usage is sent asking for it, so its bill is AOAI's figure rather than an estimate;
+//! 6. **forward** — `exchange.rs`: the exchange with the backend runs in a tracked task that does
 //!    not depend on the client's connection;
-//! 6. **tee** — `tee.rs`: the response streams to the client and into the records.
+//! 7. **tee** — `tee.rs`: the response streams to the client and into the records.
 //!
 //! Each phase returns a result. An accepted request Tollgate answers itself (413, 408, 404, a
 //! backend it could not reach) ends through `reject.rs::end_accepted`; the one refusal here
@@ -31,6 +33,7 @@ use crate::error::ProxyError;
 use crate::exchange;
 use crate::peek;
 use crate::reject::{Accepted, end_accepted};
+use crate::stream_usage;
 
 pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
@@ -48,7 +51,7 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             return end_accepted(&app, &ctx.info, records, 1, error, Vec::new(), accepted);
         }
     };
-    let described = describe(&app, &ctx, &bytes);
+    let mut described = describe(&app, &ctx, &bytes);
     let backend = match route(&app, &ctx, described.model.clone()) {
         Ok(backend) => backend,
         Err(error) => {
@@ -65,7 +68,30 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             );
         }
     };
+    let bytes = ask_for_usage(&app, &ctx, &mut described, bytes);
     exchange::start(app, ctx, described, bytes, backend, accepted).await
+}
+
+/// The usage phase: the body to send AOAI, with `stream_options.include_usage` added when the
+/// request is a stream that may ask for it and does not (the record then says so).
+fn ask_for_usage(app: &AppState, ctx: &Ctx, described: &mut Described, bytes: Bytes) -> Bytes {
+    let settings = &app.config.stream_usage;
+    let skipped = described
+        .record
+        .deployment
+        .as_ref()
+        .is_some_and(|d| settings.skip_deployments.contains(d));
+    let v1 = ctx.route.body_names_deployment();
+    if !settings.inject || skipped || !stream_usage::applies(&described.record, v1) {
+        return bytes;
+    }
+    match stream_usage::inject(&bytes) {
+        Some(body) => {
+            described.record.stream_usage_injected = true;
+            body
+        }
+        None => bytes,
+    }
 }
 
 /// Accepts the request when its records can be taken; the slot from the limits layer moves

@@ -414,7 +414,12 @@ pub struct RequestRecord {
     pub user_agent: Option<String>,
     /// Request headers with credentials and cookies replaced by `"[redacted]"`.
     pub headers: BTreeMap<String, String>,
+    /// The body as the client sent it.
     pub body: Body,
+    /// The proxy added `stream_options.include_usage` to what it sent AOAI, and takes AOAI's
+    /// usage frame out of what the client receives.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream_usage_injected: bool,
 }
 
 /// Segment bytes, exactly as received: UTF-8 text when the segment is valid UTF-8 (the usual case
@@ -823,6 +828,7 @@ mod tests {
             user_agent: None,
             headers: BTreeMap::new(),
             body,
+            stream_usage_injected: false,
         })
     }
 

@@ -37,6 +37,7 @@ pub fn sample_request(id: &str) -> RawRecord {
         user_agent: None,
         headers: Default::default(),
         body: Body::Empty,
+        stream_usage_injected: false,
     })
 }
 

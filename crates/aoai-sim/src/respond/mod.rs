@@ -54,6 +54,9 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     }
     let api_version = routing::api_version(query, route.v1)?;
     let body = read_json_object(body, sim.inner.config.max_body_bytes).await?;
+    if body.get("stream_options").is_some() && !routing::knows_stream_options(&api_version) {
+        return Err(AoaiError::unknown_parameter("stream_options"));
+    }
     let deployment_name = routing::deployment_name(&route, &body)?;
     let deployment = sim
         .inner

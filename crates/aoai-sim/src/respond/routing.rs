@@ -84,6 +84,17 @@ pub(crate) fn api_version(query: Option<&str>, v1: bool) -> Result<String, AoaiE
     }
 }
 
+/// Whether an api-version knows `stream_options`: from 2024-09-01-preview on in the list of
+/// versions, and the undated ones (`preview`, `latest`, v1). Earlier ones answer 400.
+pub(crate) fn knows_stream_options(api_version: &str) -> bool {
+    let first = API_VERSIONS.iter().position(|v| *v == "2024-09-01-preview");
+    match (API_VERSIONS.iter().position(|v| *v == api_version), first) {
+        (Some(i), Some(first)) => i >= first,
+        // Not in the list: `v1` (no api-version on a v1 path).
+        _ => true,
+    }
+}
+
 /// The deployment the request addresses: from the path, or the body's `model` on v1.
 pub(crate) fn deployment_name(route: &Route<'_>, body: &Value) -> Result<String, AoaiError> {
     match route.deployment {
@@ -130,6 +141,22 @@ mod tests {
         assert_eq!(route("/openai/deployments/d"), None);
         assert_eq!(route("/openai/deployments/d/other"), None);
         assert_eq!(route("/elsewhere"), None);
+    }
+
+    #[test]
+    fn stream_options_are_known_from_2024_09_01_preview() {
+        for v in [
+            "2024-09-01-preview",
+            "2024-10-21",
+            "2025-04-01-preview",
+            "preview",
+            "v1",
+        ] {
+            assert!(knows_stream_options(v), "{v}");
+        }
+        for v in ["2024-08-01-preview", "2024-06-01", "2023-05-15"] {
+            assert!(!knows_stream_options(v), "{v}");
+        }
     }
 
     #[test]

@@ -385,6 +385,7 @@ mod tests {
             user_agent: None,
             headers: Default::default(),
             body: Body::json(&json!({"messages": [{"role": "user", "content": "secret plan"}]})),
+            stream_usage_injected: false,
         };
         let end = EndRecord {
             schema_version: SCHEMA_VERSION,

@@ -160,8 +160,8 @@ async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exac
     }
     assert_eq!(totals["errors"], 0);
     assert_eq!(
-        totals["estimatedRequests"], 1,
-        "only the stream without include_usage is estimated"
+        totals["estimatedRequests"], 0,
+        "the stream without include_usage is billed with AOAI's usage, asked for by Tollgate"
     );
     assert!(
         report["rows"]

@@ -374,7 +374,7 @@ async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_on
     };
     let mut expected: Vec<Expected> = Vec::new();
     let idle_kib = up.peak_rss_kib();
-    use UsageSource::{Estimated, Reported};
+    use UsageSource::Reported;
 
     // Phase 1: everything at once.
     let cr = &c;
@@ -577,7 +577,8 @@ async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_on
         "stream without usage",
         &stream_no_usage,
         200,
-        Some(Estimated),
+        // Tollgate asked AOAI for the usage on the client's behalf.
+        Some(Reported),
     );
     expect_answer(&mut expected, "sim 500", &e500, 500, None);
     expect_answer(&mut expected, "sim 429", &e429, 429, None);

@@ -304,8 +304,12 @@ async fn records(s: &Stack, ids: &[String]) -> Vec<ConsolidatedRecord> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_records_are_exported_as_genai_logs_and_metrics() {
     let (received, exporter) = receiver(&[]).await;
-    let s =
-        harness::start_with_sinks(|_| {}, vec![Arc::new(OtlpSink::new(exporter.clone()))]).await;
+    let s = harness::start_with_sinks(
+        // One of the streams is left to the estimate: both sources are exported.
+        |c| c.stream_usage.inject = false,
+        vec![Arc::new(OtlpSink::new(exporter.clone()))],
+    )
+    .await;
 
     let chat = s
         .post(
@@ -465,8 +469,12 @@ async fn checkpoint(s: &Stack) -> Option<tollgate_store::Checkpoint> {
 async fn a_collector_outage_holds_the_checkpoint_and_inflates_nothing() {
     const REFUSED: usize = 3;
     let (received, exporter) = receiver(&[Answer::Unavailable; REFUSED]).await;
-    let s =
-        harness::start_with_sinks(|_| {}, vec![Arc::new(OtlpSink::new(exporter.clone()))]).await;
+    let s = harness::start_with_sinks(
+        // One of the streams is left to the estimate: both sources are exported.
+        |c| c.stream_usage.inject = false,
+        vec![Arc::new(OtlpSink::new(exporter.clone()))],
+    )
+    .await;
     let ids = three_requests(&s).await;
     s.proxy.flush().await;
 
@@ -517,8 +525,12 @@ async fn a_collector_outage_holds_the_checkpoint_and_inflates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_success_with_rejected_records_fails_the_pass() {
     let (received, exporter) = receiver(&[Answer::Reject(1)]).await;
-    let s =
-        harness::start_with_sinks(|_| {}, vec![Arc::new(OtlpSink::new(exporter.clone()))]).await;
+    let s = harness::start_with_sinks(
+        // One of the streams is left to the estimate: both sources are exported.
+        |c| c.stream_usage.inject = false,
+        vec![Arc::new(OtlpSink::new(exporter.clone()))],
+    )
+    .await;
     let ids = three_requests(&s).await;
     s.proxy.flush().await;
 

@@ -102,7 +102,8 @@ async fn include_usage_stream_takes_the_usage_frame() {
 
 #[tokio::test]
 async fn stream_without_usage_is_estimated_with_tiktoken() {
-    let s = harness::start(|_| {}).await;
+    // Usage not asked for on the client's behalf: the estimate is what is left.
+    let s = harness::start(|c| c.stream_usage.inject = false).await;
     let body = json!({"messages": messages(), "stream": true});
     let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
     let id = request_id(&resp);
@@ -128,9 +129,107 @@ async fn stream_without_usage_is_estimated_with_tiktoken() {
     assert_same_usage(&plain, &u);
 }
 
+/// The request record of `id`, from the raw feed.
+async fn raw_request(s: &harness::Stack, id: &str) -> tollgate_records::RequestRecord {
+    let page = s.store.read(None, 10_000).await.unwrap();
+    page.records
+        .into_iter()
+        .find_map(|r| match r {
+            RawRecord::Request(q) if q.request_id == id => Some(q),
+            _ => None,
+        })
+        .expect("the request record")
+}
+
+/// Issue 6: a stream whose client did not ask for its usage is sent asking for it, so the bill
+/// is AOAI's own figure; the client never sees the usage frame.
+#[tokio::test]
+async fn a_stream_that_does_not_ask_for_usage_is_billed_with_aoais_own_figure() {
+    let s = harness::start(|_| {}).await;
+    let body = json!({"messages": messages(), "stream": true});
+    let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-length").is_none());
+    let id = request_id(&resp);
+    let raw = resp.text().await.unwrap();
+    let f = frames(&raw);
+    // AOAI's frames as it sends them when asked (`"usage": null` in each chunk), less the one
+    // carrying the usage, and the stream still ends with [DONE].
+    assert!(f.len() > 2);
+    assert!(
+        f.iter().all(|c| !c.get("usage").is_some_and(Value::is_object)),
+        "no usage frame reaches the client: {raw}"
+    );
+    assert!(f[1..].iter().all(|c| c.get("usage") == Some(&Value::Null)));
+    assert!(raw.ends_with("data: [DONE]\n\n"));
+    let text: String = f
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+
+    s.settle().await;
+    let r = s.record(&id).await;
+    let u = r.usage.clone().unwrap();
+    assert_eq!(
+        u.source,
+        UsageSource::Reported,
+        "AOAI's figure, not an estimate"
+    );
+    assert_eq!(r.choices[0].content.as_deref(), Some(text.as_str()));
+    // The same request without streaming: the simulator's own count.
+    let plain = s.unstreamed(&s.chat_url("gpt-4o"), &body).await;
+    assert_same_usage(&plain, &u);
+    // The record keeps the body the client sent and says the proxy asked.
+    let q = raw_request(&s, &id).await;
+    assert!(q.stream_usage_injected);
+    let sent = q.body.parse_json().expect("JSON body");
+    assert!(sent.get("stream_options").is_none(), "{sent}");
+
+    // A client that asks gets its usage frame as before.
+    let asked = json!({"messages": messages(), "stream": true,
+                       "stream_options": {"include_usage": true}});
+    let resp = s.post(&s.chat_url("gpt-4o"), &asked).send().await.unwrap();
+    let id = request_id(&resp);
+    let f = frames(&resp.text().await.unwrap());
+    let last = f.last().unwrap();
+    assert!(last["usage"].is_object() && last["choices"] == json!([]));
+    s.settle().await;
+    assert!(!raw_request(&s, &id).await.stream_usage_injected);
+}
+
+/// An api-version before `stream_options` existed, and a deployment switched off, are sent as
+/// the client sent them (the simulator, like AOAI, answers 400 to the option on old versions).
+#[tokio::test]
+async fn usage_is_not_asked_for_on_old_api_versions_or_switched_off_deployments() {
+    let s = harness::start(|c| c.stream_usage.skip_deployments = vec!["gpt-4o-mini".into()]).await;
+    let body = json!({"messages": messages(), "stream": true});
+    let old = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01",
+        s.base
+    );
+    for url in [old.clone(), s.chat_url("gpt-4o-mini")] {
+        let resp = s.post(&url, &body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{url}");
+        let id = request_id(&resp);
+        resp.text().await.unwrap();
+        s.settle().await;
+        assert!(!raw_request(&s, &id).await.stream_usage_injected, "{url}");
+        let u = s.record(&id).await.usage.unwrap();
+        assert_eq!(u.source, UsageSource::Estimated, "{url}");
+    }
+    // What injecting would have met on the old version.
+    let asked = json!({"messages": messages(), "stream": true,
+                       "stream_options": {"include_usage": true}});
+    let resp = s.post(&old, &asked).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "unknown_parameter");
+}
+
 #[tokio::test]
 async fn tool_call_streams_are_stitched_into_complete_arguments() {
-    let s = harness::start(|_| {}).await;
+    // Estimated, to check the tool-call counting against the simulator's own count.
+    let s = harness::start(|c| c.stream_usage.inject = false).await;
     let tool = |name: &str| {
         json!({"type": "function", "function": {"name": name, "description": "Look it up.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}, "days": {"type": "integer"}}}}})
@@ -518,7 +617,8 @@ async fn a_full_spool_refuses_new_requests_instead_of_losing_them() {
 
 #[tokio::test]
 async fn n_choices_and_legacy_completions_streams_are_stitched_and_counted() {
-    let s = harness::start(|_| {}).await;
+    // Estimated, to check the counting of n choices against the simulator's own count.
+    let s = harness::start(|c| c.stream_usage.inject = false).await;
     let chat = json!({"messages": messages(), "n": 3, "stream": true});
     let resp = s.post(&s.chat_url("gpt-4o"), &chat).send().await.unwrap();
     let chat_id = request_id(&resp);
