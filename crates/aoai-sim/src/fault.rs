@@ -6,7 +6,9 @@
 //! - `500`, `503`, … — server errors;
 //! - `reset-after-chunks=3` — send 3 SSE frames (or 3 body chunks) then drop the connection;
 //! - `slow-first-byte=2000` — wait 2 s before the response headers;
-//! - `content-filter` — AOAI's 400 for a prompt its content filter blocked.
+//! - `content-filter` — AOAI's 400 for a prompt its content filter blocked;
+//! - `no-stream-options` — 400 `unknown_parameter` for `stream_options`, as a backend without
+//!   it answers.
 
 use std::time::Duration;
 
@@ -17,6 +19,9 @@ pub struct Fault {
     pub reset_after_chunks: Option<usize>,
     pub slow_first_byte: Option<Duration>,
     pub content_filter: bool,
+    /// Answer `stream_options` with 400 `unknown_parameter` whatever the api-version, as a
+    /// backend that does not support it does (`no-stream-options`).
+    pub no_stream_options: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,6 +38,10 @@ impl Fault {
         for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             if item == "content-filter" {
                 fault.content_filter = true;
+                continue;
+            }
+            if item == "no-stream-options" {
+                fault.no_stream_options = true;
                 continue;
             }
             let Some((key, value)) = item.split_once('=') else {
@@ -90,6 +99,7 @@ mod tests {
             Some(Duration::from_secs(2))
         );
         assert!(Fault::parse("content-filter").unwrap().content_filter);
+        assert!(Fault::parse("no-stream-options").unwrap().no_stream_options);
         assert!(Fault::parse("200").is_err());
         assert!(Fault::parse("explode").is_err());
         assert!(Fault::parse("retry-after-ms=soon").is_err());

@@ -28,7 +28,7 @@ use crate::headers;
 use crate::path;
 use crate::phases::Described;
 use crate::reject::{Accepted, end_accepted};
-use crate::stream_usage::WithoutUsageFrame;
+use crate::stream_usage::{self, Outgoing, WithoutUsageFrame};
 use crate::tee::{self, Exchange, millis};
 
 /// Starts the exchange and waits for its response head (or Tollgate's error answer).
@@ -36,13 +36,13 @@ pub(crate) async fn start(
     app: Arc<AppState>,
     ctx: Ctx,
     described: Described,
-    body: Bytes,
+    outgoing: Outgoing,
     backend: usize,
     accepted: Accepted,
 ) -> Response {
     let (tx, rx) = oneshot::channel();
     let tracker = app.requests.clone();
-    tracker.spawn(run(app, ctx, described, body, backend, accepted, tx));
+    tracker.spawn(run(app, ctx, described, outgoing, backend, accepted, tx));
     match rx.await {
         Ok(response) => response,
         // The task always answers unless it panicked; its request is then recorded as
@@ -55,13 +55,13 @@ async fn run(
     app: Arc<AppState>,
     ctx: Ctx,
     described: Described,
-    body: Bytes,
+    outgoing: Outgoing,
     backend: usize,
     accepted: Accepted,
     mut answer: oneshot::Sender<Response>,
 ) {
     let next_seq = described.next_seq();
-    let usage_injected = described.record.stream_usage_injected;
+    let mut usage_injected = described.record.stream_usage_injected;
     for record in described.records() {
         app.recorder.record(record);
     }
@@ -91,58 +91,91 @@ async fn run(
         v.set_sensitive(true);
         upstream_headers.insert(HeaderName::from_static("api-key"), v);
     }
-    let attempt_started = Instant::now();
-    let send = app
-        .client
-        .request(ctx.method.clone(), url)
-        .headers(upstream_headers)
-        .body(reqwest::Body::from(body))
-        .send();
+    let Outgoing {
+        mut body,
+        mut client_body,
+    } = outgoing;
+    let mut attempts = Vec::new();
     let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
-    let result = tokio::select! {
-        r = tokio::time::timeout(first_byte, send) => r,
-        () = app.abort.cancelled() => {
-            let attempt = failed_attempt(&b.name, attempt_started, "shutdown before the response");
-            let r = end(ProxyError::ShuttingDown, vec![attempt], accepted);
-            let _ = answer.send(r);
-            return;
+    let (upstream, attempt_started) = loop {
+        let attempt_started = Instant::now();
+        let send = app
+            .client
+            .request(ctx.method.clone(), url.clone())
+            .headers(upstream_headers.clone())
+            .body(reqwest::Body::from(body.clone()))
+            .send();
+        let result = tokio::select! {
+            r = tokio::time::timeout(first_byte, send) => r,
+            () = app.abort.cancelled() => {
+                attempts.push(failed_attempt(&b.name, attempt_started, "shutdown before the response"));
+                let r = end(ProxyError::ShuttingDown, attempts, accepted);
+                let _ = answer.send(r);
+                return;
+            }
+        };
+        let upstream = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let detail = e.to_string();
+                attempts.push(failed_attempt(&b.name, attempt_started, &detail));
+                let error = ProxyError::BackendUnreachable { detail };
+                let r = end(error, attempts, accepted);
+                let _ = answer.send(r);
+                return;
+            }
+            Err(_) => {
+                attempts.push(failed_attempt(
+                    &b.name,
+                    attempt_started,
+                    "first byte timeout",
+                ));
+                let timeout_ms = app.config.limits.first_byte_timeout_ms;
+                let error = ProxyError::BackendTimeout { timeout_ms };
+                let r = end(error, attempts, accepted);
+                let _ = answer.send(r);
+                return;
+            }
+        };
+        // The backend does not know the `stream_options` the usage phase added: send the
+        // request again as the client sent it, so asking never costs the client its answer.
+        let Some(original) = client_body.take_if(|_| upstream.status() == StatusCode::BAD_REQUEST)
+        else {
+            break (upstream, attempt_started);
+        };
+        match read_rejection(upstream, app.config.limits.idle_timeout_ms).await {
+            Rejection::StreamOptions => {
+                attempts.push(Attempt {
+                    backend: b.name.clone(),
+                    status: Some(400),
+                    duration_ms: millis(attempt_started.elapsed()),
+                    retry_after_ms: None,
+                    error: Some(
+                        "the backend does not know stream_options; sent again as the client sent it"
+                            .to_owned(),
+                    ),
+                });
+                body = original;
+                usage_injected = false;
+            }
+            Rejection::Other(resp) => break (resp, attempt_started),
         }
     };
-    let upstream = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            let detail = e.to_string();
-            let attempt = failed_attempt(&b.name, attempt_started, &detail);
-            let error = ProxyError::BackendUnreachable { detail };
-            let r = end(error, vec![attempt], accepted);
-            let _ = answer.send(r);
-            return;
-        }
-        Err(_) => {
-            let attempt = failed_attempt(&b.name, attempt_started, "first byte timeout");
-            let timeout_ms = app.config.limits.first_byte_timeout_ms;
-            let error = ProxyError::BackendTimeout { timeout_ms };
-            let r = end(error, vec![attempt], accepted);
-            let _ = answer.send(r);
-            return;
-        }
-    };
-
     let status = upstream.status();
     let response_headers = upstream.headers().clone();
-    let attempt = Attempt {
+    attempts.push(Attempt {
         backend: b.name.clone(),
         status: Some(status.as_u16()),
         duration_ms: millis(attempt_started.elapsed()),
         retry_after_ms: retry_after_ms(&response_headers),
         error: None,
-    };
+    });
     let exchange = Exchange {
         request_id: ctx.info.request_id.to_string(),
         started: ctx.info.started,
         status: status.as_u16(),
         backend: b.name.clone(),
-        attempts: vec![attempt],
+        attempts,
         ttfb_ms: millis(ctx.info.started.elapsed()),
         headers: tee::selected_headers(&response_headers),
         content_type: response_headers
@@ -193,6 +226,48 @@ async fn run(
     // When the client is gone the response comes back here and is dropped: the tee then
     // drains the rest of AOAI's answer in a tracked task and records it.
     let _ = answer.send(response);
+}
+
+/// What a 400 answer to an injected request turned out to be.
+enum Rejection {
+    /// The backend named `stream_options`: send the client's own body.
+    StreamOptions,
+    /// Any other 400, rebuilt from what was read so the tee records and forwards it as usual.
+    Other(reqwest::Response),
+}
+
+/// Reads a 400 answer (small, and bounded) to see whether it is about `stream_options`. An
+/// answer too large, too slow or unreadable is passed on as it is.
+async fn read_rejection(upstream: reqwest::Response, idle_timeout_ms: u64) -> Rejection {
+    let small = upstream
+        .content_length()
+        .is_some_and(|n| n <= stream_usage::MAX_REJECTION_BYTES);
+    if !small {
+        return Rejection::Other(upstream);
+    }
+    let status = upstream.status();
+    let version = upstream.version();
+    let headers = upstream.headers().clone();
+    let read = tokio::time::timeout(Duration::from_millis(idle_timeout_ms), upstream.bytes()).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        // What could be read is gone with the failed read: answer as a broken backend would.
+        Ok(Err(_)) | Err(_) => Bytes::new(),
+    };
+    if stream_usage::rejects_stream_options(&bytes) {
+        return Rejection::StreamOptions;
+    }
+    let mut headers = headers;
+    // The length of what is passed on (all of it, or nothing after a failed read).
+    headers.insert(
+        axum::http::header::CONTENT_LENGTH,
+        HeaderValue::from(bytes.len()),
+    );
+    let mut rebuilt = http::Response::new(bytes);
+    *rebuilt.status_mut() = status;
+    *rebuilt.version_mut() = version;
+    *rebuilt.headers_mut() = headers;
+    Rejection::Other(reqwest::Response::from(rebuilt))
 }
 
 fn exchange_content_type(headers: &reqwest::header::HeaderMap) -> Option<&str> {

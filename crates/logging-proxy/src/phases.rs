@@ -68,13 +68,22 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             );
         }
     };
-    let bytes = ask_for_usage(&app, &ctx, &mut described, bytes);
-    exchange::start(app, ctx, described, bytes, backend, accepted).await
+    let outgoing = ask_for_usage(&app, &ctx, &mut described, bytes);
+    exchange::start(app, ctx, described, outgoing, backend, accepted).await
 }
 
 /// The usage phase: the body to send AOAI, with `stream_options.include_usage` added when the
 /// request is a stream that may ask for it and does not (the record then says so).
-fn ask_for_usage(app: &AppState, ctx: &Ctx, described: &mut Described, bytes: Bytes) -> Bytes {
+fn ask_for_usage(
+    app: &AppState,
+    ctx: &Ctx,
+    described: &mut Described,
+    bytes: Bytes,
+) -> stream_usage::Outgoing {
+    let unchanged = |body: Bytes| stream_usage::Outgoing {
+        body,
+        client_body: None,
+    };
     let settings = &app.config.stream_usage;
     let skipped = described
         .record
@@ -83,14 +92,17 @@ fn ask_for_usage(app: &AppState, ctx: &Ctx, described: &mut Described, bytes: By
         .is_some_and(|d| settings.skip_deployments.contains(d));
     let v1 = ctx.route.body_names_deployment();
     if !settings.inject || skipped || !stream_usage::applies(&described.record, v1) {
-        return bytes;
+        return unchanged(bytes);
     }
     match stream_usage::inject(&bytes) {
         Some(body) => {
             described.record.stream_usage_injected = true;
-            body
+            stream_usage::Outgoing {
+                body,
+                client_body: Some(bytes),
+            }
         }
-        None => bytes,
+        None => unchanged(bytes),
     }
 }
 

@@ -7,7 +7,9 @@
 //! keeps the body as the client sent it.
 //!
 //! Off for a deployment listed in `proxy.stream_usage.skip_deployments` (a backend that rejects
-//! the option), and when `proxy.stream_usage.inject` is false.
+//! the option), and when `proxy.stream_usage.inject` is false. A backend that answers the option
+//! with a 400 naming it gets the request again as the client sent it (both attempts are in the
+//! `end` record), so asking never costs the client its answer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -17,6 +19,23 @@ use futures_util::Stream;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tollgate_records::RequestRecord;
+
+/// What the forward phase sends.
+pub(crate) struct Outgoing {
+    pub(crate) body: Bytes,
+    /// The client's own body, when the usage phase changed it: sent instead if the backend
+    /// answers that it does not know `stream_options`.
+    pub(crate) client_body: Option<Bytes>,
+}
+
+/// Largest error body read to see whether a 400 is about `stream_options` (AOAI's are a few
+/// hundred bytes).
+pub(crate) const MAX_REJECTION_BYTES: u64 = 64 * 1024;
+
+/// Whether a backend's 400 body says it does not know `stream_options`.
+pub(crate) fn rejects_stream_options(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"stream_options").is_some()
+}
 
 /// The first dated api-version whose `stream_options` AOAI documents (2024-09-01-preview; GA
 /// from 2024-10-21). Older versions answer 400 `unknown_parameter`.

@@ -78,6 +78,9 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     if fault.content_filter {
         return Err(AoaiError::prompt_filtered());
     }
+    if fault.no_stream_options && body.get("stream_options").is_some() {
+        return Err(AoaiError::unknown_parameter("stream_options"));
+    }
     if let Some(status) = fault.status {
         return Err(AoaiError::for_status(
             status,

@@ -157,7 +157,8 @@ async fn a_stream_that_does_not_ask_for_usage_is_billed_with_aoais_own_figure() 
     // carrying the usage, and the stream still ends with [DONE].
     assert!(f.len() > 2);
     assert!(
-        f.iter().all(|c| !c.get("usage").is_some_and(Value::is_object)),
+        f.iter()
+            .all(|c| !c.get("usage").is_some_and(Value::is_object)),
         "no usage frame reaches the client: {raw}"
     );
     assert!(f[1..].iter().all(|c| c.get("usage") == Some(&Value::Null)));
@@ -224,6 +225,56 @@ async fn usage_is_not_asked_for_on_old_api_versions_or_switched_off_deployments(
     assert_eq!(resp.status(), 400);
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["error"]["code"], "unknown_parameter");
+}
+
+/// A backend that does not know `stream_options` answers 400; the request is sent again as the
+/// client sent it, and the client gets its stream as if nothing had been added.
+#[tokio::test]
+async fn a_backend_that_rejects_the_usage_option_gets_the_clients_own_request() {
+    let s = harness::start(|_| {}).await;
+    let body = json!({"messages": messages(), "stream": true});
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &body)
+        .header("x-sim-fault", "no-stream-options")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let f = frames(&resp.text().await.unwrap());
+    assert!(
+        f.iter()
+            .any(|c| c["choices"][0]["delta"]["content"].is_string())
+    );
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.status, Some(200));
+    let statuses: Vec<_> = r.attempts.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![Some(400), Some(200)], "{:?}", r.attempts);
+    assert!(
+        r.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("stream_options")
+    );
+    assert_eq!(r.usage.unwrap().source, UsageSource::Estimated);
+
+    // Any other 400 reaches the client as the backend sent it, once.
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &body)
+        .header("x-sim-fault", "content-filter")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let id = request_id(&resp);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "content_filter");
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.attempts.len(), 1);
+    assert_eq!(r.error.unwrap().code, "content_filter");
 }
 
 #[tokio::test]
