@@ -592,6 +592,45 @@ pub enum UsageSource {
     Estimated,
 }
 
+/// How exact a record's usage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UsageQuality {
+    /// AOAI's own figure, which the client asked for (or a non-stream answer carried).
+    Reported,
+    /// AOAI's own figure, which the proxy asked for on the client's behalf
+    /// (`stream_options.include_usage` added).
+    ReportedAfterInjection,
+    /// Counted by Tollgate from a complete exchange: AOAI gave no figure.
+    Estimated,
+    /// Counted from an answer that was cut: the real figure is at least this.
+    LowerBound,
+    /// AOAI served the request, but no figure was reported and none could be counted.
+    Unknown,
+}
+
+impl UsageQuality {
+    /// The name records and exports use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageQuality::Reported => "reported",
+            UsageQuality::ReportedAfterInjection => "reportedAfterInjection",
+            UsageQuality::Estimated => "estimated",
+            UsageQuality::LowerBound => "lowerBound",
+            UsageQuality::Unknown => "unknown",
+        }
+    }
+}
+
+/// A record's usage quality and, when it is not AOAI's own figure, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageQualityInfo {
+    pub quality: UsageQuality,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
@@ -696,6 +735,10 @@ pub struct ConsolidatedRecord {
     pub latency: Option<Latency>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// How exact `usage` is; absent when AOAI bills nothing for the request (a refusal it does
+    /// not charge, or a request that never reached it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_quality: Option<UsageQualityInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
     /// Tokens were used but the model has no price (no entry in the price table, or no model

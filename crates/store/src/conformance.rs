@@ -4,7 +4,7 @@
 use chrono::{Duration, TimeZone, Utc};
 use tollgate_records::{
     AuthKind, Body, ChunksRecord, ConsolidatedRecord, Consumer, Cost, EndRecord, Money, RawRecord,
-    RequestRecord, SCHEMA_VERSION, SegmentData, Usage, UsageSource,
+    RequestRecord, SCHEMA_VERSION, SegmentData, Usage, UsageQuality, UsageQualityInfo, UsageSource,
 };
 
 use crate::{Checkpoint, DeadLetter, PendingRequest, RecordQuery, Store};
@@ -120,6 +120,7 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
         }),
         cost: None,
         unpriced: false,
+        usage_quality: None,
         prompt: None,
         choices: vec![],
         prompt_filter_results: None,
@@ -261,6 +262,16 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     let mut r3 = sample_consolidated("r3", "bob", 2, 7);
     r3.cost = Some(sample_cost(100_000_000));
     cut.cost = Some(sample_cost(200_000_000));
+    // Usage quality is counted per kind.
+    let quality = |quality| {
+        Some(UsageQualityInfo {
+            quality,
+            reason: None,
+        })
+    };
+    r3.usage_quality = quality(UsageQuality::ReportedAfterInjection);
+    cut.usage_quality = quality(UsageQuality::LowerBound);
+    unfinished.usage_quality = quality(UsageQuality::Unknown);
     must(store.upsert(&[r3, cut, unfinished]).await, "upsert cut");
 
     let rows = must(store.usage(&RecordQuery::default()).await, "usage");
@@ -275,6 +286,15 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     assert_eq!((rows[1].requests, rows[1].errors), (3, 2));
     assert_eq!(rows[1].cost, Money::from_nanos(300_000_000));
     assert_eq!(rows[1].cost.to_string(), "0.300000000");
+    assert_eq!(
+        (
+            rows[1].injected_requests,
+            rows[1].lower_bound_requests,
+            rows[1].unknown_usage_requests,
+            rows[1].estimated_requests
+        ),
+        (1, 1, 1, 0)
+    );
 
     let day2 = Utc
         .with_ymd_and_hms(2026, 11, 2, 0, 0, 0)

@@ -151,7 +151,14 @@ pub struct UsageRow {
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: u64,
+    /// Usage counted by Tollgate from a complete exchange (AOAI gave no figure).
     pub estimated_requests: u64,
+    /// AOAI's figure, asked for by the proxy on the client's behalf.
+    pub injected_requests: u64,
+    /// Counted from a cut answer: the real usage is at least the figure.
+    pub lower_bound_requests: u64,
+    /// Served by AOAI with no figure reported or countable.
+    pub unknown_usage_requests: u64,
     /// Cost of the priced requests only, exactly.
     pub cost: tollgate_records::Money,
     /// Requests that used tokens but have no price ([`ConsolidatedRecord::unpriced`]).

@@ -293,6 +293,15 @@ pub fn genai_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
         };
         attrs.push(KeyValue::new("tollgate.usage.source", source));
     }
+    if let Some(q) = &r.usage_quality {
+        attrs.push(KeyValue::new("tollgate.usage.quality", q.quality.as_str()));
+        if let Some(reason) = &q.reason {
+            attrs.push(KeyValue::new(
+                "tollgate.usage.quality_reason",
+                reason.clone(),
+            ));
+        }
+    }
     if let Some(c) = &r.cost {
         attrs.push(KeyValue::new("tollgate.cost.total", c.total.as_f64()));
         // The exact amount, for sums that must not drift (KQL `sum(tolong(...))`).

@@ -28,6 +28,9 @@ pub(crate) struct Totals {
     pub(crate) output_tokens: u64,
     pub(crate) total_tokens: u64,
     pub(crate) estimated_requests: u64,
+    pub(crate) injected_requests: u64,
+    pub(crate) lower_bound_requests: u64,
+    pub(crate) unknown_usage_requests: u64,
     /// Cost of the priced requests, exactly; the unpriced ones are counted apart, never as
     /// zero.
     pub(crate) cost: Money,
@@ -68,6 +71,9 @@ struct CsvRow<'a> {
     output_tokens: u64,
     total_tokens: u64,
     estimated_requests: u64,
+    injected_requests: u64,
+    lower_bound_requests: u64,
+    unknown_usage_requests: u64,
     cost: String,
     unpriced_requests: u64,
 }
@@ -86,6 +92,9 @@ impl<'a> From<&'a UsageRow> for CsvRow<'a> {
             output_tokens: r.output_tokens,
             total_tokens: r.total_tokens,
             estimated_requests: r.estimated_requests,
+            injected_requests: r.injected_requests,
+            lower_bound_requests: r.lower_bound_requests,
+            unknown_usage_requests: r.unknown_usage_requests,
             cost: r.cost.to_string(),
             unpriced_requests: r.unpriced_requests,
         }
@@ -130,6 +139,9 @@ pub(crate) async fn build(
         totals.output_tokens += r.output_tokens;
         totals.total_tokens += r.total_tokens;
         totals.estimated_requests += r.estimated_requests;
+        totals.injected_requests += r.injected_requests;
+        totals.lower_bound_requests += r.lower_bound_requests;
+        totals.unknown_usage_requests += r.unknown_usage_requests;
         totals.cost += r.cost;
         totals.unpriced_requests += r.unpriced_requests;
     }
@@ -192,7 +204,10 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 "cached",
                 "output",
                 "total",
+                "asked",
                 "estimated",
+                "lower bound",
+                "unknown",
                 "cost",
                 "unpriced",
             ]);
@@ -208,7 +223,10 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                     r.cached_input_tokens.to_string(),
                     r.output_tokens.to_string(),
                     r.total_tokens.to_string(),
+                    r.injected_requests.to_string(),
                     r.estimated_requests.to_string(),
+                    r.lower_bound_requests.to_string(),
+                    r.unknown_usage_requests.to_string(),
                     r.cost.to_string(),
                     r.unpriced_requests.to_string(),
                 ]);
@@ -225,11 +243,24 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 x.cached_input_tokens.to_string(),
                 x.output_tokens.to_string(),
                 x.total_tokens.to_string(),
+                x.injected_requests.to_string(),
                 x.estimated_requests.to_string(),
+                x.lower_bound_requests.to_string(),
+                x.unknown_usage_requests.to_string(),
                 x.cost.to_string(),
                 x.unpriced_requests.to_string(),
             ]);
             say(&t.to_string());
+            let counted = x.estimated_requests + x.lower_bound_requests + x.unknown_usage_requests;
+            say(&format!(
+                "usage: {} of {} requests billed with AOAI's own figure ({} asked for by Tollgate); {} estimated, {} lower bounds (cut answers), {} unknown",
+                x.requests.saturating_sub(counted),
+                x.requests,
+                x.injected_requests,
+                x.estimated_requests,
+                x.lower_bound_requests,
+                x.unknown_usage_requests
+            ));
             for u in &report.unpriced_models {
                 say(&format!(
                     "unpriced: {} ({} requests, {} tokens) has no entry in the price table, so its cost is not in the totals; add it to a copy of prices.toml and set parser.price_table_path",

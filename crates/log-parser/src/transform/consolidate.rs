@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use tollgate_records::{
     Body, ConsolidatedRecord, Consumer, Cost, EndRecord, ErrorInfo, ErrorSource, Latency, Money,
-    RawRecord, RequestRecord, SCHEMA_VERSION,
+    RawRecord, RequestRecord, SCHEMA_VERSION, Usage, UsageQuality, UsageQualityInfo, UsageSource,
 };
 use tollgate_tokens::PriceTable;
 
@@ -239,6 +239,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     };
 
     let complete = parts.is_complete();
+    let usage_quality = usage_quality(usage.as_ref(), request, end, succeeded, complete);
     let error = match (end, complete) {
         (Some(e), _) if e.error.is_some() => e.error.clone(),
         (Some(e), _) if e.status >= 400 => Some(upstream_error(e, end_json.as_ref())),
@@ -294,6 +295,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         }),
         unpriced: cost.is_none() && usage.as_ref().is_some_and(|u| u.total_tokens > 0),
         usage,
+        usage_quality,
         cost,
         prompt,
         choices,
@@ -310,6 +312,79 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         revision: tollgate_records::revision(parts.raw_records, complete),
         error,
     })
+}
+
+/// How exact the usage is, and why when it is not AOAI's own figure; `None` when AOAI bills
+/// nothing for the request.
+fn usage_quality(
+    usage: Option<&Usage>,
+    request: Option<&RequestRecord>,
+    end: Option<&EndRecord>,
+    succeeded: bool,
+    complete: bool,
+) -> Option<UsageQualityInfo> {
+    let info = |quality, reason: Option<String>| Some(UsageQualityInfo { quality, reason });
+    let injected = request.is_some_and(|r| r.stream_usage_injected);
+    // Cut: segments missing, the proxy stopped reading (a limit, a timeout, a client that left
+    // past the drain bound), or the backend broke off a successful answer.
+    let cut = if !complete {
+        Some("response segments are missing".to_owned())
+    } else if let Some(e) = end.filter(|e| e.truncated) {
+        Some(match &e.error {
+            Some(err) => format!("the proxy stopped reading the answer ({})", err.code),
+            None => "the proxy stopped reading the answer".to_owned(),
+        })
+    } else {
+        end.filter(|e| e.status < 400)
+            .and_then(|e| e.error.as_ref())
+            .map(|err| format!("the answer was cut ({})", err.code))
+    };
+    match usage {
+        Some(u) if u.source == UsageSource::Reported => {
+            let quality = if injected {
+                UsageQuality::ReportedAfterInjection
+            } else {
+                UsageQuality::Reported
+            };
+            info(quality, None)
+        }
+        Some(_) if !succeeded => info(
+            UsageQuality::Estimated,
+            Some("AOAI bills the prompt of this refusal and reports no usage for it".to_owned()),
+        ),
+        Some(_) if cut.is_some() => info(UsageQuality::LowerBound, cut),
+        Some(_) => info(UsageQuality::Estimated, Some(estimate_reason(request, end))),
+        None if end.is_none() => info(
+            UsageQuality::Unknown,
+            Some("no end record arrived and AOAI's usage was not in the segments".to_owned()),
+        ),
+        None if succeeded => info(
+            UsageQuality::Unknown,
+            Some("AOAI's answer carried no usage and could not be counted".to_owned()),
+        ),
+        None => None,
+    }
+}
+
+/// Why a complete answer had to be counted.
+fn estimate_reason(request: Option<&RequestRecord>, end: Option<&EndRecord>) -> String {
+    let stream = request.is_some_and(|r| r.stream);
+    let rejected = end.is_some_and(|e| {
+        e.attempts.iter().any(|a| {
+            a.error
+                .as_deref()
+                .is_some_and(|m| m.contains("stream_options"))
+        })
+    });
+    if !stream {
+        "AOAI's answer carried no usage".to_owned()
+    } else if rejected {
+        "the backend rejected stream_options, so the stream carried no usage".to_owned()
+    } else if request.is_some_and(|r| r.stream_usage_injected) {
+        "the usage frame the proxy asked for did not arrive".to_owned()
+    } else {
+        "a stream without include_usage where the proxy does not ask for it (api-version before 2024-09-01-preview, or proxy.stream_usage off)".to_owned()
+    }
 }
 
 /// Whether AOAI bills the prompt of a request it answered with an error: a prompt its content

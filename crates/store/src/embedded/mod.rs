@@ -538,7 +538,15 @@ impl RequestStore for EmbeddedStore {
                                    OR json_extract(doc, '$.complete') = 0
                                  THEN 1 ELSE 0 END),
                         SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
-                        SUM(total_tokens), SUM(estimated),
+                        SUM(total_tokens),
+                        -- usage quality from the record (older records: the estimated flag)
+                        SUM(CASE WHEN json_extract(doc, '$.usageQuality.quality') IS NULL
+                                 THEN estimated
+                                 ELSE json_extract(doc, '$.usageQuality.quality') = 'estimated'
+                            END),
+                        SUM(json_extract(doc, '$.usageQuality.quality') = 'reportedAfterInjection'),
+                        SUM(json_extract(doc, '$.usageQuality.quality') = 'lowerBound'),
+                        SUM(json_extract(doc, '$.usageQuality.quality') = 'unknown'),
                         -- each row's cost as whole nano-units, so the sum is exact
                         SUM(CAST(ROUND(cost * 1000000000.0) AS INTEGER)), SUM(unpriced)
                  FROM requests WHERE {clause}
@@ -560,8 +568,11 @@ impl RequestStore for EmbeddedStore {
                         output_tokens: r.get::<_, i64>(8)? as u64,
                         total_tokens: r.get::<_, i64>(9)? as u64,
                         estimated_requests: r.get::<_, i64>(10)? as u64,
-                        cost: Money::from_nanos(r.get(11)?),
-                        unpriced_requests: r.get::<_, i64>(12)? as u64,
+                        injected_requests: r.get::<_, Option<i64>>(11)?.unwrap_or(0) as u64,
+                        lower_bound_requests: r.get::<_, Option<i64>>(12)?.unwrap_or(0) as u64,
+                        unknown_usage_requests: r.get::<_, Option<i64>>(13)?.unwrap_or(0) as u64,
+                        cost: Money::from_nanos(r.get(14)?),
+                        unpriced_requests: r.get::<_, i64>(15)? as u64,
                     })
                 })
                 .map_err(io)?

@@ -2,7 +2,7 @@
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tollgate_records::{RawRecord, UsageSource};
+use tollgate_records::{RawRecord, UsageQuality, UsageSource};
 use tollgate_tokens::Encoding;
 
 use crate::harness::{self, API, KEY, frames, request_id};
@@ -115,6 +115,9 @@ async fn stream_without_usage_is_estimated_with_tiktoken() {
         .collect();
     s.settle().await;
     let r = s.record(&id).await;
+    let q = r.usage_quality.clone().unwrap();
+    assert_eq!(q.quality, UsageQuality::Estimated);
+    assert!(q.reason.unwrap().contains("does not ask"));
     let u = r.usage.unwrap();
     assert_eq!(u.source, UsageSource::Estimated);
     assert_eq!(u.output_tokens, Encoding::O200kBase.count(&text));
@@ -175,6 +178,10 @@ async fn a_stream_that_does_not_ask_for_usage_is_billed_with_aoais_own_figure() 
         u.source,
         UsageSource::Reported,
         "AOAI's figure, not an estimate"
+    );
+    assert_eq!(
+        r.usage_quality.as_ref().unwrap().quality,
+        UsageQuality::ReportedAfterInjection
     );
     assert_eq!(r.choices[0].content.as_deref(), Some(text.as_str()));
     // The same request without streaming: the simulator's own count.
@@ -259,6 +266,9 @@ async fn a_backend_that_rejects_the_usage_option_gets_the_clients_own_request() 
             .contains("stream_options")
     );
     assert_eq!(r.usage.unwrap().source, UsageSource::Estimated);
+    let q = r.usage_quality.unwrap();
+    assert_eq!(q.quality, UsageQuality::Estimated);
+    assert!(q.reason.unwrap().contains("rejected stream_options"));
 
     // Any other 400 reaches the client as the backend sent it, once.
     let resp = s
@@ -621,6 +631,10 @@ async fn an_upstream_cut_mid_stream_is_recorded_with_what_arrived() {
     assert_eq!(u.source, UsageSource::Estimated);
     assert_eq!(u.output_tokens, Encoding::O200kBase.count(&text));
     assert_eq!(r.choices[0].finish_reason, None);
+    // Counted from what arrived before the cut: the real usage is at least this.
+    let q = r.usage_quality.unwrap();
+    assert_eq!(q.quality, UsageQuality::LowerBound);
+    assert!(q.reason.unwrap().contains("BackendStreamBroken"));
 }
 
 #[tokio::test]
