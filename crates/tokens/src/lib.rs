@@ -9,7 +9,10 @@
 //! Must not: do I/O (the price table is parsed from a string the caller read), or depend on
 //! other workspace crates.
 
+mod image;
 mod price;
+
+pub use image::{ImageCount, image_tokens};
 
 pub use price::{DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost};
 
@@ -96,11 +99,6 @@ fn framing(model: &str) -> Framing {
     }
 }
 
-/// Tokens an image part costs when its size is unknown: a 1024×1024 image at `high`/`auto`
-/// detail is 4 tiles × 170 + 85. `low` detail is a flat 85.
-const IMAGE_TOKENS_UNKNOWN_SIZE: i64 = 765;
-const IMAGE_TOKENS_LOW_DETAIL: i64 = 85;
-
 /// Prompt tokens of a chat completions request body (`messages`, `tools` or legacy `functions`).
 pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
     let enc = Encoding::for_model(model);
@@ -114,7 +112,9 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
             };
             for (key, value) in fields {
                 match (key.as_str(), value) {
-                    ("content", Value::Array(parts)) => total += count_content_parts(enc, parts),
+                    ("content", Value::Array(parts)) => {
+                        total += count_content_parts(model, enc, parts);
+                    }
                     ("tool_calls", Value::Array(calls)) => {
                         for call in calls {
                             let function = call.get("function").unwrap_or(&Value::Null);
@@ -145,7 +145,7 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
     total.max(0) as u64
 }
 
-fn count_content_parts(enc: Encoding, parts: &[Value]) -> i64 {
+fn count_content_parts(model: &str, enc: Encoding, parts: &[Value]) -> i64 {
     parts
         .iter()
         .map(|part| match part.get("type").and_then(Value::as_str) {
@@ -154,11 +154,11 @@ fn count_content_parts(enc: Encoding, parts: &[Value]) -> i64 {
             }
             Some("image_url") => {
                 let detail = part.pointer("/image_url/detail").and_then(Value::as_str);
-                if detail == Some("low") {
-                    IMAGE_TOKENS_LOW_DETAIL
-                } else {
-                    IMAGE_TOKENS_UNKNOWN_SIZE
-                }
+                let url = part
+                    .pointer("/image_url/url")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                image_tokens(model, url, detail).tokens as i64
             }
             _ => 0,
         })
