@@ -23,6 +23,10 @@ pub struct ParserConfig {
     pub price_table_path: Option<PathBuf>,
     /// Deployment → model, for responses that do not name their model (errors, cut streams).
     pub deployment_models: BTreeMap<String, String>,
+    /// Deployment → factor on the price table's prices for its requests: Data Zone and
+    /// Regional deployments cost more than Global (about 1.1), an agreement may discount.
+    /// At most four decimals.
+    pub deployment_price_multipliers: BTreeMap<String, f64>,
     /// Keep prompts and completions in consolidated records.
     pub store_content: bool,
 }
@@ -37,6 +41,7 @@ impl Default for ParserConfig {
             checkpoint_name: "log-parser".into(),
             price_table_path: None,
             deployment_models: BTreeMap::new(),
+            deployment_price_multipliers: BTreeMap::new(),
             store_content: true,
         }
     }
@@ -53,6 +58,13 @@ impl ParserConfig {
         }
         if self.checkpoint_name.is_empty() {
             problems.push("parser.checkpoint_name must not be empty".to_owned());
+        }
+        for (deployment, factor) in &self.deployment_price_multipliers {
+            if tollgate_tokens::multiplier_per_10k(*factor).is_none() {
+                problems.push(format!(
+                    "parser.deployment_price_multipliers.{deployment} = {factor}: a factor above 0 with at most four decimals"
+                ));
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -95,6 +95,7 @@ impl Parser {
     fn options(&self) -> Options<'_> {
         Options {
             deployment_models: &self.config.deployment_models,
+            deployment_price_multipliers: &self.config.deployment_price_multipliers,
             prices: &self.prices,
             store_content: self.config.store_content,
         }

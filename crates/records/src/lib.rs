@@ -656,6 +656,10 @@ pub struct Cost {
     pub total: Money,
     pub currency: String,
     pub price_table_version: String,
+    /// The deployment's factor on the table's prices (`parser.deployment_price_multipliers`:
+    /// a Data Zone or Regional premium, a negotiated discount), when one applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_multiplier: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

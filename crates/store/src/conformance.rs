@@ -84,6 +84,7 @@ pub fn sample_cost(nanos: i64) -> Cost {
         total: Money::from_nanos(nanos),
         currency: "USD".into(),
         price_table_version: "t".into(),
+        price_multiplier: None,
     }
 }
 

@@ -14,7 +14,9 @@ mod price;
 
 pub use image::{ImageCount, image_tokens};
 
-pub use price::{DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost};
+pub use price::{
+    DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost, multiplier_per_10k,
+};
 
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;

@@ -51,6 +51,48 @@ pub struct TokenCost {
     pub total_nanos: i64,
 }
 
+impl TokenCost {
+    /// The cost with each part multiplied by `per_10k / 10_000` (rounded half to even), and
+    /// the total their exact sum: a deployment's premium or discount on the table's prices.
+    pub fn scaled(self, per_10k: u64) -> TokenCost {
+        let scale = |nanos: i64| {
+            let exact = i128::from(nanos) * i128::from(per_10k);
+            let (whole, rest) = (exact.div_euclid(10_000), exact.rem_euclid(10_000));
+            let rounded = if rest > 5_000 || (rest == 5_000 && whole % 2 != 0) {
+                whole + 1
+            } else {
+                whole
+            };
+            i64::try_from(rounded).unwrap_or(i64::MAX)
+        };
+        let (input_nanos, cached_input_nanos, output_nanos) = (
+            scale(self.input_nanos),
+            scale(self.cached_input_nanos),
+            scale(self.output_nanos),
+        );
+        TokenCost {
+            input_nanos,
+            cached_input_nanos,
+            output_nanos,
+            total_nanos: input_nanos
+                .saturating_add(cached_input_nanos)
+                .saturating_add(output_nanos),
+        }
+    }
+}
+
+/// A price multiplier as ten-thousandths, exact for factors given to at most four decimals;
+/// `None` for finer, non-positive or non-finite factors.
+pub fn multiplier_per_10k(factor: f64) -> Option<u64> {
+    if !factor.is_finite() || factor <= 0.0 {
+        return None;
+    }
+    let scaled = factor * 10_000.0;
+    let whole = scaled.round();
+    ((scaled - whole).abs() <= 1e-6 * whole.max(1.0) && (1.0..1e12).contains(&whole))
+        .then_some(whole as u64)
+}
+
 /// A price per 1M tokens as pico-units per token, exact for prices given to at most six
 /// decimals (every published price); `None` for finer, negative or non-finite prices.
 fn pico_per_token(per_1m: f64) -> Option<u64> {
@@ -337,6 +379,32 @@ output_per_1m = 10.0
             nanos(u64::MAX, u64::MAX),
             i64::MAX,
             "saturates, never wraps"
+        );
+    }
+
+    #[test]
+    fn multipliers_are_exact_ten_thousandths() {
+        assert_eq!(multiplier_per_10k(1.1), Some(11_000));
+        assert_eq!(multiplier_per_10k(0.85), Some(8_500));
+        assert_eq!(multiplier_per_10k(1.0001), Some(10_001));
+        for bad in [0.0, -1.0, 1.00001, f64::NAN, f64::INFINITY] {
+            assert_eq!(multiplier_per_10k(bad), None, "{bad}");
+        }
+        let c = TokenCost {
+            input_nanos: 5,
+            cached_input_nanos: 15,
+            output_nanos: 1_000,
+            total_nanos: 1_020,
+        };
+        // 5 × 1.1 = 5.5 → 6 (half to even), 15 × 1.1 = 16.5 → 16, 1,100; the total adds them.
+        assert_eq!(
+            c.scaled(11_000),
+            TokenCost {
+                input_nanos: 6,
+                cached_input_nanos: 16,
+                output_nanos: 1_100,
+                total_nanos: 1_122,
+            }
         );
     }
 

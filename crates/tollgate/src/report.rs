@@ -308,6 +308,7 @@ mod tests {
             total: Money::from_nanos(nanos),
             currency: "USD".into(),
             price_table_version: "t".into(),
+            price_multiplier: None,
         });
         r.unpriced = cost.is_none();
         r

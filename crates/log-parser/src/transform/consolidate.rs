@@ -18,6 +18,7 @@ use super::usage;
 pub struct Options<'a> {
     /// Deployment → model, used when the response did not name its model.
     pub deployment_models: &'a BTreeMap<String, String>,
+    pub deployment_price_multipliers: &'a BTreeMap<String, f64>,
     pub prices: &'a PriceTable,
     /// Keep prompts and completions in the record (otherwise only metadata and usage).
     pub store_content: bool,
@@ -223,10 +224,18 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     } else {
         None
     };
+    let multiplier = deployment
+        .as_ref()
+        .and_then(|d| opts.deployment_price_multipliers.get(d))
+        .and_then(|&f| tollgate_tokens::multiplier_per_10k(f).map(|per_10k| (f, per_10k)));
     let cost = match (&usage, &model) {
         (Some(u), Some(m)) => opts
             .prices
             .cost(m, u.input_tokens, u.cached_input_tokens, u.output_tokens)
+            .map(|c| match multiplier {
+                Some((_, per_10k)) => c.scaled(per_10k),
+                None => c,
+            })
             .map(|c| Cost {
                 input: Money::from_nanos(c.input_nanos),
                 cached_input: Money::from_nanos(c.cached_input_nanos),
@@ -234,6 +243,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
                 total: Money::from_nanos(c.total_nanos),
                 currency: opts.prices.currency.clone(),
                 price_table_version: opts.prices.version.clone(),
+                price_multiplier: multiplier.map(|(f, _)| f),
             }),
         _ => None,
     };
@@ -491,6 +501,37 @@ mod tests {
         }
     }
 
+    static NO_MULTIPLIERS: BTreeMap<String, f64> = BTreeMap::new();
+
+    /// A Data Zone deployment's 10% premium on the table's prices, exactly.
+    #[test]
+    fn a_deployment_price_multiplier_scales_every_part_of_the_cost() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let answer = json!({"id": "x", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0,
+            "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}});
+        let plain = consolidate(&parts(200, answer.clone()), &opts(&models, &prices, true))
+            .unwrap()
+            .cost
+            .unwrap();
+        // 1000 × 2,500 + 100 × 10,000 nano-dollars.
+        assert_eq!(plain.total, Money::from_nanos(3_500_000));
+        assert_eq!(plain.price_multiplier, None);
+        let zone = BTreeMap::from([("d".to_owned(), 1.1)]);
+        let o = Options {
+            deployment_models: &models,
+            deployment_price_multipliers: &zone,
+            prices: &prices,
+            store_content: true,
+        };
+        let c = consolidate(&parts(200, answer), &o).unwrap().cost.unwrap();
+        assert_eq!(c.input, Money::from_nanos(2_750_000));
+        assert_eq!(c.output, Money::from_nanos(1_100_000));
+        assert_eq!(c.total, Money::from_nanos(3_850_000));
+        assert_eq!(c.price_multiplier, Some(1.1));
+    }
+
     fn opts<'a>(
         models: &'a BTreeMap<String, String>,
         prices: &'a PriceTable,
@@ -498,6 +539,7 @@ mod tests {
     ) -> Options<'a> {
         Options {
             deployment_models: models,
+            deployment_price_multipliers: &NO_MULTIPLIERS,
             prices,
             store_content: content,
         }

@@ -78,6 +78,7 @@ async fn an_older_database_gains_the_unpriced_column() {
             total: m(2_000_000_000),
             currency: "USD".into(),
             price_table_version: "t".into(),
+            price_multiplier: None,
         });
         let unpriced = crate::conformance::sample_consolidated("unpriced", "a", 1, 10);
         for r in [priced, unpriced] {
