@@ -28,6 +28,37 @@ pub struct SimDeployment {
     /// Embedding vector length when the request does not ask for `dimensions`.
     #[serde(default = "default_dimensions")]
     pub dimensions: usize,
+    /// Most prompt tokens a request may have; more gets AOAI's 400 `context_length_exceeded`.
+    /// The model's published context window when absent.
+    #[serde(default)]
+    pub context_window: Option<usize>,
+}
+
+impl SimDeployment {
+    /// The configured context window, else the model family's published one (OpenAI model
+    /// pages: gpt-4.1 1,047,576; gpt-4o and gpt-4-turbo 128,000; o-series 200,000; gpt-4
+    /// 8,192; gpt-35-turbo 16,385; embeddings 8,191 input tokens).
+    pub fn context_window(&self) -> usize {
+        if let Some(w) = self.context_window {
+            return w;
+        }
+        let m = self.model.as_str();
+        if m.starts_with("gpt-4.1") {
+            1_047_576
+        } else if m.starts_with("gpt-4o") || m.starts_with("gpt-4-turbo") {
+            128_000
+        } else if m.starts_with('o') {
+            200_000
+        } else if m.starts_with("gpt-4") {
+            8_192
+        } else if m.starts_with("gpt-35") || m.starts_with("gpt-3.5") {
+            16_385
+        } else if m.starts_with("text-embedding") {
+            8_191
+        } else {
+            128_000
+        }
+    }
 }
 
 fn default_dimensions() -> usize {
@@ -89,6 +120,7 @@ pub fn default_deployments() -> Vec<SimDeployment> {
         requests_per_minute: None,
         tokens_per_minute: None,
         dimensions: default_dimensions(),
+        context_window: None,
     };
     vec![
         chat("gpt-4o", "gpt-4o-2024-08-06"),
@@ -101,6 +133,7 @@ pub fn default_deployments() -> Vec<SimDeployment> {
             requests_per_minute: None,
             tokens_per_minute: None,
             dimensions: 1536,
+            context_window: None,
         },
     ]
 }

@@ -72,6 +72,14 @@ impl AoaiError {
         )
     }
 
+    /// A prompt over the model's context window (AOAI tokenised it, and bills it).
+    pub fn context_length_exceeded(window: usize, prompt_tokens: u64) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"message": format!("This model's maximum context length is {window} tokens. However, your messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages."), "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+        )
+    }
+
     /// A prompt blocked by the content filter (charged by AOAI, answered 400).
     pub fn prompt_filtered() -> Self {
         let flagged = json!({"filtered": true, "severity": "high"});
@@ -114,6 +122,11 @@ impl AoaiError {
             401 => Self::unauthorized(),
             404 => Self::deployment_not_found(),
             400 => Self::invalid_request("Invalid request (injected fault).", None),
+            // AOAI gave up on the request (billed: the prompt was processed).
+            408 => Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": {"code": "Timeout", "message": "The operation was timeout."}}),
+            ),
             s => {
                 let code = StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 let mut e = Self::new(

@@ -103,6 +103,12 @@ pub(crate) fn answer(
     let cap = params::max_tokens(body)?;
     let enc = Encoding::for_model(&d.model);
     let prompt_tokens = tollgate_tokens::count_chat_prompt(&d.model, body);
+    if prompt_tokens > d.context_window() as u64 {
+        return Err(AoaiError::context_length_exceeded(
+            d.context_window(),
+            prompt_tokens,
+        ));
+    }
     let (functions, legacy) = tools_to_call(body);
 
     let mut rng = generate::rng(seed);

@@ -812,6 +812,46 @@ async fn admin_metrics_need_the_admin_key_and_count_records() {
     assert_eq!(value("tollgate_proxy_requests_in_flight"), 0);
 }
 
+/// AOAI bills the prompt of a request over the model's context length (it tokenised it to
+/// find out) and of a request it timed out on (408); both are charged their prompt.
+#[tokio::test]
+async fn a_prompt_over_the_context_length_and_a_backend_timeout_are_charged_their_prompt() {
+    let s = harness::start(|_| {}).await;
+    // gpt-35-turbo's window is 16,385 tokens.
+    let long = json!({"messages": [{"role": "user", "content": "word ".repeat(17_000)}]});
+    let resp = s
+        .post(&s.chat_url("gpt-35-turbo"), &long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let over_id = request_id(&resp);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+
+    let body = json!({"messages": messages()});
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &body)
+        .header("x-sim-fault", "408")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    let timeout_id = request_id(&resp);
+    resp.text().await.unwrap();
+
+    s.settle().await;
+    for (id, min_tokens) in [(&over_id, 16_385), (&timeout_id, 1)] {
+        let r = s.record(id).await;
+        let u = r.usage.expect("charged");
+        assert_eq!((u.source, u.output_tokens), (UsageSource::Estimated, 0));
+        assert!(u.input_tokens >= min_tokens, "{id}: {}", u.input_tokens);
+        let q = r.usage_quality.unwrap();
+        assert_eq!(q.quality, UsageQuality::Estimated);
+        assert!(q.reason.unwrap().contains("refusal"));
+    }
+}
+
 #[tokio::test]
 async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
