@@ -9,6 +9,8 @@ SELECT
     SUM(c.usage.inputTokens) AS inputTokens,
     SUM(c.usage.cachedInputTokens) AS cachedInputTokens,
     SUM(c.usage.outputTokens) AS outputTokens,
+    -- already in outputTokens: billed as output, never sent
+    SUM(c.usage.reasoningTokens) AS reasoningTokens,
     SUM(c.usage.totalTokens) AS totalTokens,
     -- whole nano-units: integer-valued doubles sum exactly (below 2^53, $9M); divide by 1e9
     SUM(ROUND(c.cost.total * 1000000000)) AS costNanos,

@@ -271,6 +271,9 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
         })
     };
     r3.usage_quality = quality(UsageQuality::ReportedAfterInjection);
+    if let Some(u) = r3.usage.as_mut() {
+        u.reasoning_tokens = 4;
+    }
     cut.usage_quality = quality(UsageQuality::LowerBound);
     unfinished.usage_quality = quality(UsageQuality::Unknown);
     must(store.upsert(&[r3, cut, unfinished]).await, "upsert cut");
@@ -296,6 +299,7 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
         ),
         (1, 1, 1, 0)
     );
+    assert_eq!(rows[1].reasoning_tokens, 4);
 
     let day2 = Utc
         .with_ymd_and_hms(2026, 11, 2, 0, 0, 0)

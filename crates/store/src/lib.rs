@@ -151,6 +151,8 @@ pub struct UsageRow {
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: u64,
+    /// Of `output_tokens`, the reasoning an o-series model billed but never sent.
+    pub reasoning_tokens: u64,
     /// Usage counted by Tollgate from a complete exchange (AOAI gave no figure).
     pub estimated_requests: u64,
     /// AOAI's figure, asked for by the proxy on the client's behalf.

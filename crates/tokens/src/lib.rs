@@ -89,6 +89,16 @@ fn framing(model: &str) -> Framing {
     }
 }
 
+/// Whether a model reasons before it answers (o1, o3, o4-mini, gpt-5 but not gpt-5-chat): its
+/// reasoning tokens are billed as output but never sent, so a count of what was sent is only a
+/// lower bound of its output.
+pub fn is_reasoning_model(model: &str) -> bool {
+    let o_series = model
+        .strip_prefix('o')
+        .is_some_and(|rest| rest.chars().next().is_some_and(|c| c.is_ascii_digit()));
+    o_series || (model.starts_with("gpt-5") && !model.starts_with("gpt-5-chat"))
+}
+
 /// Prompt tokens of a chat completions request body (`messages`, `tools` or legacy `functions`).
 pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
     let enc = Encoding::for_model(model);
@@ -309,6 +319,22 @@ mod tests {
             + 1
             + 3;
         assert_eq!(count_chat_prompt("gpt-4o", &body), expected);
+    }
+
+    #[test]
+    fn reasoning_models() {
+        for m in [
+            "o1",
+            "o3-mini-2025-01-31",
+            "o4-mini",
+            "gpt-5",
+            "gpt-5-mini-2025-08-07",
+        ] {
+            assert!(is_reasoning_model(m), "{m}");
+        }
+        for m in ["gpt-4o", "gpt-5-chat-latest", "omni", "gpt-35-turbo", ""] {
+            assert!(!is_reasoning_model(m), "{m}");
+        }
     }
 
     #[test]

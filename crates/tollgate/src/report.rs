@@ -27,6 +27,7 @@ pub(crate) struct Totals {
     pub(crate) cached_input_tokens: u64,
     pub(crate) output_tokens: u64,
     pub(crate) total_tokens: u64,
+    pub(crate) reasoning_tokens: u64,
     pub(crate) estimated_requests: u64,
     pub(crate) injected_requests: u64,
     pub(crate) lower_bound_requests: u64,
@@ -70,6 +71,7 @@ struct CsvRow<'a> {
     cached_input_tokens: u64,
     output_tokens: u64,
     total_tokens: u64,
+    reasoning_tokens: u64,
     estimated_requests: u64,
     injected_requests: u64,
     lower_bound_requests: u64,
@@ -91,6 +93,7 @@ impl<'a> From<&'a UsageRow> for CsvRow<'a> {
             cached_input_tokens: r.cached_input_tokens,
             output_tokens: r.output_tokens,
             total_tokens: r.total_tokens,
+            reasoning_tokens: r.reasoning_tokens,
             estimated_requests: r.estimated_requests,
             injected_requests: r.injected_requests,
             lower_bound_requests: r.lower_bound_requests,
@@ -138,6 +141,7 @@ pub(crate) async fn build(
         totals.cached_input_tokens += r.cached_input_tokens;
         totals.output_tokens += r.output_tokens;
         totals.total_tokens += r.total_tokens;
+        totals.reasoning_tokens += r.reasoning_tokens;
         totals.estimated_requests += r.estimated_requests;
         totals.injected_requests += r.injected_requests;
         totals.lower_bound_requests += r.lower_bound_requests;
@@ -203,6 +207,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 "input",
                 "cached",
                 "output",
+                "of which reasoning",
                 "total",
                 "asked",
                 "estimated",
@@ -222,6 +227,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                     r.input_tokens.to_string(),
                     r.cached_input_tokens.to_string(),
                     r.output_tokens.to_string(),
+                    r.reasoning_tokens.to_string(),
                     r.total_tokens.to_string(),
                     r.injected_requests.to_string(),
                     r.estimated_requests.to_string(),
@@ -242,6 +248,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 x.input_tokens.to_string(),
                 x.cached_input_tokens.to_string(),
                 x.output_tokens.to_string(),
+                x.reasoning_tokens.to_string(),
                 x.total_tokens.to_string(),
                 x.injected_requests.to_string(),
                 x.estimated_requests.to_string(),

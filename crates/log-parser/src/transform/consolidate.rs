@@ -249,7 +249,14 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     };
 
     let complete = parts.is_complete();
-    let usage_quality = usage_quality(usage.as_ref(), request, end, succeeded, complete);
+    let usage_quality = usage_quality(
+        usage.as_ref(),
+        request,
+        end,
+        succeeded,
+        complete,
+        counting_model,
+    );
     let error = match (end, complete) {
         (Some(e), _) if e.error.is_some() => e.error.clone(),
         (Some(e), _) if e.status >= 400 => Some(upstream_error(e, end_json.as_ref())),
@@ -332,6 +339,7 @@ fn usage_quality(
     end: Option<&EndRecord>,
     succeeded: bool,
     complete: bool,
+    model: &str,
 ) -> Option<UsageQualityInfo> {
     let info = |quality, reason: Option<String>| Some(UsageQualityInfo { quality, reason });
     let injected = request.is_some_and(|r| r.stream_usage_injected);
@@ -363,6 +371,12 @@ fn usage_quality(
             Some("AOAI bills the prompt of this refusal and reports no usage for it".to_owned()),
         ),
         Some(_) if cut.is_some() => info(UsageQuality::LowerBound, cut),
+        Some(_) if tollgate_tokens::is_reasoning_model(model) => info(
+            UsageQuality::LowerBound,
+            Some(format!(
+                "{model} bills reasoning tokens it never sends; only what was sent is counted"
+            )),
+        ),
         Some(_) => info(UsageQuality::Estimated, Some(estimate_reason(request, end))),
         None if end.is_none() => info(
             UsageQuality::Unknown,
@@ -502,6 +516,33 @@ mod tests {
     }
 
     static NO_MULTIPLIERS: BTreeMap<String, f64> = BTreeMap::new();
+
+    /// A reasoning model's answer without AOAI's usage: what was sent is counted, but the
+    /// reasoning it billed was never sent, so the figure is a lower bound, and says so.
+    #[test]
+    fn a_reasoning_models_counted_output_is_a_lower_bound() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let answer = |model: &str| {
+            json!({"id": "x", "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "forty-two"}}]})
+        };
+        let r = consolidate(
+            &parts(200, answer("o4-mini-2025-04-16")),
+            &opts(&models, &prices, true),
+        )
+        .unwrap();
+        assert_eq!(r.usage.unwrap().source, UsageSource::Estimated);
+        let q = r.usage_quality.unwrap();
+        assert_eq!(q.quality, UsageQuality::LowerBound);
+        assert!(q.reason.unwrap().contains("reasoning"));
+        let r = consolidate(
+            &parts(200, answer("gpt-4o-2024-08-06")),
+            &opts(&models, &prices, true),
+        )
+        .unwrap();
+        assert_eq!(r.usage_quality.unwrap().quality, UsageQuality::Estimated);
+    }
 
     /// A Data Zone deployment's 10% premium on the table's prices, exactly.
     #[test]

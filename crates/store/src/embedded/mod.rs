@@ -547,6 +547,7 @@ impl RequestStore for EmbeddedStore {
                         SUM(json_extract(doc, '$.usageQuality.quality') = 'reportedAfterInjection'),
                         SUM(json_extract(doc, '$.usageQuality.quality') = 'lowerBound'),
                         SUM(json_extract(doc, '$.usageQuality.quality') = 'unknown'),
+                        SUM(COALESCE(json_extract(doc, '$.usage.reasoningTokens'), 0)),
                         -- each row's cost as whole nano-units, so the sum is exact
                         SUM(CAST(ROUND(cost * 1000000000.0) AS INTEGER)), SUM(unpriced)
                  FROM requests WHERE {clause}
@@ -571,8 +572,9 @@ impl RequestStore for EmbeddedStore {
                         injected_requests: r.get::<_, Option<i64>>(11)?.unwrap_or(0) as u64,
                         lower_bound_requests: r.get::<_, Option<i64>>(12)?.unwrap_or(0) as u64,
                         unknown_usage_requests: r.get::<_, Option<i64>>(13)?.unwrap_or(0) as u64,
-                        cost: Money::from_nanos(r.get(14)?),
-                        unpriced_requests: r.get::<_, i64>(15)? as u64,
+                        reasoning_tokens: r.get::<_, i64>(14)? as u64,
+                        cost: Money::from_nanos(r.get(15)?),
+                        unpriced_requests: r.get::<_, i64>(16)? as u64,
                     })
                 })
                 .map_err(io)?
