@@ -126,6 +126,8 @@ pub fn default_deployments() -> Vec<SimDeployment> {
         chat("gpt-4o", "gpt-4o-2024-08-06"),
         chat("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
         chat("gpt-35-turbo", "gpt-35-turbo-0125"),
+        // A reasoning model: its usage has reasoning tokens the stream never shows.
+        chat("o4-mini", "o4-mini-2025-04-16"),
         SimDeployment {
             name: "text-embedding-3-small".into(),
             model: "text-embedding-3-small".into(),

@@ -75,6 +75,7 @@ struct Inner {
     windows: respond::windows::Windows,
     requests: HashMap<String, AtomicU64>,
     total_requests: AtomicU64,
+    prompt_cache: respond::PromptCache,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,7 @@ impl Simulator {
                 windows,
                 requests,
                 total_requests: AtomicU64::new(0),
+                prompt_cache: respond::PromptCache::default(),
             }),
         })
     }

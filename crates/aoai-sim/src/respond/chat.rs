@@ -1,6 +1,7 @@
 //! `chat/completions`: text answers, tool calls and legacy function calls, as a
 //! `chat.completion` body or stream.
 
+use rand::Rng;
 use serde_json::{Value, json};
 use tollgate_tokens::{CompletionParts, Encoding};
 
@@ -88,6 +89,7 @@ pub(crate) fn answer(
     d: &SimDeployment,
     body: &Value,
     seed: u64,
+    cache: &super::PromptCache,
 ) -> Result<Answer, AoaiError> {
     let messages = body.get("messages").ok_or_else(|| {
         AoaiError::invalid_request("'messages' is a required property", Some("messages"))
@@ -176,7 +178,18 @@ pub(crate) fn answer(
             calls,
         })
         .collect();
-    let completion_tokens = tollgate_tokens::count_completion(&d.model, &parts);
+    // A reasoning model thinks before it answers: billed as output, never sent.
+    let reasoning = if tollgate_tokens::is_reasoning_model(&d.model) {
+        rng.random_range(16..=256)
+    } else {
+        0
+    };
+    let figures = frames::Figures {
+        prompt: prompt_tokens,
+        completion: tollgate_tokens::count_completion(&d.model, &parts) + reasoning,
+        cached: cache.cached_tokens(&d.name, enc, messages, prompt_tokens),
+        reasoning,
+    };
     let created = frames::created_now();
 
     let reply = if streaming.stream {
@@ -199,14 +212,10 @@ pub(crate) fn answer(
             "created": created, "id": id, "model": d.model, "object": "chat.completion",
             "prompt_filter_results": frames::prompt_filter_results(1),
             "system_fingerprint": fingerprint,
-            "usage": frames::usage_json(prompt_tokens, completion_tokens),
+            "usage": frames::usage_json(&figures),
         }))
     };
-    Ok(Answer {
-        reply,
-        prompt_tokens,
-        completion_tokens,
-    })
+    Ok(Answer { reply, figures })
 }
 
 fn json_choice(index: usize, c: &ChatChoice) -> Value {

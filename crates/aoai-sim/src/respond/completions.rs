@@ -84,12 +84,11 @@ pub(crate) fn answer(
         Reply::Json(
             json!({"id": id, "object": "text_completion", "created": created, "model": d.model,
                    "choices": choices, "prompt_filter_results": frames::prompt_filter_results(prompts),
-                   "usage": frames::usage_json(prompt_tokens, completion_tokens)}),
+                   "usage": frames::usage_json(&frames::Figures::new(prompt_tokens, completion_tokens))}),
         )
     };
     Ok(Answer {
         reply,
-        prompt_tokens,
-        completion_tokens,
+        figures: frames::Figures::new(prompt_tokens, completion_tokens),
     })
 }

@@ -55,8 +55,9 @@ pub(crate) async fn deliver(answer: Answer, latency: &Latency, fault: &Fault) ->
     }
     let mut response = match answer.reply {
         Reply::Json(value) => {
-            if latency.inter_token > Duration::ZERO && answer.completion_tokens > 0 {
-                tokio::time::sleep(latency.inter_token * answer.completion_tokens as u32).await;
+            let completion = answer.figures.completion;
+            if latency.inter_token > Duration::ZERO && completion > 0 {
+                tokio::time::sleep(latency.inter_token * completion as u32).await;
             }
             let bytes = Bytes::from(value.to_string());
             let mut resp = match fault.reset_after_chunks {
@@ -71,7 +72,7 @@ pub(crate) async fn deliver(answer: Answer, latency: &Latency, fault: &Fault) ->
         }
         Reply::Stream(plan) => {
             let mut resp = Response::new(stream_body(
-                plan.into_frames(answer.prompt_tokens, answer.completion_tokens),
+                plan.into_frames(&answer.figures),
                 latency.inter_token,
                 fault.reset_after_chunks,
             ));

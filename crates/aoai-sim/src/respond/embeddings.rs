@@ -52,7 +52,6 @@ pub(crate) fn answer(d: &SimDeployment, body: &Value, seed: u64) -> Result<Answe
                        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}});
     Ok(Answer {
         reply: Reply::Json(value),
-        prompt_tokens,
-        completion_tokens: 0,
+        figures: super::frames::Figures::new(prompt_tokens, 0),
     })
 }

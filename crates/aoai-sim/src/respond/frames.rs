@@ -42,14 +42,36 @@ pub(crate) fn prompt_filter_results(prompts: usize) -> Value {
     )
 }
 
-pub(crate) fn usage_json(prompt: u64, completion: u64) -> Value {
+/// A request's token figures, as its `usage` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Figures {
+    pub(crate) prompt: u64,
+    /// Visible completion plus `reasoning`.
+    pub(crate) completion: u64,
+    /// Of `prompt`, served from the prompt cache.
+    pub(crate) cached: u64,
+    /// Of `completion`, the reasoning a reasoning model billed and never sent.
+    pub(crate) reasoning: u64,
+}
+
+impl Figures {
+    pub(crate) fn new(prompt: u64, completion: u64) -> Figures {
+        Figures {
+            prompt,
+            completion,
+            ..Figures::default()
+        }
+    }
+}
+
+pub(crate) fn usage_json(f: &Figures) -> Value {
     json!({
-        "completion_tokens": completion,
+        "completion_tokens": f.completion,
         "completion_tokens_details": {"accepted_prediction_tokens": 0, "audio_tokens": 0,
-                                      "reasoning_tokens": 0, "rejected_prediction_tokens": 0},
-        "prompt_tokens": prompt,
-        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
-        "total_tokens": prompt + completion,
+                                      "reasoning_tokens": f.reasoning, "rejected_prediction_tokens": 0},
+        "prompt_tokens": f.prompt,
+        "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": f.cached},
+        "total_tokens": f.prompt + f.completion,
     })
 }
 
@@ -172,7 +194,7 @@ impl StreamPlan {
     }
 
     /// The frames, `usage` reporting the given counts.
-    pub(crate) fn into_frames(mut self, prompt_tokens: u64, completion_tokens: u64) -> Vec<Frame> {
+    pub(crate) fn into_frames(mut self, figures: &Figures) -> Vec<Frame> {
         let mut frames = vec![sse(
             &json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
                     "prompt_filter_results": prompt_filter_results(self.prompts)}),
@@ -208,7 +230,7 @@ impl StreamPlan {
         }
         if self.include_usage {
             let mut last = self.chunk(Vec::new());
-            last["usage"] = usage_json(prompt_tokens, completion_tokens);
+            last["usage"] = usage_json(figures);
             frames.push(sse(&last, false));
         }
         frames.push(Frame {
@@ -275,7 +297,7 @@ mod tests {
     #[test]
     fn both_shapes_interleave_choices_by_index_and_pace_only_content() {
         for shape in [Shape::Chat, Shape::Completion] {
-            let frames = plan(shape, false).into_frames(3, 4);
+            let frames = plan(shape, false).into_frames(&Figures::new(3, 4));
             let order = content_order(&parsed(&frames));
             let expected = [(0, "a"), (1, "x"), (0, "b"), (0, "c")]
                 .map(|(i, t)| (i, t.to_owned()))
@@ -294,12 +316,12 @@ mod tests {
     #[test]
     fn both_shapes_end_with_usage_only_when_asked_then_done() {
         for shape in [Shape::Chat, Shape::Completion] {
-            let with = plan(shape, true).into_frames(3, 4);
+            let with = plan(shape, true).into_frames(&Figures::new(3, 4));
             assert_eq!(with.last().unwrap().bytes.as_ref(), DONE, "{shape:?}");
             let f = parsed(&with);
             let usage = f.last().unwrap();
             assert_eq!(usage["choices"], json!([]), "{shape:?}");
-            assert_eq!(usage["usage"], usage_json(3, 4), "{shape:?}");
+            assert_eq!(usage["usage"], usage_json(&Figures::new(3, 4)), "{shape:?}");
             // The opening annotation frame is not a chunk; every chunk before the usage frame
             // carries `"usage": null`.
             assert!(
@@ -309,7 +331,7 @@ mod tests {
                 "{shape:?}"
             );
 
-            let without = plan(shape, false).into_frames(3, 4);
+            let without = plan(shape, false).into_frames(&Figures::new(3, 4));
             assert_eq!(without.last().unwrap().bytes.as_ref(), DONE, "{shape:?}");
             let f = parsed(&without);
             assert!(f.iter().all(|c| c.get("usage").is_none()), "{shape:?}");
@@ -320,11 +342,11 @@ mod tests {
 
     #[test]
     fn only_chat_opens_with_role_frames() {
-        let chat = parsed(&plan(Shape::Chat, false).into_frames(0, 0));
+        let chat = parsed(&plan(Shape::Chat, false).into_frames(&Figures::default()));
         assert_eq!(chat[1]["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(chat[2]["choices"][0]["index"], 1);
         assert_eq!(chat[2]["choices"][0]["delta"]["role"], "assistant");
-        let completion = parsed(&plan(Shape::Completion, false).into_frames(0, 0));
+        let completion = parsed(&plan(Shape::Completion, false).into_frames(&Figures::default()));
         assert_eq!(completion[1]["choices"][0]["text"], "a");
         assert!(completion[1]["choices"][0].get("delta").is_none());
     }

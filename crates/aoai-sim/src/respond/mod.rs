@@ -17,6 +17,7 @@ use crate::fault::Fault;
 use crate::generate;
 
 mod auth;
+mod cache;
 mod chat;
 mod completions;
 mod delivery;
@@ -26,13 +27,14 @@ mod params;
 mod routing;
 pub(crate) mod windows;
 
+pub(crate) use cache::PromptCache;
+
 use routing::Operation;
 
 /// What an operation answers, before delivery.
 pub(crate) struct Answer {
     reply: Reply,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    figures: frames::Figures,
 }
 
 pub(crate) enum Reply {
@@ -94,14 +96,14 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     let latency = delivery::Latency::from_request(config, &parts.headers);
     let seed = seed_for(deployment, &body);
     let answer = match op {
-        Operation::Chat => chat::answer(config, deployment, &body, seed)?,
+        Operation::Chat => chat::answer(config, deployment, &body, seed, &sim.inner.prompt_cache)?,
         Operation::Completions => completions::answer(config, deployment, &body, seed)?,
         Operation::Embeddings => embeddings::answer(deployment, &body, seed)?,
     };
     let remaining = sim
         .inner
         .windows
-        .admit(deployment, &body, answer.prompt_tokens)
+        .admit(deployment, &body, answer.figures.prompt)
         .map_err(|t| AoaiError::rate_limited(op.name(), &api_version, t.retry_after_ms))?;
 
     let mut response = delivery::deliver(answer, &latency, &fault).await;

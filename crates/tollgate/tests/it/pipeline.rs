@@ -852,6 +852,53 @@ async fn a_prompt_over_the_context_length_and_a_backend_timeout_are_charged_thei
     }
 }
 
+/// A repeated long prompt is billed partly at the cached rate, and a reasoning model's
+/// reasoning (billed as output, never sent) is in its record, AOAI's figures both.
+#[tokio::test]
+async fn cached_input_is_priced_at_the_cached_rate_and_reasoning_is_billed_as_output() {
+    let s = harness::start(|_| {}).await;
+    let long = json!({"messages": [{"role": "user", "content": "word ".repeat(1500)}]});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let resp = s.post(&s.chat_url("gpt-4o"), &long).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        ids.push(request_id(&resp));
+        resp.text().await.unwrap();
+    }
+    let body = json!({"messages": messages(), "stream": true});
+    let resp = s.post(&s.chat_url("o4-mini"), &body).send().await.unwrap();
+    let reasoning_id = request_id(&resp);
+    let f = frames(&resp.text().await.unwrap());
+    let sent: String = f
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    s.settle().await;
+
+    let first = s.record(&ids[0]).await.usage.unwrap();
+    assert_eq!(first.cached_input_tokens, 0);
+    let second = s.record(&ids[1]).await;
+    let u = second.usage.unwrap();
+    assert!(u.cached_input_tokens >= 1024, "{u:?}");
+    // gpt-4o: $2.50 and $1.25 per 1M input tokens, uncached and cached: 2,500 and 1,250
+    // nano-dollars a token.
+    let c = second.cost.unwrap();
+    assert_eq!(
+        c.input.nanos(),
+        (u.input_tokens - u.cached_input_tokens) as i64 * 2_500
+    );
+    assert_eq!(c.cached_input.nanos(), u.cached_input_tokens as i64 * 1_250);
+
+    let r = s.record(&reasoning_id).await;
+    let u = r.usage.unwrap();
+    assert!(u.reasoning_tokens > 0, "{u:?}");
+    assert_eq!(
+        u.output_tokens,
+        Encoding::O200kBase.count(&sent) + u.reasoning_tokens,
+        "the output billed is what was sent plus the reasoning"
+    );
+}
+
 #[tokio::test]
 async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
