@@ -10,6 +10,7 @@ use tollgate_records::{
 };
 use tollgate_tokens::PriceTable;
 
+use super::responses;
 use super::sse::SseParser;
 use super::stitch::{self, Stitched, StreamKind};
 use super::usage;
@@ -112,7 +113,11 @@ fn stream_kind(operation: &str) -> StreamKind {
 
 fn stitch_response(parts: &Parts, end_json: Option<&Value>, operation: &str) -> Stitched {
     let end = parts.end.as_ref();
+    let responses_api = operation == "responses";
     if let Some(json) = end_json {
+        if responses_api && responses::is_response(json) {
+            return responses::from_body(json);
+        }
         return stitch::from_body(json);
     }
     let bytes: Vec<u8> = parts.segments.values().flatten().copied().collect();
@@ -128,11 +133,20 @@ fn stitch_response(parts: &Parts, end_json: Option<&Value>, operation: &str) -> 
         let mut p = SseParser::new();
         let mut events = p.push(&bytes);
         events.extend(p.finish());
+        if responses_api {
+            return responses::stitch_events(&events);
+        }
         return stitch::stitch_stream(stream_kind(operation), &events);
     }
     // A non-stream body too large to go inline was recorded as segments.
     lean_response(&bytes)
-        .map(|v| stitch::from_body(&v))
+        .map(|v| {
+            if responses_api && responses::is_response(&v) {
+                responses::from_body(&v)
+            } else {
+                stitch::from_body(&v)
+            }
+        })
         .unwrap_or_default()
 }
 
@@ -149,6 +163,11 @@ struct LeanResponse {
     prompt_filter_results: Option<Value>,
     prompt_annotations: Option<Value>,
     error: Option<Value>,
+    // The Responses API's answer.
+    object: Option<Value>,
+    status: Option<Value>,
+    output: Option<Value>,
+    incomplete_details: Option<Value>,
 }
 
 fn lean_response(bytes: &[u8]) -> Option<Value> {
@@ -162,6 +181,10 @@ fn lean_response(bytes: &[u8]) -> Option<Value> {
         ("prompt_filter_results", lean.prompt_filter_results),
         ("prompt_annotations", lean.prompt_annotations),
         ("error", lean.error),
+        ("object", lean.object),
+        ("status", lean.status),
+        ("output", lean.output),
+        ("incomplete_details", lean.incomplete_details),
     ];
     Some(Value::Object(
         fields
@@ -693,6 +716,70 @@ mod tests {
         let other = json!({"error": {"code": "BadRequest", "message": "nope"}});
         let r = consolidate(&parts(400, other), &opts(&models, &prices, true)).unwrap();
         assert!(r.usage.is_none(), "other rejected requests are not charged");
+    }
+
+    /// Defect: Responses API streams got no usage and no cost (their usage is inside the
+    /// `response.completed` event); bodies got no content.
+    #[test]
+    fn responses_api_answers_are_billed_with_their_usage() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let answer = json!({"id": "resp_1", "object": "response", "status": "completed",
+            "model": "gpt-4o-2024-08-06",
+            "output": [{"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hi there"}]}],
+            "usage": {"input_tokens": 20, "output_tokens": 3, "total_tokens": 23,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}}});
+        let as_responses = |p: &mut Parts| {
+            if let Some(r) = p.request.as_mut() {
+                r.operation = "responses".into();
+                r.path = "/openai/v1/responses".into();
+            }
+        };
+        // Non-stream.
+        let mut p = parts(200, answer.clone());
+        as_responses(&mut p);
+        let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
+        let u = r.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.source),
+            (20, 3, UsageSource::Reported)
+        );
+        assert_eq!(r.choices[0].content.as_deref(), Some("Hi there"));
+        // 20 × 2,500 + 3 × 10,000 nano-dollars.
+        assert_eq!(r.cost.unwrap().total, Money::from_nanos(80_000));
+
+        // Stream: the usage only in `response.completed`.
+        let mut p = parts(200, json!({}));
+        as_responses(&mut p);
+        if let Some(r) = p.request.as_mut() {
+            r.stream = true;
+        }
+        if let Some(e) = p.end.as_mut() {
+            e.body = Body::Empty;
+            e.content_type = Some("text/event-stream".into());
+        }
+        let events = [
+            json!({"type": "response.created", "response": {"id": "resp_1", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "output": []}}),
+            json!({"type": "response.output_text.delta", "output_index": 0, "delta": "Hi"}),
+            json!({"type": "response.output_text.delta", "output_index": 0, "delta": " there"}),
+            json!({"type": "response.completed", "response": answer}),
+        ];
+        let text: String = events
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+            .collect();
+        p.segments.insert(1, text.into_bytes());
+        let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
+        let u = r.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.source),
+            (20, 3, UsageSource::Reported)
+        );
+        assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(r.choices[0].content.as_deref(), Some("Hi there"));
+        assert_eq!(r.cost.unwrap().total, Money::from_nanos(80_000));
     }
 
     /// Defect: a request whose `end` never arrived was consolidated with no usage and no cost,

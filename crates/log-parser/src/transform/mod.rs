@@ -1,6 +1,7 @@
 //! Pure, synchronous transforms on owned data: SSE parsing, stitching, usage, consolidation.
 
 pub mod consolidate;
+pub mod responses;
 pub mod sse;
 pub mod stitch;
 pub mod usage;
