@@ -1,15 +1,18 @@
 //! An Azure OpenAI simulator, used by Tollgate's tests, benchmarks and the `tollgate up` demo.
 //!
 //! It serves `chat/completions`, `completions` and `embeddings` on the deployment-scoped
-//! (`/openai/deployments/{d}/…?api-version=…`) and v1 (`/openai/v1/…`) surfaces with AOAI's
-//! status codes, error bodies, headers and SSE framing (prompt-annotation frame, role frame,
-//! content frames, finish frame, the `include_usage` frame only when asked, `data: [DONE]`).
+//! (`/openai/deployments/{d}/…?api-version=…`) and v1 (`/openai/v1/…`) surfaces, and the
+//! Responses API (`/openai/v1/responses`, `/openai/responses`; typed events, usage in the final
+//! one), with AOAI's status codes, error bodies, headers and SSE framing (prompt-annotation
+//! frame, role frame, content frames, finish frame, the `include_usage` frame only when asked,
+//! `data: [DONE]`), a prompt cache (`cached_tokens`), reasoning tokens for reasoning models,
+//! and 400 `context_length_exceeded` past the deployment's context window.
 //! Output is deterministic for a given deployment and request body, made of real tokens of the
 //! deployment model's encoding, and its `usage` is the exact count of what it sent under the
 //! counting rules of `tollgate-tokens`.
 //!
 //! Must not: depend on the proxy or parser; keep unbounded state (limit windows are per
-//! deployment and fixed in size).
+//! deployment and fixed in size; the prompt cache is emptied past a fixed number of entries).
 
 mod config;
 mod error;

@@ -70,9 +70,14 @@ pub(crate) async fn deliver(answer: Answer, latency: &Latency, fault: &Fault) ->
             );
             resp
         }
-        Reply::Stream(plan) => {
+        reply @ (Reply::Stream(_) | Reply::Events(_)) => {
+            let frames = match reply {
+                Reply::Stream(plan) => plan.into_frames(&answer.figures),
+                Reply::Events(frames) => frames,
+                Reply::Json(_) => Vec::new(),
+            };
             let mut resp = Response::new(stream_body(
-                plan.into_frames(&answer.figures),
+                frames,
                 latency.inter_token,
                 fault.reset_after_chunks,
             ));

@@ -24,6 +24,7 @@ mod delivery;
 mod embeddings;
 mod frames;
 mod params;
+mod responses;
 mod routing;
 pub(crate) mod windows;
 
@@ -40,6 +41,8 @@ pub(crate) struct Answer {
 pub(crate) enum Reply {
     Json(Value),
     Stream(frames::StreamPlan),
+    /// Frames already built (the Responses API's typed events).
+    Events(Vec<frames::Frame>),
 }
 
 pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Response, AoaiError> {
@@ -99,6 +102,7 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         Operation::Chat => chat::answer(config, deployment, &body, seed, &sim.inner.prompt_cache)?,
         Operation::Completions => completions::answer(config, deployment, &body, seed)?,
         Operation::Embeddings => embeddings::answer(deployment, &body, seed)?,
+        Operation::Responses => responses::answer(config, deployment, &body, seed)?,
     };
     let remaining = sim
         .inner

@@ -12,6 +12,7 @@ pub(crate) enum Operation {
     Chat,
     Completions,
     Embeddings,
+    Responses,
 }
 
 impl Operation {
@@ -21,6 +22,7 @@ impl Operation {
             Operation::Chat => "ChatCompletions_Create",
             Operation::Completions => "Completions_Create",
             Operation::Embeddings => "Embeddings_Create",
+            Operation::Responses => "Responses_Create",
         }
     }
 
@@ -30,6 +32,7 @@ impl Operation {
             Operation::Chat => "chatCompletion",
             Operation::Completions => "completion",
             Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
         }
     }
 
@@ -37,7 +40,7 @@ impl Operation {
     pub(crate) fn served_by(self) -> DeploymentKind {
         match self {
             Operation::Embeddings => DeploymentKind::Embeddings,
-            Operation::Chat | Operation::Completions => DeploymentKind::Chat,
+            Operation::Chat | Operation::Completions | Operation::Responses => DeploymentKind::Chat,
         }
     }
 }
@@ -56,8 +59,17 @@ pub(crate) fn route(path: &str) -> Option<Route<'_>> {
         "chat/completions" => Some(Operation::Chat),
         "completions" => Some(Operation::Completions),
         "embeddings" => Some(Operation::Embeddings),
+        "responses" => Some(Operation::Responses),
         _ => None,
     };
+    // The Responses API's preview path, with an api-version and the model in the body.
+    if path == "/openai/responses" {
+        return Some(Route {
+            deployment: None,
+            op: Operation::Responses,
+            v1: false,
+        });
+    }
     if let Some(rest) = path.strip_prefix("/openai/deployments/") {
         let (deployment, rest) = rest.split_once('/')?;
         return Some(Route {
@@ -137,6 +149,14 @@ mod tests {
                 op: Operation::Embeddings,
                 v1: true
             })
+        );
+        assert_eq!(
+            route("/openai/responses").map(|r| (r.op, r.deployment)),
+            Some((Operation::Responses, None))
+        );
+        assert_eq!(
+            route("/openai/v1/responses").map(|r| r.op),
+            Some(Operation::Responses)
         );
         assert_eq!(route("/openai/deployments/d"), None);
         assert_eq!(route("/openai/deployments/d/other"), None);

@@ -899,6 +899,63 @@ async fn cached_input_is_priced_at_the_cached_rate_and_reasoning_is_billed_as_ou
     );
 }
 
+/// The Responses API, streamed and not: billed with the usage AOAI puts in its final
+/// `response.completed` event (or body), with the text the client received.
+#[tokio::test]
+async fn responses_api_calls_are_billed_with_aoais_usage() {
+    let s = harness::start(|_| {}).await;
+    let url = format!("{}/openai/v1/responses", s.base);
+    let body = json!({"model": "gpt-4o", "instructions": "Be brief.",
+                      "input": "What does a gateway do?", "stream": true});
+    let resp = s.post(&url, &body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stream_id = request_id(&resp);
+    let raw = resp.text().await.unwrap();
+    let events: Vec<Value> = raw
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .filter_map(|e| e["delta"].as_str())
+        .collect();
+    let completed = events
+        .iter()
+        .find(|e| e["type"] == "response.completed")
+        .expect("the final event");
+    let reported = completed["response"]["usage"].clone();
+
+    let plain = json!({"model": "gpt-4o", "input": "What does a gateway do?"});
+    let resp = s.post(&url, &plain).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let plain_id = request_id(&resp);
+    let answer: Value = resp.json().await.unwrap();
+    s.settle().await;
+
+    let r = s.record(&stream_id).await;
+    assert_eq!(r.operation, "responses");
+    let u = r.usage.unwrap();
+    assert_eq!(u.source, UsageSource::Reported);
+    assert_eq!(u.input_tokens, reported["input_tokens"].as_u64().unwrap());
+    assert_eq!(u.output_tokens, reported["output_tokens"].as_u64().unwrap());
+    assert_eq!(r.choices[0].content.as_deref(), Some(text.as_str()));
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert!(r.cost.is_some());
+
+    let r = s.record(&plain_id).await;
+    let u = r.usage.unwrap();
+    assert_eq!(
+        u.output_tokens,
+        answer["usage"]["output_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        r.choices[0].content.as_deref(),
+        answer["output"][0]["content"][0]["text"].as_str()
+    );
+}
+
 #[tokio::test]
 async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
