@@ -52,6 +52,18 @@ pub struct TokenCost {
 }
 
 impl TokenCost {
+    /// The parts, and their exact sum as the total.
+    fn from_parts(input_nanos: i64, cached_input_nanos: i64, output_nanos: i64) -> TokenCost {
+        TokenCost {
+            input_nanos,
+            cached_input_nanos,
+            output_nanos,
+            total_nanos: input_nanos
+                .saturating_add(cached_input_nanos)
+                .saturating_add(output_nanos),
+        }
+    }
+
     /// The cost with each part multiplied by `per_10k / 10_000` (rounded half to even), and
     /// the total their exact sum: a deployment's premium or discount on the table's prices.
     pub fn scaled(self, per_10k: u64) -> TokenCost {
@@ -70,14 +82,7 @@ impl TokenCost {
             scale(self.cached_input_nanos),
             scale(self.output_nanos),
         );
-        TokenCost {
-            input_nanos,
-            cached_input_nanos,
-            output_nanos,
-            total_nanos: input_nanos
-                .saturating_add(cached_input_nanos)
-                .saturating_add(output_nanos),
-        }
+        TokenCost::from_parts(input_nanos, cached_input_nanos, output_nanos)
     }
 }
 
@@ -177,14 +182,11 @@ impl PriceTable {
         let input_nanos = nanos(input - cached, input_pico);
         let cached_input_nanos = nanos(cached, cached_pico);
         let output_nanos = nanos(output, output_pico);
-        Some(TokenCost {
+        Some(TokenCost::from_parts(
             input_nanos,
             cached_input_nanos,
             output_nanos,
-            total_nanos: input_nanos
-                .saturating_add(cached_input_nanos)
-                .saturating_add(output_nanos),
-        })
+        ))
     }
 }
 

@@ -1,7 +1,6 @@
 //! `chat/completions`: text answers, tool calls and legacy function calls, as a
 //! `chat.completion` body or stream.
 
-use rand::Rng;
 use serde_json::{Value, json};
 use tollgate_tokens::{CompletionParts, Encoding};
 
@@ -105,12 +104,7 @@ pub(crate) fn answer(
     let cap = params::max_tokens(body)?;
     let enc = Encoding::for_model(&d.model);
     let prompt_tokens = tollgate_tokens::count_chat_prompt(&d.model, body);
-    if prompt_tokens > d.context_window() as u64 {
-        return Err(AoaiError::context_length_exceeded(
-            d.context_window(),
-            prompt_tokens,
-        ));
-    }
+    params::within_context(d, prompt_tokens)?;
     let (functions, legacy) = tools_to_call(body);
 
     let mut rng = generate::rng(seed);
@@ -179,11 +173,7 @@ pub(crate) fn answer(
         })
         .collect();
     // A reasoning model thinks before it answers: billed as output, never sent.
-    let reasoning = if tollgate_tokens::is_reasoning_model(&d.model) {
-        rng.random_range(16..=256)
-    } else {
-        0
-    };
+    let reasoning = params::reasoning_tokens(d, &mut rng);
     let figures = frames::Figures {
         prompt: prompt_tokens,
         completion: tollgate_tokens::count_completion(&d.model, &parts) + reasoning,

@@ -27,12 +27,7 @@ pub(crate) fn answer(
     let enc = Encoding::for_model(&d.model);
     let prompts = tollgate_tokens::split_inputs(prompt).len().max(1);
     let prompt_tokens = tollgate_tokens::count_completions_prompt(&d.model, prompt);
-    if prompt_tokens > d.context_window() as u64 {
-        return Err(AoaiError::context_length_exceeded(
-            d.context_window(),
-            prompt_tokens,
-        ));
-    }
+    params::within_context(d, prompt_tokens)?;
     let mut rng = generate::rng(seed);
     let id = format!("cmpl-{}", generate::alnum_id(&mut rng, 29));
     let texts: Vec<generate::Text> = (0..n * prompts)

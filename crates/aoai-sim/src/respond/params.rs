@@ -5,7 +5,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::Value;
 
-use crate::config::SimConfig;
+use crate::config::{SimConfig, SimDeployment};
 use crate::error::AoaiError;
 
 /// How the answer is to be delivered.
@@ -74,4 +74,23 @@ pub(crate) fn max_tokens(body: &Value) -> Result<Option<usize>, AoaiError> {
 /// How many words an answer aims for, within the configured completion range.
 pub(crate) fn target_len(config: &SimConfig, rng: &mut StdRng) -> usize {
     rng.random_range(config.min_completion_tokens..=config.max_completion_tokens)
+}
+
+/// AOAI's 400 for a prompt over the deployment's context window.
+pub(crate) fn within_context(d: &SimDeployment, prompt_tokens: u64) -> Result<(), AoaiError> {
+    let window = d.context_window();
+    if prompt_tokens > window as u64 {
+        return Err(AoaiError::context_length_exceeded(window, prompt_tokens));
+    }
+    Ok(())
+}
+
+/// Tokens a reasoning model thinks before it answers (billed as output, never sent); none for
+/// other models.
+pub(crate) fn reasoning_tokens(d: &SimDeployment, rng: &mut StdRng) -> u64 {
+    if tollgate_tokens::is_reasoning_model(&d.model) {
+        rng.random_range(16..=256)
+    } else {
+        0
+    }
 }

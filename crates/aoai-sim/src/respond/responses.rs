@@ -5,7 +5,6 @@
 //! `[DONE]`.
 
 use bytes::Bytes;
-use rand::Rng;
 use serde_json::{Value, json};
 use tollgate_tokens::Encoding;
 
@@ -65,22 +64,13 @@ pub(crate) fn answer(
         .map(|n| n as usize);
     let enc = Encoding::for_model(&d.model);
     let prompt = tollgate_tokens::count_chat_prompt(&d.model, &json!({"messages": messages}));
-    if prompt > d.context_window() as u64 {
-        return Err(AoaiError::context_length_exceeded(
-            d.context_window(),
-            prompt,
-        ));
-    }
+    params::within_context(d, prompt)?;
     let mut rng = generate::rng(seed);
     let id = format!("resp_{}", generate::alnum_id(&mut rng, 48));
     let message_id = format!("msg_{}", generate::alnum_id(&mut rng, 48));
     let target = params::target_len(config, &mut rng);
     let text = generate::text(enc, &mut rng, target, cap);
-    let reasoning = if tollgate_tokens::is_reasoning_model(&d.model) {
-        rng.random_range(16..=256)
-    } else {
-        0
-    };
+    let reasoning = params::reasoning_tokens(d, &mut rng);
     let figures = Figures {
         prompt,
         completion: enc.count(&text.text) + reasoning,
