@@ -124,6 +124,16 @@ const WORDS: &[&str] = &[
     "there",
     "today",
     "tomorrow",
+    // Non-ASCII, as real answers have: tokens that are parts of a character, so deltas must
+    // be cut where the text is valid UTF-8, and recorded segments may split a character.
+    "café",
+    "naïve",
+    "Zürich",
+    "données",
+    "日本語",
+    "データ",
+    "🙂",
+    "ñandú",
 ];
 
 /// A stable 64-bit FNV-1a hash: the seed must not change between runs or builds, which rules
@@ -159,8 +169,7 @@ pub(crate) struct Text {
 }
 
 /// About `target` tokens of sentence-shaped text, cut to at most `cap` tokens (finish reason
-/// `length` when cut). Only ASCII words are used, so every single token decodes to valid UTF-8
-/// and streamed deltas concatenate back to exactly this text.
+/// `length` when cut, at the last whole character within the cap).
 pub(crate) fn text(enc: Encoding, rng: &mut StdRng, target: usize, cap: Option<usize>) -> Text {
     let mut out = String::new();
     let mut sentence_left = 0usize;
@@ -191,7 +200,11 @@ pub(crate) fn text(enc: Encoding, rng: &mut StdRng, target: usize, cap: Option<u
     if let Some(cap) = cap {
         let tokens = enc.encode(&out);
         if tokens.len() > cap {
-            let cut = enc.decode(&tokens[..cap]).unwrap_or_default();
+            // A token may be part of a character: back off to the last whole one.
+            let cut = (0..=cap)
+                .rev()
+                .find_map(|n| enc.decode(&tokens[..n]))
+                .unwrap_or_default();
             return Text {
                 text: cut,
                 finish_reason: "length",
@@ -204,12 +217,25 @@ pub(crate) fn text(enc: Encoding, rng: &mut StdRng, target: usize, cap: Option<u
     }
 }
 
-/// Splits text into deltas of `per_delta` tokens each.
+/// Splits text into deltas of about `per_delta` tokens: a delta is a string, so one that
+/// would end inside a character takes the next tokens too (as AOAI holds back a partial
+/// character), and the deltas concatenate back to exactly `text`.
 pub(crate) fn deltas(enc: Encoding, text: &str, per_delta: usize) -> Vec<String> {
-    enc.encode(text)
-        .chunks(per_delta.max(1))
-        .map(|group| enc.decode(group).unwrap_or_default())
-        .collect()
+    let tokens = enc.encode(text);
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    while end < tokens.len() {
+        end = (end + per_delta.max(1)).min(tokens.len());
+        if let Some(piece) = enc.decode(&tokens[start..end]) {
+            out.push(piece);
+            start = end;
+        }
+    }
+    if start < tokens.len() {
+        out.push(enc.decode(&tokens[start..]).unwrap_or_default());
+    }
+    out
 }
 
 /// Arguments for a function, generated from its `parameters` schema.
@@ -286,7 +312,31 @@ mod tests {
         assert_eq!(a.finish_reason, "stop");
         let d = deltas(enc, &a.text, 1);
         assert_eq!(d.concat(), a.text);
-        assert_eq!(d.len() as u64, enc.count(&a.text));
+        // One token a delta, except where a character spans tokens.
+        assert!(d.len() as u64 <= enc.count(&a.text));
+    }
+
+    #[test]
+    fn non_ascii_text_is_cut_only_between_characters() {
+        for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            let t = "Zürich 日本語 データ 🙂 ñandú café";
+            let tokens = enc.count(t);
+            assert!(
+                tokens > t.split(' ').count() as u64,
+                "some characters span tokens"
+            );
+            for per in 1..4 {
+                let d = deltas(enc, t, per);
+                assert_eq!(d.concat(), t, "{per}");
+            }
+            // Capped texts stop at a whole character within the cap.
+            for seed in 0..20 {
+                for cap in 1..12 {
+                    let c = text(enc, &mut rng(seed), 60, Some(cap));
+                    assert!(enc.count(&c.text) <= cap as u64);
+                }
+            }
+        }
     }
 
     #[test]
