@@ -8,7 +8,9 @@
 //! - `slow-first-byte=2000` — wait 2 s before the response headers;
 //! - `content-filter` — AOAI's 400 for a prompt its content filter blocked;
 //! - `no-stream-options` — 400 `unknown_parameter` for `stream_options`, as a backend without
-//!   it answers.
+//!   it answers;
+//! - `completion-filter` — the completion's content filter stops a chat answer part-way
+//!   (`finish_reason: content_filter`; billed for what was generated).
 
 use std::time::Duration;
 
@@ -22,6 +24,9 @@ pub struct Fault {
     /// Answer `stream_options` with 400 `unknown_parameter` whatever the api-version, as a
     /// backend that does not support it does (`no-stream-options`).
     pub no_stream_options: bool,
+    /// The completion's content filter stops the answer part-way (`completion-filter`): the
+    /// text so far, `finish_reason: content_filter`, and the category it flagged.
+    pub completion_filter: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +47,10 @@ impl Fault {
             }
             if item == "no-stream-options" {
                 fault.no_stream_options = true;
+                continue;
+            }
+            if item == "completion-filter" {
+                fault.completion_filter = true;
                 continue;
             }
             let Some((key, value)) = item.split_once('=') else {

@@ -217,6 +217,21 @@ pub(crate) fn text(enc: Encoding, rng: &mut StdRng, target: usize, cap: Option<u
     }
 }
 
+/// What is left of an answer the completion's content filter stopped: its first half (at a
+/// whole character).
+pub(crate) fn filtered(enc: Encoding, text: &str) -> Text {
+    let tokens = enc.encode(text);
+    let half = tokens.len() / 2;
+    let kept = (0..=half)
+        .rev()
+        .find_map(|n| enc.decode(&tokens[..n]))
+        .unwrap_or_default();
+    Text {
+        text: kept,
+        finish_reason: "content_filter",
+    }
+}
+
 /// Splits text into deltas of about `per_delta` tokens: a delta is a string, so one that
 /// would end inside a character takes the next tokens too (as AOAI holds back a partial
 /// character), and the deltas concatenate back to exactly `text`.

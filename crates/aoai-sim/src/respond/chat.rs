@@ -89,6 +89,7 @@ pub(crate) fn answer(
     body: &Value,
     seed: u64,
     cache: &super::PromptCache,
+    completion_filter: bool,
 ) -> Result<Answer, AoaiError> {
     let messages = body.get("messages").ok_or_else(|| {
         AoaiError::invalid_request("'messages' is a required property", Some("messages"))
@@ -117,7 +118,10 @@ pub(crate) fn answer(
         .map(|_| {
             if functions.is_empty() {
                 let target = params::target_len(config, &mut rng);
-                let t = generate::text(enc, &mut rng, target, cap);
+                let mut t = generate::text(enc, &mut rng, target, cap);
+                if completion_filter {
+                    t = generate::filtered(enc, &t.text);
+                }
                 ChatChoice {
                     text: Some(t.text),
                     finish_reason: t.finish_reason,
@@ -226,7 +230,12 @@ fn json_choice(index: usize, c: &ChatChoice) -> Value {
                 .collect(),
         );
     }
-    json!({"content_filter_results": frames::filter_results(false), "finish_reason": c.finish_reason,
+    let filters = if c.finish_reason == "content_filter" {
+        frames::flagged_results()
+    } else {
+        frames::filter_results(false)
+    };
+    json!({"content_filter_results": filters, "finish_reason": c.finish_reason,
            "index": index, "logprobs": null, "message": message})
 }
 

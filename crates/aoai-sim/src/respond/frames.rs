@@ -21,6 +21,13 @@ fn sse(value: &Value, paced: bool) -> Frame {
     }
 }
 
+/// A completion's content-filter results when the filter stopped it.
+pub(crate) fn flagged_results() -> Value {
+    let safe = json!({"filtered": false, "severity": "safe"});
+    json!({"hate": safe, "self_harm": safe, "sexual": safe,
+           "violence": {"filtered": true, "severity": "medium"}})
+}
+
 /// Content-filter results that flag nothing: the prompt's form (`prompt`) or a completion's.
 pub(crate) fn filter_results(prompt: bool) -> Value {
     let safe = json!({"filtered": false, "severity": "safe"});
@@ -176,7 +183,12 @@ impl Shape {
             Shape::Chat => json!({}),
             Shape::Completion => json!(""),
         };
-        self.choice(index, empty, Some(reason), json!({}))
+        let filters = if reason == "content_filter" {
+            flagged_results()
+        } else {
+            json!({})
+        };
+        self.choice(index, empty, Some(reason), filters)
     }
 }
 

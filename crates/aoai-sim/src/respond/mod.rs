@@ -99,7 +99,14 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     let latency = delivery::Latency::from_request(config, &parts.headers);
     let seed = seed_for(deployment, &body);
     let answer = match op {
-        Operation::Chat => chat::answer(config, deployment, &body, seed, &sim.inner.prompt_cache)?,
+        Operation::Chat => chat::answer(
+            config,
+            deployment,
+            &body,
+            seed,
+            &sim.inner.prompt_cache,
+            fault.completion_filter,
+        )?,
         Operation::Completions => completions::answer(config, deployment, &body, seed)?,
         Operation::Embeddings => embeddings::answer(deployment, &body, seed)?,
         Operation::Responses => responses::answer(config, deployment, &body, seed)?,

@@ -956,6 +956,44 @@ async fn responses_api_calls_are_billed_with_aoais_usage() {
     );
 }
 
+/// The completion's content filter stops an answer part-way: AOAI answers 200 with
+/// `finish_reason: content_filter` and bills what it generated; the record says so and keeps
+/// AOAI's filter results.
+#[tokio::test]
+async fn an_answer_stopped_by_the_completion_filter_is_recorded_as_such_and_billed() {
+    let s = harness::start(|_| {}).await;
+    let mut ids = Vec::new();
+    for stream in [false, true] {
+        let body = json!({"messages": messages(), "stream": stream});
+        let resp = s
+            .post(&s.chat_url("gpt-4o"), &body)
+            .header("x-sim-fault", "completion-filter")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        ids.push(request_id(&resp));
+        resp.text().await.unwrap();
+    }
+    s.settle().await;
+    for id in &ids {
+        let r = s.record(id).await;
+        assert!(r.complete && r.error.is_none(), "{id}");
+        let c = &r.choices[0];
+        assert_eq!(c.finish_reason.as_deref(), Some("content_filter"));
+        assert_eq!(
+            c.content_filter_results.as_ref().unwrap()["violence"]["filtered"],
+            true
+        );
+        let u = r.usage.unwrap();
+        assert_eq!(u.source, UsageSource::Reported);
+        assert_eq!(
+            u.output_tokens,
+            Encoding::O200kBase.count(c.content.as_deref().unwrap_or(""))
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
