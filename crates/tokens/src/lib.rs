@@ -132,9 +132,11 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
                         total += count_content_parts(model, enc, parts);
                     }
                     ("tool_calls", Value::Array(calls)) => {
+                        // Each call framed as a legacy function call is (+3): that gives the
+                        // published figure for one call and result in the history.
                         for call in calls {
                             let function = call.get("function").unwrap_or(&Value::Null);
-                            total += count_call(enc, function) as i64;
+                            total += count_call(enc, function) as i64 + 3;
                         }
                     }
                     ("function_call", function) => {

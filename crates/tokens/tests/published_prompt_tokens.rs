@@ -54,5 +54,5 @@ fn known_gaps_are_exactly_as_recorded() {
             gaps += 1;
         }
     }
-    assert_eq!(gaps, 6);
+    assert_eq!(gaps, 8);
 }
