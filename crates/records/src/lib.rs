@@ -642,7 +642,17 @@ pub struct Usage {
     /// Already included in `output_tokens`, as AOAI reports it.
     #[serde(default)]
     pub reasoning_tokens: u64,
+    /// Of `input_tokens`, audio (priced at the model's audio rate).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audio_input_tokens: u64,
+    /// Of `output_tokens`, audio (priced at the model's audio rate).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audio_output_tokens: u64,
     pub source: UsageSource,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -117,6 +117,8 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
             total_tokens: input + 10,
             cached_input_tokens: 0,
             reasoning_tokens: 0,
+            audio_input_tokens: 0,
+            audio_output_tokens: 0,
             source: UsageSource::Reported,
         }),
         cost: None,

@@ -16,7 +16,7 @@ mod price;
 pub use image::{ImageCount, image_tokens};
 
 pub use price::{
-    DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost, multiplier_per_10k,
+    DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost, Tokens, multiplier_per_10k,
 };
 
 use serde_json::Value;

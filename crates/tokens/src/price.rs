@@ -29,6 +29,22 @@ pub struct Price {
     pub cached_input_per_1m: Option<f64>,
     #[serde(default)]
     pub output_per_1m: f64,
+    /// Audio input tokens; audio is priced as text where the table has no audio price.
+    #[serde(default)]
+    pub audio_input_per_1m: Option<f64>,
+    #[serde(default)]
+    pub audio_output_per_1m: Option<f64>,
+}
+
+/// A request's tokens as its usage splits them: `cached` and `audio_input` are parts of
+/// `input`, `audio_output` part of `output`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub input: u64,
+    pub cached: u64,
+    pub output: u64,
+    pub audio_input: u64,
+    pub audio_output: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +130,15 @@ fn pico_per_token(per_1m: f64) -> Option<u64> {
 
 /// `tokens` at `pico` pico-units each, in nano-units rounded half to even.
 fn nanos(tokens: u64, pico: u64) -> i64 {
-    let exact = u128::from(tokens) * u128::from(pico);
+    nanos_of(&[(tokens, pico)])
+}
+
+/// The sum of `tokens × pico` over the kinds, in nano-units rounded once, half to even.
+fn nanos_of(kinds: &[(u64, u64)]) -> i64 {
+    let exact: u128 = kinds
+        .iter()
+        .map(|&(tokens, pico)| u128::from(tokens) * u128::from(pico))
+        .sum();
     let (whole, rest) = (exact / 1000, exact % 1000);
     let rounded = if rest > 500 || (rest == 500 && whole % 2 == 1) {
         whole + 1
@@ -128,8 +152,14 @@ impl PriceTable {
     pub fn parse(text: &str) -> Result<Self, PriceTableError> {
         let table: PriceTable = toml::from_str(text)?;
         for (model, p) in &table.models {
-            let cached = p.cached_input_per_1m.unwrap_or(0.0);
-            let prices = [p.input_per_1m, p.output_per_1m, cached];
+            let optional = |x: Option<f64>| x.unwrap_or(0.0);
+            let prices = [
+                p.input_per_1m,
+                p.output_per_1m,
+                optional(p.cached_input_per_1m),
+                optional(p.audio_input_per_1m),
+                optional(p.audio_output_per_1m),
+            ];
             if prices.iter().any(|&x| x < 0.0) {
                 return Err(PriceTableError::NegativePrice {
                     model: model.clone(),
@@ -171,17 +201,43 @@ impl PriceTable {
     /// Cost of `input` prompt tokens of which `cached` were served from the prompt cache, and
     /// `output` completion tokens. `None` when the model has no price.
     pub fn cost(&self, model: &str, input: u64, cached: u64, output: u64) -> Option<TokenCost> {
+        self.cost_of(
+            model,
+            &Tokens {
+                input,
+                cached,
+                output,
+                ..Tokens::default()
+            },
+        )
+    }
+
+    /// Cost of a request's tokens, audio at the audio rates (part of the input and output
+    /// parts). `None` when the model has no price.
+    pub fn cost_of(&self, model: &str, t: &Tokens) -> Option<TokenCost> {
         let p = self.lookup(model)?;
-        let cached = cached.min(input);
-        let input_pico = pico_per_token(p.input_per_1m)?;
-        let cached_pico = match p.cached_input_per_1m {
-            Some(c) => pico_per_token(c)?,
-            None => input_pico,
+        let price = |x: Option<f64>, otherwise: u64| match x {
+            Some(x) => pico_per_token(x),
+            None => Some(otherwise),
         };
+        let input_pico = pico_per_token(p.input_per_1m)?;
         let output_pico = pico_per_token(p.output_per_1m)?;
-        let input_nanos = nanos(input - cached, input_pico);
+        let cached_pico = price(p.cached_input_per_1m, input_pico)?;
+        let audio_in_pico = price(p.audio_input_per_1m, input_pico)?;
+        let audio_out_pico = price(p.audio_output_per_1m, output_pico)?;
+        let cached = t.cached.min(t.input);
+        let audio_in = t.audio_input.min(t.input - cached);
+        let audio_out = t.audio_output.min(t.output);
+        // Each part rounded once, from the exact pico-unit products of its token kinds.
+        let input_nanos = nanos_of(&[
+            (t.input - cached - audio_in, input_pico),
+            (audio_in, audio_in_pico),
+        ]);
         let cached_input_nanos = nanos(cached, cached_pico);
-        let output_nanos = nanos(output, output_pico);
+        let output_nanos = nanos_of(&[
+            (t.output - audio_out, output_pico),
+            (audio_out, audio_out_pico),
+        ]);
         Some(TokenCost::from_parts(
             input_nanos,
             cached_input_nanos,
@@ -245,7 +301,7 @@ mod tests {
         // No entry and no version suffix: unpriced, never a neighbour's price.
         for model in [
             "gpt-4-1106-preview",
-            "gpt-4o-audio-preview",
+            "gpt-4o-transcribe",
             "gpt-4o-realtime",
             "o3-deep-research",
             "gpt-4.5-preview",
@@ -267,6 +323,8 @@ mod tests {
             ("gpt-4o", 2.50, Some(1.25), 10.00),
             ("gpt-4o-2024-05-13", 5.00, None, 15.00),
             ("gpt-4o-mini", 0.15, Some(0.075), 0.60),
+            ("gpt-4o-audio-preview", 2.50, None, 10.00),
+            ("gpt-4o-mini-audio-preview", 0.15, None, 0.60),
             ("gpt-4.1", 2.00, Some(0.50), 8.00),
             ("gpt-4.1-mini", 0.40, Some(0.10), 1.60),
             ("gpt-4.1-nano", 0.10, Some(0.025), 0.40),
@@ -382,6 +440,45 @@ output_per_1m = 10.0
             i64::MAX,
             "saturates, never wraps"
         );
+    }
+
+    /// Defect: audio tokens were priced as text (16x too low on gpt-4o-audio-preview's input).
+    #[test]
+    fn audio_tokens_are_priced_at_the_audio_rates() {
+        let t = PriceTable::bundled().unwrap();
+        let p = entry(&t, "gpt-4o-audio-preview");
+        assert_eq!(
+            (p.audio_input_per_1m, p.audio_output_per_1m),
+            (Some(40.0), Some(80.0))
+        );
+        let c = t
+            .cost_of(
+                "gpt-4o-audio-preview-2024-12-17",
+                &Tokens {
+                    input: 1000,
+                    audio_input: 400,
+                    output: 200,
+                    audio_output: 100,
+                    ..Tokens::default()
+                },
+            )
+            .unwrap();
+        // 600 × 2,500 + 400 × 40,000 nano-dollars in; 100 × 10,000 + 100 × 80,000 out.
+        assert_eq!(c.input_nanos, 17_500_000);
+        assert_eq!(c.output_nanos, 9_000_000);
+        assert_eq!(c.total_nanos, 26_500_000);
+        // A model without audio prices prices audio as text.
+        let plain = t
+            .cost_of(
+                "gpt-4o-2024-08-06",
+                &Tokens {
+                    input: 1000,
+                    audio_input: 400,
+                    ..Tokens::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(plain.input_nanos, 2_500_000);
     }
 
     #[test]

@@ -254,7 +254,16 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     let cost = match (&usage, &model) {
         (Some(u), Some(m)) => opts
             .prices
-            .cost(m, u.input_tokens, u.cached_input_tokens, u.output_tokens)
+            .cost_of(
+                m,
+                &tollgate_tokens::Tokens {
+                    input: u.input_tokens,
+                    cached: u.cached_input_tokens,
+                    output: u.output_tokens,
+                    audio_input: u.audio_input_tokens,
+                    audio_output: u.audio_output_tokens,
+                },
+            )
             .map(|c| match multiplier {
                 Some((_, per_10k)) => c.scaled(per_10k),
                 None => c,

@@ -24,6 +24,8 @@ pub fn reported(usage: &Value) -> Option<Usage> {
         reasoning_tokens: n("/completion_tokens_details/reasoning_tokens")
             .or_else(|| n("/output_tokens_details/reasoning_tokens"))
             .unwrap_or(0),
+        audio_input_tokens: n("/prompt_tokens_details/audio_tokens").unwrap_or(0),
+        audio_output_tokens: n("/completion_tokens_details/audio_tokens").unwrap_or(0),
         source: UsageSource::Reported,
     })
 }
@@ -82,6 +84,8 @@ pub fn estimate(
         total_tokens: input + output,
         cached_input_tokens: 0,
         reasoning_tokens: 0,
+        audio_input_tokens: 0,
+        audio_output_tokens: 0,
         source: UsageSource::Estimated,
     })
 }
@@ -94,9 +98,13 @@ mod tests {
 
     #[test]
     fn reported_reads_details() {
-        let u = reported(&json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
-            "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 2}}))
+        let u = reported(
+            &json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+            "prompt_tokens_details": {"cached_tokens": 4, "audio_tokens": 3},
+            "completion_tokens_details": {"reasoning_tokens": 2, "audio_tokens": 1}}),
+        )
         .unwrap();
+        assert_eq!((u.audio_input_tokens, u.audio_output_tokens), (3, 1));
         assert_eq!(
             (u.input_tokens, u.output_tokens, u.total_tokens),
             (10, 5, 15)
