@@ -81,6 +81,27 @@ pub fn image_tokens(model: &str, url: &str, detail: Option<&str>) -> ImageCount 
     }
 }
 
+/// Image parts of a chat body whose size could not be read (http URLs, undecodable data):
+/// their count is a guess.
+pub fn images_of_unknown_size(body: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    body.get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|part| part.get("type").and_then(Value::as_str) == Some("image_url"))
+        .filter(|part| {
+            let url = part
+                .pointer("/image_url/url")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            data_url_size(url).is_none()
+        })
+        .count()
+}
+
 /// Scaled down (never up) to fit 2048×2048, then so the short side is at most 768.
 fn fit_for_tiles(width: u64, height: u64) -> (u64, u64) {
     let (mut w, mut h) = (width.max(1) as f64, height.max(1) as f64);
@@ -150,6 +171,12 @@ mod tests {
         assert_eq!(image_tokens("gpt-4o", url, Some("high")).tokens, 765);
         assert_eq!(image_tokens("gpt-4o", url, Some("low")).tokens, 85);
         assert!(!image_tokens("gpt-4o", url, None).size_known);
+        let body = serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "two"},
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAIAAAABACAIAAABdtOgoAAAAbUlEQVR42u3RMQEAAAyDsPo3zWTsCRLI0muzAAAAAQAgAAAEAIAAABAAAAIAQAAACAAAAQAgAAAEAIAAABAAAAIAQAAACAAAAQAgAAAEAIAAABAAAAIAQAAACAAAAQAgAAAEAIAAABAAAAIAQHUVXqWSTHRRKwAAAABJRU5ErkJggg=="}}
+        ]}]});
+        assert_eq!(images_of_unknown_size(&body), 1);
     }
 
     #[test]

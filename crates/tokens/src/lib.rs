@@ -13,7 +13,7 @@ mod functions;
 mod image;
 mod price;
 
-pub use image::{ImageCount, image_tokens};
+pub use image::{ImageCount, image_tokens, images_of_unknown_size};
 
 pub use price::{
     DEFAULT_PRICE_TABLE, Price, PriceTable, PriceTableError, TokenCost, Tokens, multiplier_per_10k,

@@ -281,7 +281,7 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     };
 
     let complete = parts.is_complete();
-    let usage_quality = usage_quality(
+    let mut usage_quality = usage_quality(
         usage.as_ref(),
         request,
         end,
@@ -289,6 +289,23 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         complete,
         counting_model,
     );
+    // A counted prompt with images given by URL counts them at a guessed size: say so.
+    if let Some(q) = usage_quality.as_mut()
+        && matches!(
+            q.quality,
+            UsageQuality::Estimated | UsageQuality::LowerBound
+        )
+        && let Some(guessed) = request_json
+            .as_ref()
+            .map(tollgate_tokens::images_of_unknown_size)
+            .filter(|n| *n > 0)
+    {
+        let note = format!("{guessed} image(s) of unknown size counted as 1024x1024");
+        q.reason = Some(match q.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note,
+        });
+    }
     let error = match (end, complete) {
         (Some(e), _) if e.error.is_some() => e.error.clone(),
         (Some(e), _) if e.status >= 400 => Some(upstream_error(e, end_json.as_ref())),
@@ -548,6 +565,26 @@ mod tests {
     }
 
     static NO_MULTIPLIERS: BTreeMap<String, f64> = BTreeMap::new();
+
+    /// An image given by URL is counted at a guessed size; an estimate that includes one says
+    /// so.
+    #[test]
+    fn an_estimate_with_images_of_unknown_size_says_so() {
+        let prices = PriceTable::bundled().unwrap();
+        let models = BTreeMap::new();
+        let answer = json!({"id": "x", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0,
+            "finish_reason": "stop", "message": {"role": "assistant", "content": "a cat"}}]});
+        let mut p = parts(200, answer);
+        if let Some(r) = p.request.as_mut() {
+            r.body = Body::json(&json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}));
+        }
+        let r = consolidate(&p, &opts(&models, &prices, true)).unwrap();
+        let q = r.usage_quality.unwrap();
+        assert_eq!(q.quality, UsageQuality::Estimated);
+        assert!(q.reason.unwrap().contains("1 image(s) of unknown size"));
+    }
 
     /// A reasoning model's answer without AOAI's usage: what was sent is counted, but the
     /// reasoning it billed was never sent, so the figure is a lower bound, and says so.
