@@ -114,11 +114,24 @@ pub(crate) fn answer(
         "fp_{:010x}",
         generate::stable_hash(&[d.model.as_bytes()]) >> 24
     );
+    // A reasoning model thinks before it answers (billed as output, never sent), within the
+    // same cap: a cap its reasoning uses up leaves an empty answer cut for `length`.
+    let reasoning = match (params::reasoning_tokens(d, &mut rng), cap) {
+        (r, Some(cap)) => r.min(cap as u64),
+        (r, None) => r,
+    };
+    let cap = cap.map(|c| c - reasoning as usize);
     let choices: Vec<ChatChoice> = (0..n)
         .map(|_| {
             if functions.is_empty() {
                 let target = params::target_len(config, &mut rng);
-                let mut t = generate::text(enc, &mut rng, target, cap);
+                let mut t = match cap {
+                    Some(0) => generate::Text {
+                        text: String::new(),
+                        finish_reason: "length",
+                    },
+                    _ => generate::text(enc, &mut rng, target, cap),
+                };
                 if completion_filter {
                     t = generate::filtered(enc, &t.text);
                 }
@@ -176,8 +189,6 @@ pub(crate) fn answer(
             calls,
         })
         .collect();
-    // A reasoning model thinks before it answers: billed as output, never sent.
-    let reasoning = params::reasoning_tokens(d, &mut rng);
     let figures = frames::Figures {
         prompt: prompt_tokens,
         completion: tollgate_tokens::count_completion(&d.model, &parts) + reasoning,

@@ -994,6 +994,35 @@ async fn an_answer_stopped_by_the_completion_filter_is_recorded_as_such_and_bill
     }
 }
 
+/// A reasoning model whose cap its reasoning uses up answers nothing (`finish_reason:
+/// length`) and bills the cap: the empty answer is recorded and billed, streamed and not.
+#[tokio::test]
+async fn an_empty_answer_is_recorded_and_billed_for_its_reasoning() {
+    let s = harness::start(|_| {}).await;
+    let mut ids = Vec::new();
+    for stream in [false, true] {
+        let body = json!({"messages": messages(), "max_completion_tokens": 10, "stream": stream});
+        let resp = s.post(&s.chat_url("o4-mini"), &body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        ids.push(request_id(&resp));
+        resp.text().await.unwrap();
+    }
+    s.settle().await;
+    for id in &ids {
+        let r = s.record(id).await;
+        let c = &r.choices[0];
+        assert_eq!(c.finish_reason.as_deref(), Some("length"), "{id}");
+        assert!(c.content.as_deref().unwrap_or("").is_empty(), "{id}");
+        let u = r.usage.unwrap();
+        assert_eq!(u.source, UsageSource::Reported);
+        assert_eq!((u.output_tokens, u.reasoning_tokens), (10, 10), "{id}");
+        assert!(
+            r.cost.unwrap().output.nanos() > 0,
+            "the reasoning is billed"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
