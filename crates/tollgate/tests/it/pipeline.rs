@@ -1023,6 +1023,27 @@ async fn an_empty_answer_is_recorded_and_billed_for_its_reasoning() {
     }
 }
 
+/// Defect: a non-stream answer the backend cut mid-body was recorded with 0 output tokens and
+/// nothing saying the figure was short. AOAI's usage was in the part that never arrived.
+#[tokio::test]
+async fn a_cut_non_stream_answer_is_recorded_as_a_lower_bound() {
+    let s = harness::start(|_| {}).await;
+    let resp = s
+        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
+        .header("x-sim-fault", "reset-after-chunks=1")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    assert!(resp.text().await.is_err(), "the client sees the cut");
+    s.settle().await;
+    let r = s.record(&id).await;
+    let q = r.usage_quality.expect("the prompt was served");
+    assert_eq!(q.quality, UsageQuality::LowerBound, "{q:?}");
+    let reason = q.reason.unwrap();
+    assert!(reason.contains("BackendStreamBroken"), "{reason}");
+}
+
 #[tokio::test]
 async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
