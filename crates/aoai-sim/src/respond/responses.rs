@@ -50,6 +50,37 @@ fn as_messages(body: &Value) -> Result<Vec<Value>, AoaiError> {
     Ok(messages)
 }
 
+/// The functions a `tool_choice: "required"` request calls (at most four), else none: the
+/// answer is then text.
+fn functions_to_call(body: &Value) -> Vec<Value> {
+    let required = body.get("tool_choice").and_then(Value::as_str) == Some("required");
+    if !required {
+        return Vec::new();
+    }
+    body.get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("type").and_then(Value::as_str) == Some("function"))
+        .take(4)
+        .cloned()
+        .collect()
+}
+
+/// The Responses tools in chat form, so their definitions are counted as chat tools are.
+fn as_chat_tools(body: &Value) -> Vec<Value> {
+    body.get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("type").and_then(Value::as_str) == Some("function"))
+        .map(|t| {
+            json!({"type": "function", "function": {"name": t.get("name"),
+                   "description": t.get("description"), "parameters": t.get("parameters")}})
+        })
+        .collect()
+}
+
 pub(crate) fn answer(
     config: &SimConfig,
     d: &SimDeployment,
@@ -63,21 +94,57 @@ pub(crate) fn answer(
         .and_then(Value::as_u64)
         .map(|n| n as usize);
     let enc = Encoding::for_model(&d.model);
-    let prompt = tollgate_tokens::count_chat_prompt(&d.model, &json!({"messages": messages}));
+    let tools = as_chat_tools(body);
+    let counted = if tools.is_empty() {
+        json!({"messages": messages})
+    } else {
+        json!({"messages": messages, "tools": tools})
+    };
+    let prompt = tollgate_tokens::count_chat_prompt(&d.model, &counted);
     params::within_context(d, prompt)?;
     let mut rng = generate::rng(seed);
     let id = format!("resp_{}", generate::alnum_id(&mut rng, 48));
     let message_id = format!("msg_{}", generate::alnum_id(&mut rng, 48));
-    let target = params::target_len(config, &mut rng);
-    let text = generate::text(enc, &mut rng, target, cap);
+    let functions = functions_to_call(body);
+    let calls: Vec<(String, String, String)> = functions
+        .iter()
+        .map(|f| {
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("function")
+                .to_owned();
+            let args = generate::arguments(&mut rng, f.get("parameters"));
+            (
+                format!("call_{}", generate::alnum_id(&mut rng, 24)),
+                name,
+                args,
+            )
+        })
+        .collect();
+    let text = if calls.is_empty() {
+        let target = params::target_len(config, &mut rng);
+        Some(generate::text(enc, &mut rng, target, cap))
+    } else {
+        None
+    };
     let reasoning = params::reasoning_tokens(d, &mut rng);
+    let call_refs: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|(_, n, a)| (n.as_str(), a.as_str()))
+        .collect();
+    let parts = [tollgate_tokens::CompletionParts {
+        content: text.as_ref().map(|t| t.text.as_str()),
+        refusal: None,
+        calls: &call_refs,
+    }];
     let figures = Figures {
         prompt,
-        completion: enc.count(&text.text) + reasoning,
+        completion: tollgate_tokens::count_completion(&d.model, &parts) + reasoning,
         cached: 0,
         reasoning,
     };
-    let (status, incomplete) = if text.finish_reason == "length" {
+    let (status, incomplete) = if text.as_ref().is_some_and(|t| t.finish_reason == "length") {
         ("incomplete", json!({"reason": "max_output_tokens"}))
     } else {
         ("completed", Value::Null)
@@ -87,6 +154,11 @@ pub(crate) fn answer(
         json!({"type": "message", "id": message_id, "status": status, "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]})
     };
+    let call_item =
+        |(call_id, name, _): &(String, String, String), arguments: &str, status: &str| {
+            json!({"type": "function_call", "id": format!("fc_{call_id}"), "call_id": call_id,
+               "name": name, "arguments": arguments, "status": status})
+        };
     let response = |status: &str, output: Vec<Value>, usage: Value| {
         json!({"id": id, "object": "response", "created_at": created, "status": status,
                "model": d.model, "output": output, "incomplete_details": incomplete,
@@ -99,7 +171,14 @@ pub(crate) fn answer(
         "output_tokens_details": {"reasoning_tokens": figures.reasoning},
         "total_tokens": figures.prompt + figures.completion,
     });
-    let done = response(status, vec![message(&text.text, "completed")], usage);
+    let output: Vec<Value> = match &text {
+        Some(t) => vec![message(&t.text, "completed")],
+        None => calls
+            .iter()
+            .map(|c| call_item(c, &c.2, "completed"))
+            .collect(),
+    };
+    let done = response(status, output, usage);
     let reply = if stream {
         let event = |value: &Value, paced: bool| {
             let kind = value["type"].as_str().unwrap_or("");
@@ -108,32 +187,59 @@ pub(crate) fn answer(
                 paced,
             }
         };
-        let mut events = vec![
-            event(
-                &json!({"type": "response.created", "response": response("in_progress", vec![], Value::Null)}),
-                false,
-            ),
-            event(
-                &json!({"type": "response.output_item.added", "output_index": 0, "item": message("", "in_progress")}),
-                false,
-            ),
-        ];
-        for piece in generate::deltas(enc, &text.text, config.tokens_per_delta) {
-            events.push(event(
-                &json!({"type": "response.output_text.delta", "item_id": message_id,
-                        "output_index": 0, "content_index": 0, "delta": piece}),
-                true,
-            ));
+        let mut events = vec![event(
+            &json!({"type": "response.created", "response": response("in_progress", vec![], Value::Null)}),
+            false,
+        )];
+        match &text {
+            Some(t) => {
+                events.push(event(
+                    &json!({"type": "response.output_item.added", "output_index": 0, "item": message("", "in_progress")}),
+                    false,
+                ));
+                for piece in generate::deltas(enc, &t.text, config.tokens_per_delta) {
+                    events.push(event(
+                        &json!({"type": "response.output_text.delta", "item_id": message_id,
+                                "output_index": 0, "content_index": 0, "delta": piece}),
+                        true,
+                    ));
+                }
+                events.push(event(
+                    &json!({"type": "response.output_text.done", "item_id": message_id,
+                            "output_index": 0, "content_index": 0, "text": t.text}),
+                    false,
+                ));
+                events.push(event(
+                    &json!({"type": "response.output_item.done", "output_index": 0, "item": message(&t.text, "completed")}),
+                    false,
+                ));
+            }
+            None => {
+                for (i, c) in calls.iter().enumerate() {
+                    let item_id = format!("fc_{}", c.0);
+                    events.push(event(
+                        &json!({"type": "response.output_item.added", "output_index": i, "item": call_item(c, "", "in_progress")}),
+                        false,
+                    ));
+                    for piece in generate::deltas(enc, &c.2, config.tokens_per_delta.max(2)) {
+                        events.push(event(
+                            &json!({"type": "response.function_call_arguments.delta", "item_id": item_id,
+                                    "output_index": i, "delta": piece}),
+                            true,
+                        ));
+                    }
+                    events.push(event(
+                        &json!({"type": "response.function_call_arguments.done", "item_id": item_id,
+                                "output_index": i, "arguments": c.2}),
+                        false,
+                    ));
+                    events.push(event(
+                        &json!({"type": "response.output_item.done", "output_index": i, "item": call_item(c, &c.2, "completed")}),
+                        false,
+                    ));
+                }
+            }
         }
-        events.push(event(
-            &json!({"type": "response.output_text.done", "item_id": message_id,
-                    "output_index": 0, "content_index": 0, "text": text.text}),
-            false,
-        ));
-        events.push(event(
-            &json!({"type": "response.output_item.done", "output_index": 0, "item": message(&text.text, "completed")}),
-            false,
-        ));
         let terminal = if status == "completed" {
             "response.completed"
         } else {

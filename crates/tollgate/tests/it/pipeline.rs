@@ -954,6 +954,28 @@ async fn responses_api_calls_are_billed_with_aoais_usage() {
         r.choices[0].content.as_deref(),
         answer["output"][0]["content"][0]["text"].as_str()
     );
+
+    // Function calls, streamed: names and whole arguments stitched from the argument deltas.
+    let tool = |name: &str| {
+        json!({"type": "function", "name": name, "description": "Look it up.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}})
+    };
+    let calls = json!({"model": "gpt-4o", "input": "Weather and tides?", "stream": true,
+                       "tool_choice": "required", "tools": [tool("weather"), tool("tides")]});
+    let resp = s.post(&url, &calls).send().await.unwrap();
+    let calls_id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&calls_id).await;
+    let c = &r.choices[0];
+    let names: Vec<&str> = c.tool_calls.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["weather", "tides"]);
+    for t in &c.tool_calls {
+        let args: Value = serde_json::from_str(&t.arguments).expect("whole JSON arguments");
+        assert!(args.is_object());
+    }
+    assert_eq!(c.finish_reason.as_deref(), Some("tool_calls"));
+    assert_eq!(r.usage.unwrap().source, UsageSource::Reported);
 }
 
 /// The completion's content filter stops an answer part-way: AOAI answers 200 with
