@@ -200,13 +200,8 @@ pub(crate) fn text(enc: Encoding, rng: &mut StdRng, target: usize, cap: Option<u
     if let Some(cap) = cap {
         let tokens = enc.encode(&out);
         if tokens.len() > cap {
-            // A token may be part of a character: back off to the last whole one.
-            let cut = (0..=cap)
-                .rev()
-                .find_map(|n| enc.decode(&tokens[..n]))
-                .unwrap_or_default();
             return Text {
-                text: cut,
+                text: whole_prefix(enc, &tokens, cap),
                 finish_reason: "length",
             };
         }
@@ -221,15 +216,31 @@ pub(crate) fn text(enc: Encoding, rng: &mut StdRng, target: usize, cap: Option<u
 /// whole character).
 pub(crate) fn filtered(enc: Encoding, text: &str) -> Text {
     let tokens = enc.encode(text);
-    let half = tokens.len() / 2;
-    let kept = (0..=half)
-        .rev()
-        .find_map(|n| enc.decode(&tokens[..n]))
-        .unwrap_or_default();
     Text {
-        text: kept,
+        text: whole_prefix(enc, &tokens, tokens.len() / 2),
         finish_reason: "content_filter",
     }
+}
+
+/// The text of at most the first `n` tokens, ending at the last whole character: a token may
+/// be part of one.
+fn whole_prefix(enc: Encoding, tokens: &[u32], n: usize) -> String {
+    (0..=n.min(tokens.len()))
+        .rev()
+        .find_map(|n| enc.decode(&tokens[..n]))
+        .unwrap_or_default()
+}
+
+/// A call of `function` (a chat or Responses function definition): its call id, its name, and
+/// arguments generated from its `parameters` schema.
+pub(crate) fn call(rng: &mut StdRng, function: &Value) -> (String, String, String) {
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("function")
+        .to_owned();
+    let args = arguments(rng, function.get("parameters"));
+    (format!("call_{}", alnum_id(rng, 24)), name, args)
 }
 
 /// Splits text into deltas of about `per_delta` tokens: a delta is a string, so one that

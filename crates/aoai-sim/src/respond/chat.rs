@@ -144,19 +144,7 @@ pub(crate) fn answer(
             } else {
                 let calls = functions
                     .iter()
-                    .map(|f| {
-                        let name = f
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .unwrap_or("function")
-                            .to_owned();
-                        let args = generate::arguments(&mut rng, f.get("parameters"));
-                        (
-                            format!("call_{}", generate::alnum_id(&mut rng, 24)),
-                            name,
-                            args,
-                        )
-                    })
+                    .map(|f| generate::call(&mut rng, f))
                     .collect();
                 ChatChoice {
                     text: None,

@@ -108,19 +108,7 @@ pub(crate) fn answer(
     let functions = functions_to_call(body);
     let calls: Vec<(String, String, String)> = functions
         .iter()
-        .map(|f| {
-            let name = f
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or("function")
-                .to_owned();
-            let args = generate::arguments(&mut rng, f.get("parameters"));
-            (
-                format!("call_{}", generate::alnum_id(&mut rng, 24)),
-                name,
-                args,
-            )
-        })
+        .map(|f| generate::call(&mut rng, f))
         .collect();
     let text = if calls.is_empty() {
         let target = params::target_len(config, &mut rng);
