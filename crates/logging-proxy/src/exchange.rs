@@ -99,39 +99,15 @@ async fn run(
     let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
     let (upstream, attempt_started) = loop {
         let attempt_started = Instant::now();
-        let send = app
+        let request = app
             .client
             .request(ctx.method.clone(), url.clone())
             .headers(upstream_headers.clone())
-            .body(reqwest::Body::from(body.clone()))
-            .send();
-        let result = tokio::select! {
-            r = tokio::time::timeout(first_byte, send) => r,
-            () = app.abort.cancelled() => {
-                attempts.push(failed_attempt(&b.name, attempt_started, "shutdown before the response"));
-                let r = end(ProxyError::ShuttingDown, attempts, accepted);
-                let _ = answer.send(r);
-                return;
-            }
-        };
-        let upstream = match result {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => {
-                let detail = e.to_string();
+            .body(reqwest::Body::from(body.clone()));
+        let upstream = match send(&app, request, first_byte).await {
+            Ok(resp) => resp,
+            Err((error, detail)) => {
                 attempts.push(failed_attempt(&b.name, attempt_started, &detail));
-                let error = ProxyError::BackendUnreachable { detail };
-                let r = end(error, attempts, accepted);
-                let _ = answer.send(r);
-                return;
-            }
-            Err(_) => {
-                attempts.push(failed_attempt(
-                    &b.name,
-                    attempt_started,
-                    "first byte timeout",
-                ));
-                let timeout_ms = app.config.limits.first_byte_timeout_ms;
-                let error = ProxyError::BackendTimeout { timeout_ms };
                 let r = end(error, attempts, accepted);
                 let _ = answer.send(r);
                 return;
@@ -150,10 +126,7 @@ async fn run(
                     status: Some(400),
                     duration_ms: millis(attempt_started.elapsed()),
                     retry_after_ms: None,
-                    error: Some(
-                        "the backend does not know stream_options; sent again as the client sent it"
-                            .to_owned(),
-                    ),
+                    error: Some(tollgate_records::STREAM_OPTIONS_REJECTED.to_owned()),
                 });
                 body = original;
                 usage_injected = false;
@@ -178,10 +151,7 @@ async fn run(
         attempts,
         ttfb_ms: millis(ctx.info.started.elapsed()),
         headers: tee::selected_headers(&response_headers),
-        content_type: response_headers
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        content_type: content_type(&response_headers).map(str::to_owned),
         first_segment_seq: next_seq,
         accepted,
     };
@@ -207,7 +177,7 @@ async fn run(
     // which did not ask for it (many clients index `choices[0]` of every chunk).
     let filter = usage_injected
         && status.is_success()
-        && tollgate_records::is_event_stream(exchange_content_type(&response_headers));
+        && tollgate_records::is_event_stream(content_type(&response_headers));
     let mut response = if filter {
         Response::new(Body::from_stream(WithoutUsageFrame::new(body)))
     } else {
@@ -270,7 +240,35 @@ async fn read_rejection(upstream: reqwest::Response, idle_timeout_ms: u64) -> Re
     Rejection::Other(reqwest::Response::from(rebuilt))
 }
 
-fn exchange_content_type(headers: &reqwest::header::HeaderMap) -> Option<&str> {
+/// Sends one attempt, bounded by the first-byte timeout and stopped by shutdown; a failure is
+/// the error to answer with and the attempt's detail.
+async fn send(
+    app: &AppState,
+    request: reqwest::RequestBuilder,
+    first_byte: Duration,
+) -> Result<reqwest::Response, (ProxyError, String)> {
+    tokio::select! {
+        r = tokio::time::timeout(first_byte, request.send()) => match r {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                let detail = e.to_string();
+                Err((ProxyError::BackendUnreachable { detail: detail.clone() }, detail))
+            }
+            Err(_) => Err((
+                ProxyError::BackendTimeout {
+                    timeout_ms: app.config.limits.first_byte_timeout_ms,
+                },
+                "first byte timeout".to_owned(),
+            )),
+        },
+        () = app.abort.cancelled() => Err((
+            ProxyError::ShuttingDown,
+            "shutdown before the response".to_owned(),
+        )),
+    }
+}
+
+fn content_type(headers: &reqwest::header::HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

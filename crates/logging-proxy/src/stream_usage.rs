@@ -72,45 +72,33 @@ fn accepts_stream_options(api_version: &str) -> bool {
 /// The body with `stream_options.include_usage` set, or `None` when the client already asked
 /// for usage (nothing to take out of its stream) or the body is not a JSON object.
 pub(crate) fn inject(body: &[u8]) -> Option<Bytes> {
-    let fields: serde_json::Map<String, Value> =
-        match serde_json::from_slice::<std::collections::HashMap<String, &RawValue>>(body) {
-            Ok(raw) => match raw.get("stream_options") {
-                // The common case: add the member after `{` and keep every other byte as sent.
-                None => return Some(prepend_member(body)),
-                Some(options) => {
-                    let options: Value = serde_json::from_str(options.get()).ok()?;
-                    if options.get("include_usage") == Some(&Value::Bool(true)) {
-                        return None;
-                    }
-                    serde_json::from_slice(body).ok()?
-                }
-            },
-            Err(_) => return None,
-        };
-    // `stream_options` is there without `include_usage: true`: set it, keeping the client's
-    // other options. Rewriting the object loses only insignificant whitespace.
-    let mut fields = fields;
-    let options = fields
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(serde_json::Map::new()));
-    match options {
-        Value::Object(o) => {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-        // `null` or a non-object: the backend would reject the client's own value anyway.
-        _ => return None,
+    let members: std::collections::HashMap<String, &RawValue> =
+        serde_json::from_slice(body).ok()?;
+    let Some(options) = members.get("stream_options") else {
+        // The common case: add the member after `{` and keep every other byte as sent.
+        return Some(prepend_member(body));
+    };
+    let mut options: Value = serde_json::from_str(options.get()).ok()?;
+    if options.get("include_usage") == Some(&Value::Bool(true)) {
+        return None;
     }
+    // `stream_options` is there without `include_usage: true`: set it, keeping the client's
+    // other options (`null` or a non-object the backend would reject anyway: left alone).
+    // Rewriting the object loses only insignificant whitespace.
+    options
+        .as_object_mut()?
+        .insert("include_usage".into(), Value::Bool(true));
+    let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body).ok()?;
+    fields.insert("stream_options".into(), options);
     serde_json::to_vec(&fields).ok().map(Bytes::from)
 }
 
+/// `body`, a JSON object, with the member added first.
 fn prepend_member(body: &[u8]) -> Bytes {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
     let open = body.iter().position(|&b| b == b'{').unwrap_or(0);
     let rest = &body[open + 1..];
-    let empty = rest.iter().all(u8::is_ascii_whitespace) || {
-        let first = rest.iter().find(|b| !b.is_ascii_whitespace());
-        first == Some(&b'}')
-    };
+    let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
     let mut out = BytesMut::with_capacity(body.len() + MEMBER.len() + 1);
     out.extend_from_slice(&body[..=open]);
     out.extend_from_slice(MEMBER);

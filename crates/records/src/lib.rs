@@ -592,6 +592,11 @@ pub enum UsageSource {
     Estimated,
 }
 
+/// The error of an attempt whose backend answered the `stream_options` the proxy added with a
+/// 400: the proxy sent the request again as the client sent it, so the stream has no usage.
+pub const STREAM_OPTIONS_REJECTED: &str =
+    "the backend does not know stream_options; sent again as the client sent it";
+
 /// How exact a record's usage is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -443,11 +443,9 @@ fn usage_quality(
 fn estimate_reason(request: Option<&RequestRecord>, end: Option<&EndRecord>) -> String {
     let stream = request.is_some_and(|r| r.stream);
     let rejected = end.is_some_and(|e| {
-        e.attempts.iter().any(|a| {
-            a.error
-                .as_deref()
-                .is_some_and(|m| m.contains("stream_options"))
-        })
+        e.attempts
+            .iter()
+            .any(|a| a.error.as_deref() == Some(tollgate_records::STREAM_OPTIONS_REJECTED))
     });
     if !stream {
         "AOAI's answer carried no usage".to_owned()
