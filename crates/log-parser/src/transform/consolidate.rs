@@ -281,31 +281,15 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     };
 
     let complete = parts.is_complete();
-    let mut usage_quality = usage_quality(
+    let usage_quality = usage_quality(
         usage.as_ref(),
         request,
+        request_json.as_ref(),
         end,
         succeeded,
         complete,
         counting_model,
     );
-    // A counted prompt with images given by URL counts them at a guessed size: say so.
-    if let Some(q) = usage_quality.as_mut()
-        && matches!(
-            q.quality,
-            UsageQuality::Estimated | UsageQuality::LowerBound
-        )
-        && let Some(guessed) = request_json
-            .as_ref()
-            .map(tollgate_tokens::images_of_unknown_size)
-            .filter(|n| *n > 0)
-    {
-        let note = format!("{guessed} image(s) of unknown size counted as 1024x1024");
-        q.reason = Some(match q.reason.take() {
-            Some(r) => format!("{r}; {note}"),
-            None => note,
-        });
-    }
     let error = match (end, complete) {
         (Some(e), _) if e.error.is_some() => e.error.clone(),
         (Some(e), _) if e.status >= 400 => Some(upstream_error(e, end_json.as_ref())),
@@ -385,12 +369,27 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
 fn usage_quality(
     usage: Option<&Usage>,
     request: Option<&RequestRecord>,
+    request_json: Option<&Value>,
     end: Option<&EndRecord>,
     succeeded: bool,
     complete: bool,
     model: &str,
 ) -> Option<UsageQualityInfo> {
-    let info = |quality, reason: Option<String>| Some(UsageQualityInfo { quality, reason });
+    let info = |quality, reason: Option<String>| {
+        // A count that included images given by URL counted them at a guessed size: say so.
+        let counted = matches!(quality, UsageQuality::Estimated | UsageQuality::LowerBound);
+        let guessed = request_json
+            .filter(|_| counted)
+            .map_or(0, tollgate_tokens::images_of_unknown_size);
+        let reason = match (reason, guessed) {
+            (reason, 0) => reason,
+            (Some(r), n) => Some(format!(
+                "{r}; {n} image(s) of unknown size counted as 1024x1024"
+            )),
+            (None, n) => Some(format!("{n} image(s) of unknown size counted as 1024x1024")),
+        };
+        Some(UsageQualityInfo { quality, reason })
+    };
     let injected = request.is_some_and(|r| r.stream_usage_injected);
     // Cut: segments missing, the proxy stopped reading (a limit, a timeout, a client that left
     // past the drain bound), or the backend broke off a successful answer.
