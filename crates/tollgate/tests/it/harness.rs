@@ -164,6 +164,20 @@ impl Stack {
         self.http.post(url).header("api-key", KEY).json(body)
     }
 
+    /// Posts `body` with a simulator fault (`x-sim-fault`) and returns the response.
+    pub(crate) async fn post_with_fault(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+        fault: &str,
+    ) -> reqwest::Response {
+        self.post(url, body)
+            .header("x-sim-fault", fault)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// The same request answered without streaming: the simulator's content does not depend
     /// on `stream`, so its `usage` is the exact count of what a streamed answer carried.
     pub(crate) async fn unstreamed(

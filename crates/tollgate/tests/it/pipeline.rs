@@ -241,11 +241,8 @@ async fn a_backend_that_rejects_the_usage_option_gets_the_clients_own_request() 
     let s = harness::start(|_| {}).await;
     let body = json!({"messages": messages(), "stream": true});
     let resp = s
-        .post(&s.chat_url("gpt-4o"), &body)
-        .header("x-sim-fault", "no-stream-options")
-        .send()
-        .await
-        .unwrap();
+        .post_with_fault(&s.chat_url("gpt-4o"), &body, "no-stream-options")
+        .await;
     assert_eq!(resp.status(), 200);
     let id = request_id(&resp);
     let f = frames(&resp.text().await.unwrap());
@@ -272,11 +269,8 @@ async fn a_backend_that_rejects_the_usage_option_gets_the_clients_own_request() 
 
     // Any other 400 reaches the client as the backend sent it, once.
     let resp = s
-        .post(&s.chat_url("gpt-4o"), &body)
-        .header("x-sim-fault", "content-filter")
-        .send()
-        .await
-        .unwrap();
+        .post_with_fault(&s.chat_url("gpt-4o"), &body, "content-filter")
+        .await;
     assert_eq!(resp.status(), 400);
     let id = request_id(&resp);
     let e: Value = resp.json().await.unwrap();
@@ -405,11 +399,12 @@ async fn unknown_deployment_and_bad_key_get_aoai_errors_and_are_recorded() {
 async fn upstream_throttling_is_forwarded_with_its_headers_and_recorded() {
     let s = harness::start(|_| {}).await;
     let resp = s
-        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
-        .header("x-sim-fault", "429;retry-after-ms=700")
-        .send()
-        .await
-        .unwrap();
+        .post_with_fault(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": messages()}),
+            "429;retry-after-ms=700",
+        )
+        .await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after-ms"], "700");
     let id = request_id(&resp);
@@ -610,14 +605,12 @@ async fn a_full_queue_overflows_to_the_spool_and_loses_nothing() {
 async fn an_upstream_cut_mid_stream_is_recorded_with_what_arrived() {
     let s = harness::start(|_| {}).await;
     let resp = s
-        .post(
+        .post_with_fault(
             &s.chat_url("gpt-4o"),
             &json!({"messages": messages(), "stream": true}),
+            "reset-after-chunks=4",
         )
-        .header("x-sim-fault", "reset-after-chunks=4")
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 200);
     let id = request_id(&resp);
     assert!(resp.text().await.is_err(), "the client sees the cut too");
@@ -830,12 +823,7 @@ async fn a_prompt_over_the_context_length_and_a_backend_timeout_are_charged_thei
     assert_eq!(e["error"]["code"], "context_length_exceeded");
 
     let body = json!({"messages": messages()});
-    let resp = s
-        .post(&s.chat_url("gpt-4o"), &body)
-        .header("x-sim-fault", "408")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.post_with_fault(&s.chat_url("gpt-4o"), &body, "408").await;
     assert_eq!(resp.status(), 408);
     let timeout_id = request_id(&resp);
     resp.text().await.unwrap();
@@ -988,11 +976,8 @@ async fn an_answer_stopped_by_the_completion_filter_is_recorded_as_such_and_bill
     for stream in [false, true] {
         let body = json!({"messages": messages(), "stream": stream});
         let resp = s
-            .post(&s.chat_url("gpt-4o"), &body)
-            .header("x-sim-fault", "completion-filter")
-            .send()
-            .await
-            .unwrap();
+            .post_with_fault(&s.chat_url("gpt-4o"), &body, "completion-filter")
+            .await;
         assert_eq!(resp.status(), 200);
         ids.push(request_id(&resp));
         resp.text().await.unwrap();
@@ -1051,11 +1036,12 @@ async fn an_empty_answer_is_recorded_and_billed_for_its_reasoning() {
 async fn a_cut_non_stream_answer_is_recorded_as_a_lower_bound() {
     let s = harness::start(|_| {}).await;
     let resp = s
-        .post(&s.chat_url("gpt-4o"), &json!({"messages": messages()}))
-        .header("x-sim-fault", "reset-after-chunks=1")
-        .send()
-        .await
-        .unwrap();
+        .post_with_fault(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": messages()}),
+            "reset-after-chunks=1",
+        )
+        .await;
     let id = request_id(&resp);
     assert!(resp.text().await.is_err(), "the client sees the cut");
     s.settle().await;
@@ -1071,11 +1057,8 @@ async fn a_prompt_blocked_by_the_content_filter_is_charged_for_its_prompt() {
     let s = harness::start(|_| {}).await;
     let body = json!({"messages": messages()});
     let resp = s
-        .post(&s.chat_url("gpt-4o"), &body)
-        .header("x-sim-fault", "content-filter")
-        .send()
-        .await
-        .unwrap();
+        .post_with_fault(&s.chat_url("gpt-4o"), &body, "content-filter")
+        .await;
     assert_eq!(resp.status(), 400);
     let id = request_id(&resp);
     let e: Value = resp.json().await.unwrap();
