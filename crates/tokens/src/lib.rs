@@ -108,6 +108,7 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
     // message gains a newline before them (measured: hmarr/openai-chat-tokens examples).
     let definitions = definitions(body);
     let mut system_padded = definitions.is_empty();
+    let mut has_system = false;
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         for message in messages {
             total += f.per_message;
@@ -115,6 +116,7 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
                 continue;
             };
             let role = fields.get("role").and_then(Value::as_str);
+            has_system |= role == Some("system");
             if role == Some("function") {
                 // A function result's framing is two tokens shorter than a message's.
                 total -= 2;
@@ -132,17 +134,12 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
                         total += count_content_parts(model, enc, parts);
                     }
                     ("tool_calls", Value::Array(calls)) => {
-                        // Each call framed as a legacy function call is (+3): that gives the
-                        // published figure for one call and result in the history.
                         for call in calls {
                             let function = call.get("function").unwrap_or(&Value::Null);
-                            total += count_call(enc, function) as i64 + 3;
+                            total += count_call(enc, function);
                         }
                     }
-                    ("function_call", function) => {
-                        // The call's own framing: three tokens beyond its name and arguments.
-                        total += count_call(enc, function) as i64 + 3;
-                    }
+                    ("function_call", function) => total += count_call(enc, function),
                     (_, Value::String(s)) => {
                         total += enc.count(s) as i64;
                         if key == "name" {
@@ -156,7 +153,7 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
         total += f.reply_priming;
     }
     if !definitions.is_empty() {
-        total += count_definitions(enc, &definitions, body);
+        total += count_definitions(enc, &definitions, body, has_system);
     }
     total.max(0) as u64
 }
@@ -174,15 +171,8 @@ fn definitions(body: &Value) -> Vec<&Value> {
 /// framing, less the four tokens of framing they share with a system message, plus a forced
 /// `function_call`. The same rule gives the cookbook's published tool totals (its flat rule's
 /// figures) and the measured figures for nested schemas, where the flat rule ran 18–30 low.
-fn count_definitions(enc: Encoding, functions: &[&Value], body: &Value) -> i64 {
+fn count_definitions(enc: Encoding, functions: &[&Value], body: &Value, has_system: bool) -> i64 {
     let mut total = enc.count(&functions::render(functions)) as i64 + 9;
-    let has_system = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .is_some_and(|m| {
-            m.iter()
-                .any(|m| m.get("role").and_then(Value::as_str) == Some("system"))
-        });
     if has_system {
         total -= 4;
     }
@@ -217,13 +207,16 @@ fn count_content_parts(model: &str, enc: Encoding, parts: &[Value]) -> i64 {
         .sum()
 }
 
-fn count_call(enc: Encoding, function: &Value) -> u64 {
+/// A call in the history (a legacy `function_call` or one of `tool_calls`): its name and
+/// arguments, and three tokens of framing (measured for function calls; a tool call framed
+/// the same gives the published figure for one call and its result).
+fn count_call(enc: Encoding, function: &Value) -> i64 {
     let name = function.get("name").and_then(Value::as_str).unwrap_or("");
     let args = function
         .get("arguments")
         .and_then(Value::as_str)
         .unwrap_or("");
-    enc.count(name) + enc.count(args)
+    (enc.count(name) + enc.count(args)) as i64 + 3
 }
 
 /// What one choice of a completion produced, as counted by [`count_completion`].
