@@ -17,8 +17,17 @@ pub struct ParserConfig {
     pub max_retry_interval_ms: u64,
     /// A request whose `end` record has not arrived after this long is recorded as incomplete.
     pub incomplete_after_ms: u64,
-    /// Name of this consumer's checkpoint in the store.
+    /// Name of this group of parser replicas: the replicas of one group share the feed's units
+    /// (each unit read by one of them at a time); its leases and checkpoints carry this name.
     pub checkpoint_name: String,
+    /// This replica's name on the leases it holds. A replica that restarts under the same name
+    /// takes its units back at once instead of waiting for their leases to expire. Default:
+    /// the host name and process id, which is stable across a container's restarts.
+    pub replica_id: Option<String>,
+    /// How long a unit's lease lasts without renewal: how soon the other replicas take over
+    /// the units of one that died. Renewed at a third of it; an owner stops writing when less
+    /// than a third is left, so replicas' clocks must agree to well within a third.
+    pub lease_ttl_ms: u64,
     /// Price table file; the bundled table when absent.
     pub price_table_path: Option<PathBuf>,
     /// Deployment → model, for responses that do not name their model (errors, cut streams).
@@ -39,6 +48,8 @@ impl Default for ParserConfig {
             max_retry_interval_ms: 30_000,
             incomplete_after_ms: 15 * 60 * 1000,
             checkpoint_name: "log-parser".into(),
+            replica_id: None,
+            lease_ttl_ms: 30_000,
             price_table_path: None,
             deployment_models: BTreeMap::new(),
             deployment_price_multipliers: BTreeMap::new(),
@@ -56,6 +67,12 @@ impl ParserConfig {
         if self.poll_interval_ms == 0 {
             problems.push("parser.poll_interval_ms must be greater than 0".to_owned());
         }
+        if self.lease_ttl_ms < 300 {
+            problems.push("parser.lease_ttl_ms must be at least 300".to_owned());
+        }
+        if self.replica_id.as_deref() == Some("") {
+            problems.push("parser.replica_id must not be empty".to_owned());
+        }
         if self.checkpoint_name.is_empty() {
             problems.push("parser.checkpoint_name must not be empty".to_owned());
         }
@@ -72,4 +89,24 @@ impl ParserConfig {
             Err(problems)
         }
     }
+}
+
+impl ParserConfig {
+    /// This replica's name on its leases.
+    pub fn replica(&self) -> String {
+        if let Some(id) = &self.replica_id {
+            return id.clone();
+        }
+        format!("{}/{}", host_name(), std::process::id())
+    }
+}
+
+/// The host's name, for naming replicas in leases and logs.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "parser".to_owned())
 }

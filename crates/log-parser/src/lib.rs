@@ -9,6 +9,7 @@ pub mod error;
 pub mod pipeline;
 pub mod sink;
 pub mod transform;
+mod units;
 
 pub use config::ParserConfig;
 pub use error::ParserError;

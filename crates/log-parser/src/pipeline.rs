@@ -3,8 +3,9 @@
 //! records to every sink, and only then saves the checkpoint.
 //!
 //! Invariants:
-//! - the checkpoint (feed position + requests seen but not finished) is saved only after every
-//!   sink acknowledged the batch; a crash replays the page, and sinks are idempotent;
+//! - the feed is read by units, each leased by one replica of the group at a time (`units`);
+//! - a unit's checkpoint (feed position + requests seen but not finished) is saved only after
+//!   every sink acknowledged the batch; a crash replays the page, and sinks are idempotent;
 //! - a request is assembled from the store by request id (`read_request`), so the order in
 //!   which its records arrive (spool replays may reorder them) does not matter;
 //! - a request without its `end` after `incomplete_after_ms` is recorded as incomplete with
@@ -19,6 +20,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tollgate_records::{ConsolidatedRecord, RawRecord};
 use tollgate_store::{ChangeFeed, Checkpoint, PendingRequest};
+
+use crate::units::Units;
 use tollgate_tokens::PriceTable;
 
 use crate::config::ParserConfig;
@@ -27,8 +30,7 @@ use crate::sink::RecordSink;
 use crate::transform::consolidate::{self, Options, Parts};
 
 struct State {
-    checkpoint: Checkpoint,
-    loaded: bool,
+    units: Units,
 }
 
 /// Counters for operators and tests.
@@ -39,6 +41,8 @@ pub struct ParserStats {
     pub incomplete: u64,
     /// Stored documents that could not be read, set aside so the feed moves on.
     pub dead_letters: u64,
+    /// Feed units this replica holds now.
+    pub units_held: u64,
 }
 
 pub struct Parser {
@@ -75,15 +79,17 @@ impl Parser {
             detail: e.to_string(),
         })?;
         tollgate_tokens::Encoding::warm_up();
+        let units = Units::new(
+            config.checkpoint_name.clone(),
+            config.replica(),
+            config.lease_ttl_ms,
+        );
         Ok(Parser {
             feed,
             sinks,
             config,
             prices,
-            state: Mutex::new(State {
-                checkpoint: Checkpoint::default(),
-                loaded: false,
-            }),
+            state: Mutex::new(State { units }),
             stats: std::sync::Mutex::new(ParserStats::default()),
         })
     }
@@ -101,29 +107,46 @@ impl Parser {
         }
     }
 
-    /// Processes one page of the feed; returns how many raw records it read.
+    /// Takes or renews this replica's feed units when due, and processes one page of each;
+    /// returns how many raw records it read.
     pub async fn run_once(&self) -> Result<usize, ParserError> {
         let mut state = self.state.lock().await;
-        let mut candidates: Vec<String> = Vec::new();
-        if !state.loaded {
-            if let Some(cp) = self
-                .feed
-                .load_checkpoint(&self.config.checkpoint_name)
-                .await?
-            {
-                // Requests pending at the last checkpoint may have ended since: look again.
-                candidates.extend(cp.pending.iter().map(|p| p.request_id.clone()));
-                state.checkpoint = cp;
-            }
-            state.loaded = true;
+        let units = &mut state.units;
+        let result = self.read_units(units).await;
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .units_held = units.count() as u64;
+        result
+    }
+
+    async fn read_units(&self, units: &mut Units) -> Result<usize, ParserError> {
+        units.maintain(self.feed.as_ref(), false).await?;
+        let mut read = 0;
+        for unit in units.names() {
+            read += self.read_unit(units, &unit).await?;
         }
+        Ok(read)
+    }
+
+    /// One page of one unit: requests whose end arrived are consolidated, expired ones recorded
+    /// as incomplete, and the unit's checkpoint saved once every sink acknowledged them.
+    async fn read_unit(&self, units: &mut Units, unit: &str) -> Result<usize, ParserError> {
+        let Some(held) = units.get_mut(unit) else {
+            return Ok(0);
+        };
+        let mut candidates: Vec<String> = Vec::new();
+        if !held.pending_checked {
+            // Requests pending at the checkpoint may have ended since: look again.
+            candidates.extend(held.checkpoint.pending.iter().map(|p| p.request_id.clone()));
+        }
+        let before = held.checkpoint.clone();
         let page = self
             .feed
-            .read(state.checkpoint.position.as_deref(), self.config.batch_size)
+            .read(unit, before.position.as_deref(), self.config.batch_size)
             .await?;
         let read = page.records.len() + page.dead_letters.len();
-        let mut pending: HashMap<String, PendingRequest> = state
-            .checkpoint
+        let mut pending: HashMap<String, PendingRequest> = before
             .pending
             .iter()
             .map(|p| (p.request_id.clone(), p.clone()))
@@ -190,6 +213,15 @@ impl Parser {
             finished.push(id);
         }
 
+        if !units.usable(unit) {
+            // Too little of the lease is left to be sure no other replica has taken the unit:
+            // writing now could consolidate its requests twice. The next pass renews first.
+            tracing::warn!(
+                unit,
+                "Lease on a feed unit is about to expire; its page is left for after the renewal."
+            );
+            return Ok(0);
+        }
         for sink in &self.sinks {
             sink.write(&out).await?;
         }
@@ -206,11 +238,13 @@ impl Parser {
             position: page.position.clone(),
             pending,
         };
-        if checkpoint != state.checkpoint {
-            self.feed
-                .save_checkpoint(&self.config.checkpoint_name, &checkpoint)
+        if checkpoint != before {
+            units
+                .checkpoint(self.feed.as_ref(), unit, checkpoint)
                 .await?;
-            state.checkpoint = checkpoint;
+        }
+        if let Some(held) = units.get_mut(unit) {
+            held.pending_checked = true;
         }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.raw_records += page.records.len() as u64;
@@ -220,8 +254,15 @@ impl Parser {
         Ok(read)
     }
 
-    /// Processes pages until the feed has nothing new.
+    /// Takes what units it can and processes pages until they have nothing new.
     pub async fn catch_up(&self) -> Result<(), ParserError> {
+        // Leases first, whether due or not: "everything now" includes a unit released since.
+        self.state
+            .lock()
+            .await
+            .units
+            .maintain(self.feed.as_ref(), true)
+            .await?;
         while self.run_once().await? > 0 {}
         Ok(())
     }
@@ -258,6 +299,18 @@ impl Parser {
         if let Err(e) = self.catch_up().await {
             tracing::error!(error = %e, "Final parser pass failed; the checkpoint keeps the rest for the next start.");
         }
+        self.release().await;
+    }
+
+    /// Gives up every feed unit this replica holds, with its checkpoint, so another replica
+    /// (or the next start) goes on at once rather than after the lease expires.
+    pub async fn release(&self) {
+        let mut state = self.state.lock().await;
+        state.units.release_all(self.feed.as_ref()).await;
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .units_held = 0;
     }
 }
 

@@ -7,7 +7,14 @@ use tollgate_records::{
     RequestRecord, SCHEMA_VERSION, SegmentData, Usage, UsageQuality, UsageQualityInfo, UsageSource,
 };
 
-use crate::{Checkpoint, DeadLetter, PendingRequest, RecordQuery, Store};
+use crate::{Checkpoint, DeadLetter, PendingRequest, RecordQuery, Store, StoreError};
+
+fn some<T>(o: Option<T>, what: &str) -> T {
+    match o {
+        Some(v) => v,
+        None => panic!("{what}"),
+    }
+}
 
 fn must<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
     match r {
@@ -144,31 +151,56 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
 /// Runs every check. `store` must be empty.
 pub async fn run(store: &dyn Store) {
     feed_order_idempotence_and_resume(store).await;
-    checkpoints_round_trip(store).await;
+    units_split_requests_whole(store).await;
+    leases_are_exclusive_and_carry_the_checkpoint(store).await;
     dead_letters_are_kept_once(store).await;
     upsert_is_idempotent_and_usage_groups(store).await;
 }
 
+/// Request ids whose records all land in `unit` (the unit of each request is the backend's
+/// choice, so the suite finds ids that fall in the unit it reads).
+fn ids_in_unit(store: &dyn Store, unit: &str, prefix: &str, n: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let units = store.units();
+    for i in 0.. {
+        if found.len() == n {
+            break;
+        }
+        let id = format!("{prefix}{i}");
+        if units.len() == 1 || crate::unit_of(&units, &id) == unit {
+            found.push(id);
+        }
+    }
+    found
+}
+
 async fn feed_order_idempotence_and_resume(store: &dyn Store) {
+    let unit = store.units()[0].clone();
+    let unit = unit.as_str();
+    let ids = ids_in_unit(store, unit, "a", 2);
+    let (a, b) = (ids[0].as_str(), ids[1].as_str());
     let first = vec![
-        sample_request("a"),
-        sample_chunk("a", 1, "data: x\n\n"),
-        sample_request("b"),
+        sample_request(a),
+        sample_chunk(a, 1, "data: x\n\n"),
+        sample_request(b),
     ];
     must(store.append(&first).await, "append");
     // Replaying an already-stored batch must not duplicate anything.
     must(store.append(&first).await, "replayed append");
-    let page = must(store.read(None, 2).await, "read");
+    let page = must(store.read(unit, None, 2).await, "read");
     assert_eq!(page.records.len(), 2, "page size honours max");
-    assert_eq!(page.records[0].id(), "a:0");
-    assert_eq!(page.records[1].id(), "a:1");
-    let rest = must(store.read(page.position.as_deref(), 100).await, "read rest");
+    assert_eq!(page.records[0].id(), format!("{a}:0"));
+    assert_eq!(page.records[1].id(), format!("{a}:1"));
+    let rest = must(
+        store.read(unit, page.position.as_deref(), 100).await,
+        "read rest",
+    );
     assert_eq!(
         rest.records.iter().map(RawRecord::id).collect::<Vec<_>>(),
-        vec!["b:0"]
+        vec![format!("{b}:0")]
     );
     let empty = must(
-        store.read(rest.position.as_deref(), 100).await,
+        store.read(unit, rest.position.as_deref(), 100).await,
         "read at end",
     );
     assert!(empty.records.is_empty(), "nothing after the last record");
@@ -177,28 +209,100 @@ async fn feed_order_idempotence_and_resume(store: &dyn Store) {
         "an empty page keeps the position"
     );
 
-    must(store.append(&[sample_end("a", 2)]).await, "append end");
-    let next = must(store.read(rest.position.as_deref(), 100).await, "read new");
+    must(store.append(&[sample_end(a, 2)]).await, "append end");
+    let next = must(
+        store.read(unit, rest.position.as_deref(), 100).await,
+        "read new",
+    );
     assert_eq!(
         next.records.iter().map(RawRecord::id).collect::<Vec<_>>(),
-        vec!["a:2"]
+        vec![format!("{a}:2")]
     );
 
-    let a = must(store.read_request("a").await, "read_request");
+    let records = must(store.read_request(a).await, "read_request");
     assert_eq!(
-        a.iter().map(RawRecord::seq).collect::<Vec<_>>(),
+        records.iter().map(RawRecord::seq).collect::<Vec<_>>(),
         vec![0, 1, 2]
     );
     assert_eq!(
-        a[1],
-        sample_chunk("a", 1, "data: x\n\n"),
+        records[1],
+        sample_chunk(a, 1, "data: x\n\n"),
         "chunk bytes survive the store"
     );
     assert!(must(store.read_request("nope").await, "read_request").is_empty());
 }
 
-async fn checkpoints_round_trip(store: &dyn Store) {
-    assert_eq!(must(store.load_checkpoint("p").await, "load"), None);
+/// Every record appears in exactly one unit, and all records of a request in the same one.
+async fn units_split_requests_whole(store: &dyn Store) {
+    let units = store.units();
+    assert!(!units.is_empty(), "a feed has at least one unit");
+    let mut positions = Vec::new();
+    for unit in &units {
+        let mut position = None;
+        loop {
+            let page = must(store.read(unit, position.as_deref(), 1000).await, "drain");
+            if page.records.is_empty() {
+                break;
+            }
+            position = page.position;
+        }
+        positions.push(position);
+    }
+    let batch: Vec<RawRecord> = (0..40)
+        .flat_map(|i| {
+            let id = format!("split{i}");
+            [
+                sample_request(&id),
+                sample_chunk(&id, 1, "data: y\n\n"),
+                sample_end(&id, 2),
+            ]
+        })
+        .collect();
+    must(store.append(&batch).await, "append split");
+    let mut seen: std::collections::BTreeMap<String, (String, usize)> = Default::default();
+    for (unit, position) in units.iter().zip(positions) {
+        let page = must(
+            store.read(unit, position.as_deref(), 1000).await,
+            "read unit",
+        );
+        for r in &page.records {
+            let entry = seen
+                .entry(r.request_id().to_owned())
+                .or_insert((unit.clone(), 0));
+            assert_eq!(&entry.0, unit, "a request's records are in one unit");
+            entry.1 += 1;
+        }
+    }
+    assert_eq!(seen.len(), 40, "every request is in some unit");
+    assert!(
+        seen.values().all(|(_, n)| *n == 3),
+        "each record is read once"
+    );
+}
+
+async fn leases_are_exclusive_and_carry_the_checkpoint(store: &dyn Store) {
+    use crate::lease;
+    let unit = store.units()[0].clone();
+    let ttl = Duration::seconds(60);
+    assert_eq!(
+        must(crate::load_checkpoint(store, "g", &unit).await, "load"),
+        None
+    );
+    let held = some(
+        must(
+            lease::acquire(store, "g", &unit, "one", ttl).await,
+            "acquire",
+        ),
+        "a unit nobody holds is taken",
+    );
+    assert!(
+        must(
+            lease::acquire(store, "g", &unit, "two", ttl).await,
+            "contend"
+        )
+        .is_none(),
+        "a held lease is not taken by another reader"
+    );
     let cp = Checkpoint {
         position: Some("42".into()),
         pending: vec![PendingRequest {
@@ -207,15 +311,67 @@ async fn checkpoints_round_trip(store: &dyn Store) {
             end_seen: true,
         }],
     };
-    must(store.save_checkpoint("p", &cp).await, "save");
+    let held = must(lease::renew(store, &held, &cp, ttl).await, "renew");
+    assert_eq!(
+        must(crate::load_checkpoint(store, "g", &unit).await, "load"),
+        Some(cp.clone())
+    );
+    assert_eq!(
+        must(
+            crate::load_checkpoint(store, "other", &unit).await,
+            "other group"
+        ),
+        None,
+        "groups keep their own checkpoints"
+    );
+
+    // A hand-over request survives the owner's next renewal, which then sees it.
+    assert!(must(
+        lease::request(store, "g", &unit, "two").await,
+        "request"
+    ));
+    let held = must(
+        lease::renew(store, &held, &cp, ttl).await,
+        "renew after request",
+    );
+    assert!(held.requested(), "the owner sees the request");
+
+    // Released: the next reader goes on from the saved checkpoint.
     let mut cp2 = cp.clone();
     cp2.position = Some("43".into());
-    must(store.save_checkpoint("p", &cp2).await, "overwrite");
-    assert_eq!(must(store.load_checkpoint("p").await, "load"), Some(cp2));
-    assert_eq!(
-        must(store.load_checkpoint("other").await, "load other"),
-        None
+    must(lease::release(store, &held, &cp2).await, "release");
+    let second = some(
+        must(
+            lease::acquire(store, "g", &unit, "two", ttl).await,
+            "take over",
+        ),
+        "a released lease is free",
     );
+    assert_eq!(second.checkpoint(), &cp2);
+    assert!(!second.requested(), "taking a lease clears the request");
+
+    // The old holder's renewal fails: it must stop reading the unit.
+    match lease::renew(store, &held, &cp, ttl).await {
+        Err(StoreError::LeaseLost { .. }) => {}
+        other => panic!("a taken lease cannot be renewed by its old owner: {other:?}"),
+    }
+    // An expired lease is free without asking.
+    let expired = must(
+        lease::renew(store, &second, &cp2, Duration::zero()).await,
+        "expire",
+    );
+    let third = must(
+        lease::acquire(store, "g", &unit, "three", ttl).await,
+        "after expiry",
+    );
+    assert!(third.is_some(), "an expired lease is taken");
+    assert!(matches!(
+        lease::renew(store, &expired, &cp2, ttl).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    let owners = must(lease::owners(store, "g").await, "owners");
+    assert_eq!(owners.len(), 1);
+    assert_eq!(owners[0].0, "three");
 }
 
 async fn dead_letters_are_kept_once(store: &dyn Store) {
@@ -320,4 +476,91 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
         ..Default::default()
     };
     assert_eq!(must(store.list(&q).await, "list by consumer").len(), 2);
+}
+
+/// The endpoint of a Cosmos DB test server for this test process: `TOLLGATE_TEST_COSMOS` if
+/// set, otherwise `../shared/cosmos-test-server` (or `TOLLGATE_COSMOS_TEST_SERVER_DIR`) started
+/// once on a free port. The server is tied to this process: a shell holds it and stops it when
+/// the process's end closes the shell's input, so no test run leaves a server behind.
+pub fn cosmos_test_server() -> String {
+    static SERVER: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    match SERVER.get_or_init(start_cosmos_test_server) {
+        Ok(url) => url.clone(),
+        Err(e) => panic!("Cosmos DB test server: {e}"),
+    }
+}
+
+fn start_cosmos_test_server() -> Result<String, String> {
+    use std::io::BufRead;
+    if let Ok(url) = std::env::var("TOLLGATE_TEST_COSMOS") {
+        return Ok(url);
+    }
+    let dir = std::env::var("TOLLGATE_COSMOS_TEST_SERVER_DIR").map_or_else(
+        |_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/cosmos-test-server")
+        },
+        std::path::PathBuf::from,
+    );
+    let script = dir.join("start.sh");
+    if !script.is_file() {
+        return Err(format!(
+            "{} not found; set TOLLGATE_COSMOS_TEST_SERVER_DIR or TOLLGATE_TEST_COSMOS",
+            script.display()
+        ));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"pid=$("$0" "$1" --no-ssl) || exit 1; echo ready; cat >/dev/null; kill "$pid""#)
+        .arg(&script)
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if line.trim() != "ready" {
+        return Err(format!("{} did not start a server", script.display()));
+    }
+    // Kept for the life of the process: its input closes when the process ends.
+    std::mem::forget(child);
+    Ok(format!("http://127.0.0.1:{port}/"))
+}
+
+/// A Cosmos configuration for the test server, with a database of its own so tests sharing the
+/// server do not see each other's records.
+pub fn cosmos_test_config(database: &str) -> crate::CosmosConfig {
+    // The emulator's well-known key (the test server checks none), in a file as a deployment
+    // mounts a secret.
+    const EMULATOR_KEY: &str =
+        "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";
+    let key_file =
+        std::env::temp_dir().join(format!("tollgate-test-cosmos-{}.key", std::process::id()));
+    if let Err(e) = std::fs::write(&key_file, EMULATOR_KEY) {
+        panic!("cannot write {}: {e}", key_file.display());
+    }
+    crate::CosmosConfig {
+        endpoint: cosmos_test_server(),
+        database: database.to_owned(),
+        auth: crate::CosmosAuth::Key {
+            key_env: String::new(),
+            key_file: Some(key_file),
+        },
+        region: "East US".into(),
+        create_if_missing: true,
+        containers: crate::CosmosContainers::default(),
+        raw_shards: 4,
+        raw_ttl_days: 0,
+        http2: false,
+        binary_encoding: false,
+        write_concurrency: 4,
+    }
 }

@@ -15,8 +15,16 @@
 #[cfg(feature = "embedded")]
 pub mod embedded;
 
+#[cfg(feature = "cosmos")]
+pub mod cosmos;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
+
+mod cosmos_config;
+pub mod lease;
+
+pub use cosmos_config::{CosmosAuth, CosmosConfig, CosmosContainers};
 
 use std::path::PathBuf;
 
@@ -41,6 +49,9 @@ pub enum StoreError {
     /// (the writer then narrows it down).
     #[error("store rejected record {id}: {detail}")]
     Rejected { id: String, detail: String },
+    /// Another reader took this feed unit's lease (it had expired): stop reading the unit.
+    #[error("the lease on feed unit {unit} was taken by another reader")]
+    LeaseLost { unit: String },
 }
 
 impl StoreError {
@@ -109,11 +120,23 @@ pub struct DeadLetter {
 }
 
 /// Reads raw records in append order; used by the log parser.
+///
+/// The feed is divided into units ([`ChangeFeed::units`]): each has its own order and position,
+/// and every record of one request is in one unit, so replicas that each read a share of the
+/// units never assemble the same request. The embedded store is one unit.
 #[async_trait]
 pub trait ChangeFeed: Send + Sync + 'static {
-    /// Up to `max` records after `position`. A document that cannot be read never fails the
-    /// page: it is returned in [`FeedPage::dead_letters`] and the position moves past it.
-    async fn read(&self, position: Option<&str>, max: usize) -> Result<FeedPage, StoreError>;
+    /// The units of the feed; fixed for the store's life.
+    fn units(&self) -> Vec<String>;
+    /// Up to `max` records of `unit` after `position`. A document that cannot be read never
+    /// fails the page: it is returned in [`FeedPage::dead_letters`] and the position moves past
+    /// it.
+    async fn read(
+        &self,
+        unit: &str,
+        position: Option<&str>,
+        max: usize,
+    ) -> Result<FeedPage, StoreError>;
     /// All readable raw records of one request, ordered by seq (unreadable ones are skipped;
     /// the feed reports them as dead letters).
     async fn read_request(&self, request_id: &str) -> Result<Vec<RawRecord>, StoreError>;
@@ -121,8 +144,40 @@ pub trait ChangeFeed: Send + Sync + 'static {
     async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError>;
     /// The dead letters kept so far, oldest first, at most `limit`.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StoreError>;
-    async fn save_checkpoint(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), StoreError>;
+    /// The lease of one unit for a group of readers, with its version.
+    async fn lease_doc(
+        &self,
+        group: &str,
+        unit: &str,
+    ) -> Result<Option<lease::Versioned>, StoreError>;
+    /// Every lease of a group.
+    async fn lease_docs(&self, group: &str) -> Result<Vec<lease::Versioned>, StoreError>;
+    /// Writes `doc` if the stored lease still has version `expected` (`None`: only if there is
+    /// none); its new version, or `None` when the condition failed.
+    async fn put_lease_doc(
+        &self,
+        doc: &lease::LeaseDoc,
+        expected: Option<&str>,
+    ) -> Result<Option<String>, StoreError>;
+}
+
+/// The unit of a sharded feed that holds `request_id`'s records: a hash of the id that never
+/// changes between versions or processes (CRC-32), so every writer puts a request's records in
+/// the same unit and a reader finds them there.
+pub fn unit_of<'a>(units: &'a [String], request_id: &str) -> &'a str {
+    let hash = crc32fast::hash(request_id.as_bytes()) as usize;
+    units
+        .get(hash % units.len().max(1))
+        .map_or("", String::as_str)
+}
+
+/// The checkpoint a group of readers saved for one unit (without taking its lease).
+pub async fn load_checkpoint(
+    feed: &dyn ChangeFeed,
+    group: &str,
+    unit: &str,
+) -> Result<Option<Checkpoint>, StoreError> {
+    Ok(feed.lease_doc(group, unit).await?.map(|v| v.doc.checkpoint))
 }
 
 /// A time window and optional filters over consolidated records.
@@ -190,6 +245,9 @@ pub enum StoreConfig {
         #[serde(default = "default_busy_timeout_ms")]
         busy_timeout_ms: u64,
     },
+    /// Cosmos DB for NoSQL: the production store, shared by any number of proxy and parser
+    /// replicas.
+    Cosmos(CosmosConfig),
 }
 
 impl Default for StoreConfig {
@@ -221,6 +279,7 @@ impl StoreConfig {
     pub fn data_dir(&self) -> Option<&std::path::Path> {
         match self {
             StoreConfig::Embedded { data_dir, .. } => Some(data_dir),
+            StoreConfig::Cosmos(_) => None,
         }
     }
 }
@@ -249,6 +308,8 @@ pub async fn open_existing(config: &StoreConfig) -> Result<std::sync::Arc<dyn St
         // `open` says this build has no embedded store.
         #[cfg(not(feature = "embedded"))]
         StoreConfig::Embedded { .. } => {}
+        // Opening checks that the database and containers exist.
+        StoreConfig::Cosmos(_) => {}
     }
     open(config).await
 }
@@ -268,6 +329,12 @@ pub async fn open(config: &StoreConfig) -> Result<std::sync::Arc<dyn Store>, Sto
         #[cfg(not(feature = "embedded"))]
         StoreConfig::Embedded { .. } => Err(StoreError::Config(
             "built without the `embedded` store feature".into(),
+        )),
+        #[cfg(feature = "cosmos")]
+        StoreConfig::Cosmos(c) => Ok(std::sync::Arc::new(cosmos::CosmosStore::open(c).await?)),
+        #[cfg(not(feature = "cosmos"))]
+        StoreConfig::Cosmos(_) => Err(StoreError::Config(
+            "built without the `cosmos` store feature".into(),
         )),
     }
 }

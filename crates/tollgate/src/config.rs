@@ -62,6 +62,10 @@ pub(crate) struct Config {
     pub(crate) sim: SimConfig,
     #[serde(default)]
     pub(crate) log: LogConfig,
+    /// Where this process keeps its local state (the proxy's spool and journal): the embedded
+    /// store's directory, or `--data-dir` / `./data` next to a Cosmos DB store.
+    #[serde(skip)]
+    pub(crate) local_dir: PathBuf,
 }
 
 fn default_listen() -> SocketAddr {
@@ -87,12 +91,18 @@ pub(crate) fn load(path: Option<&Path>, data_dir: Option<&PathBuf>) -> anyhow::R
     }
     figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
     let mut config: Config = figment.extract().context("configuration is invalid")?;
-    if let Some(dir) = data_dir {
-        match &mut config.store {
-            StoreConfig::Embedded { data_dir, .. } => *data_dir = dir.clone(),
-        }
+    if let (Some(dir), StoreConfig::Embedded { data_dir, .. }) = (data_dir, &mut config.store) {
+        *data_dir = dir.clone();
     }
+    config.local_dir = match (&config.store, data_dir) {
+        (StoreConfig::Embedded { data_dir, .. }, _) => data_dir.clone(),
+        (StoreConfig::Cosmos(_), Some(dir)) => dir.clone(),
+        (StoreConfig::Cosmos(_), None) => PathBuf::from("./data"),
+    };
     let mut problems = Vec::new();
+    if let StoreConfig::Cosmos(c) = &config.store {
+        problems.extend(c.problems());
+    }
     if let Err(p) = config.parser.validate() {
         problems.extend(p);
     }

@@ -98,10 +98,7 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
     let store = tollgate_store::open(&config.store)
         .await
         .context("store could not be opened")?;
-    let data_dir: PathBuf = config
-        .store
-        .data_dir()
-        .map_or_else(|| PathBuf::from("./data"), PathBuf::from);
+    let data_dir: PathBuf = config.local_dir.clone();
     let background = TaskTracker::new();
     let sim_cancel = CancellationToken::new();
     let mut sim_addr = None;
@@ -157,8 +154,12 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
         if let Some(e) = &exporter {
             sinks.push(Arc::new(OtlpSink::new(e.clone())));
         }
+        let mut parser_config = config.parser.clone();
+        if parser_config.replica_id.is_none() {
+            parser_config.replica_id = Some(replica_id(&data_dir)?);
+        }
         Some(Arc::new(Parser::new(
-            config.parser.clone(),
+            parser_config,
             store.clone() as Arc<dyn ChangeFeed>,
             sinks,
         )?))
@@ -292,4 +293,25 @@ fn banner(
             data_dir.display()
         ));
     }
+}
+
+/// This parser replica's name, kept in its local state directory: a replica restarted on the
+/// same directory (after a crash, a SIGKILL) takes its feed units back at once instead of
+/// waiting for their leases to expire, and replicas on different directories never share one.
+fn replica_id(dir: &std::path::Path) -> anyhow::Result<String> {
+    let file = dir.join("parser-replica-id");
+    match std::fs::read_to_string(&file) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let id = format!(
+        "{}/{}",
+        tollgate_log_parser::config::host_name(),
+        uuid::Uuid::now_v7()
+    );
+    std::fs::write(&file, &id).with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(id)
 }

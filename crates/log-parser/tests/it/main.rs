@@ -60,7 +60,14 @@ async fn a_restarted_parser_finishes_requests_it_saw_start() {
         store.get("r1").await.unwrap().is_none(),
         "not finished without its end"
     );
-    let cp = store.load_checkpoint("log-parser").await.unwrap().unwrap();
+    let cp = tollgate_store::load_checkpoint(
+        store.as_ref(),
+        "log-parser",
+        tollgate_store::embedded::UNIT,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         cp.pending.len(),
         1,
@@ -85,13 +92,16 @@ async fn a_restarted_parser_finishes_requests_it_saw_start() {
     assert_eq!(r.usage.unwrap().source, UsageSource::Estimated);
     assert_eq!(second.stats().consolidated, 1);
     assert!(
-        store
-            .load_checkpoint("log-parser")
-            .await
-            .unwrap()
-            .unwrap()
-            .pending
-            .is_empty()
+        tollgate_store::load_checkpoint(
+            store.as_ref(),
+            "log-parser",
+            tollgate_store::embedded::UNIT
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .pending
+        .is_empty()
     );
 }
 
@@ -215,7 +225,14 @@ async fn end_seen_survives_a_restart() {
         store.get("r1").await.unwrap().is_none(),
         "segment 2 missing"
     );
-    let cp = store.load_checkpoint("log-parser").await.unwrap().unwrap();
+    let cp = tollgate_store::load_checkpoint(
+        store.as_ref(),
+        "log-parser",
+        tollgate_store::embedded::UNIT,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert!(
         cp.pending
             .iter()
@@ -235,7 +252,14 @@ async fn end_seen_survives_a_restart() {
     assert!(r.complete);
     assert_eq!(r.choices[0].content.as_deref(), Some("Hello"));
     assert_eq!(second.stats().incomplete, 0);
-    let cp = store.load_checkpoint("log-parser").await.unwrap().unwrap();
+    let cp = tollgate_store::load_checkpoint(
+        store.as_ref(),
+        "log-parser",
+        tollgate_store::embedded::UNIT,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert!(cp.pending.is_empty());
 }
 
@@ -286,12 +310,16 @@ struct BrokenFeed {
 
 #[async_trait::async_trait]
 impl ChangeFeed for BrokenFeed {
+    fn units(&self) -> Vec<String> {
+        self.inner.units()
+    }
     async fn read(
         &self,
+        unit: &str,
         position: Option<&str>,
         max: usize,
     ) -> Result<tollgate_store::FeedPage, tollgate_store::StoreError> {
-        let mut page = self.inner.read(position, max).await?;
+        let mut page = self.inner.read(unit, position, max).await?;
         if position.is_none() && !page.records.is_empty() {
             let error = serde_json::from_str::<RawRecord>(&self.bad)
                 .expect_err("the document is unreadable")
@@ -323,17 +351,76 @@ impl ChangeFeed for BrokenFeed {
     ) -> Result<Vec<tollgate_store::DeadLetter>, tollgate_store::StoreError> {
         self.inner.dead_letters(limit).await
     }
-    async fn load_checkpoint(
+    async fn lease_doc(
         &self,
-        name: &str,
-    ) -> Result<Option<tollgate_store::Checkpoint>, tollgate_store::StoreError> {
-        self.inner.load_checkpoint(name).await
+        group: &str,
+        unit: &str,
+    ) -> Result<Option<tollgate_store::lease::Versioned>, tollgate_store::StoreError> {
+        self.inner.lease_doc(group, unit).await
     }
-    async fn save_checkpoint(
+    async fn lease_docs(
         &self,
-        name: &str,
-        checkpoint: &tollgate_store::Checkpoint,
-    ) -> Result<(), tollgate_store::StoreError> {
-        self.inner.save_checkpoint(name, checkpoint).await
+        group: &str,
+    ) -> Result<Vec<tollgate_store::lease::Versioned>, tollgate_store::StoreError> {
+        self.inner.lease_docs(group).await
     }
+    async fn put_lease_doc(
+        &self,
+        doc: &tollgate_store::lease::LeaseDoc,
+        expected: Option<&str>,
+    ) -> Result<Option<String>, tollgate_store::StoreError> {
+        self.inner.put_lease_doc(doc, expected).await
+    }
+}
+
+fn replica(name: &str) -> ParserConfig {
+    ParserConfig {
+        replica_id: Some(name.into()),
+        ..ParserConfig::default()
+    }
+}
+
+/// Two replicas of one group on a one-unit feed: only the holder of the unit's lease reads it,
+/// and once it gives the unit up the other goes on from its checkpoint, so no request is
+/// consolidated twice and none is missed.
+#[tokio::test]
+async fn one_replica_reads_a_unit_and_another_goes_on_from_its_checkpoint() {
+    let (_dir, store) = store().await;
+    let done = |id: &str| {
+        [
+            chat_request(id),
+            sample_chunk(id, 1, FRAME_A),
+            sample_chunk(id, 2, FRAME_B),
+            sse_end(id, 2),
+        ]
+    };
+    store.append(&done("r1")).await.unwrap();
+    let first = parser(&store, replica("one"));
+    let second = parser(&store, replica("two"));
+    first.catch_up().await.unwrap();
+    second.catch_up().await.unwrap();
+    assert_eq!(first.stats().consolidated, 1);
+    assert_eq!(first.stats().units_held, 1);
+    assert_eq!(
+        (second.stats().raw_records, second.stats().units_held),
+        (0, 0),
+        "the unit is held by the first replica"
+    );
+
+    store.append(&done("r2")).await.unwrap();
+    first.release().await;
+    second.catch_up().await.unwrap();
+    assert_eq!(second.stats().units_held, 1, "a released unit is taken");
+    assert_eq!(
+        (second.stats().raw_records, second.stats().consolidated),
+        (4, 1),
+        "only what came after the first replica's checkpoint"
+    );
+    assert!(store.get("r2").await.unwrap().is_some());
+    first.catch_up().await.unwrap();
+    assert_eq!(
+        first.stats().consolidated,
+        1,
+        "the first replica does not take the unit back while it is held"
+    );
 }

@@ -5,7 +5,10 @@
 //!   position p never later finds a committed row below p. `(request_id, seq)` — the record id
 //!   — is unique and inserts use `OR IGNORE`, which makes replays idempotent; the same index
 //!   serves reads of one request.
-//! - `checkpoints`: one JSON checkpoint per feed consumer name.
+//! - `leases`: the feed's one unit ([`UNIT`]) leased per group of readers, with the group's
+//!   checkpoint in it (see [`crate::lease`]); `version` makes writes conditional. Earlier
+//!   versions kept checkpoints by name in `checkpoints`: a group's first lease starts from its
+//!   checkpoint there.
 //! - `requests`: consolidated records, with the fields reports group by as indexed columns
 //!   and the full record as JSON.
 //!
@@ -20,12 +23,14 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_records::{ConsolidatedRecord, Money, RawRecord};
 
 use crate::{
-    ChangeFeed, Checkpoint, DeadLetter, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError,
-    UsageRow,
+    ChangeFeed, DeadLetter, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError, UsageRow,
 };
 
 #[cfg(test)]
 mod tests;
+
+/// The embedded feed's one unit.
+pub const UNIT: &str = "0";
 
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "tollgate.sqlite";
@@ -49,6 +54,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT PRIMARY KEY,
     doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    grp TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (grp, unit)
 );
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
@@ -214,7 +226,21 @@ fn parse_position(position: Option<&str>) -> Result<i64, StoreError> {
 
 #[async_trait]
 impl ChangeFeed for EmbeddedStore {
-    async fn read(&self, position: Option<&str>, max: usize) -> Result<FeedPage, StoreError> {
+    fn units(&self) -> Vec<String> {
+        vec![UNIT.to_owned()]
+    }
+
+    async fn read(
+        &self,
+        unit: &str,
+        position: Option<&str>,
+        max: usize,
+    ) -> Result<FeedPage, StoreError> {
+        if unit != UNIT {
+            return Err(StoreError::Config(format!(
+                "the embedded store's feed has one unit, {UNIT:?}, not {unit:?}"
+            )));
+        }
         let after = parse_position(position)?;
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         let (rows, last) = self
@@ -333,37 +359,127 @@ impl ChangeFeed for EmbeddedStore {
         .await
     }
 
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let name = name.to_owned();
-        let doc = self
-            .read_conn(move |conn| {
-                conn.query_row(
-                    "SELECT doc FROM checkpoints WHERE name = ?1",
-                    params![name],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()
-                .map_err(io)
+    async fn lease_doc(
+        &self,
+        group: &str,
+        unit: &str,
+    ) -> Result<Option<crate::lease::Versioned>, StoreError> {
+        let (group, unit) = (group.to_owned(), unit.to_owned());
+        let row = self
+            .write(move |conn| {
+                let row = conn
+                    .query_row(
+                        "SELECT version, doc FROM leases WHERE grp = ?1 AND unit = ?2",
+                        params![group, unit],
+                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                    )
+                    .optional()
+                    .map_err(io)?;
+                if row.is_some() || unit != UNIT {
+                    return Ok(row);
+                }
+                carry_over_checkpoint(conn, &group)
             })
             .await?;
-        doc.map(|d| serde_json::from_str(&d).map_err(corrupt))
-            .transpose()
+        row.map(versioned).transpose()
     }
 
-    async fn save_checkpoint(&self, name: &str, checkpoint: &Checkpoint) -> Result<(), StoreError> {
-        let name = name.to_owned();
-        let doc = serde_json::to_string(checkpoint).map_err(corrupt)?;
+    async fn lease_docs(&self, group: &str) -> Result<Vec<crate::lease::Versioned>, StoreError> {
+        let group = group.to_owned();
+        let rows = self
+            .read_conn(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT version, doc FROM leases WHERE grp = ?1 ORDER BY unit")
+                    .map_err(io)?;
+                let rows = stmt
+                    .query_map(params![group], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(io)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(io)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter().map(versioned).collect()
+    }
+
+    async fn put_lease_doc(
+        &self,
+        doc: &crate::lease::LeaseDoc,
+        expected: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let text = serde_json::to_string(doc).map_err(corrupt)?;
+        let (group, unit) = (doc.group.clone(), doc.unit.clone());
+        let expected = expected
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| StoreError::Corrupt(format!("bad lease version {v:?}")))
+            })
+            .transpose()?;
         self.write(move |conn| {
-            conn.execute(
-                "INSERT INTO checkpoints (name, doc) VALUES (?1, ?2)
-                 ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
-                params![name, doc],
-            )
-            .map(|_| ())
-            .map_err(io)
+            let (changed, version) = match expected {
+                None => (
+                    conn.execute(
+                        "INSERT OR IGNORE INTO leases (grp, unit, version, doc) VALUES (?1, ?2, 1, ?3)",
+                        params![group, unit, text],
+                    )
+                    .map_err(io)?,
+                    1,
+                ),
+                Some(v) => (
+                    conn.execute(
+                        "UPDATE leases SET version = ?4, doc = ?3
+                         WHERE grp = ?1 AND unit = ?2 AND version = ?5",
+                        params![group, unit, text, v + 1, v],
+                    )
+                    .map_err(io)?,
+                    v + 1,
+                ),
+            };
+            Ok((changed == 1).then(|| version.to_string()))
         })
         .await
     }
+}
+
+/// A group's first lease, started from the checkpoint an earlier version saved under the
+/// group's name.
+fn carry_over_checkpoint(
+    conn: &Connection,
+    group: &str,
+) -> Result<Option<(i64, String)>, StoreError> {
+    let old = conn
+        .query_row(
+            "SELECT doc FROM checkpoints WHERE name = ?1",
+            params![group],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()
+        .map_err(io)?;
+    let Some(old) = old else {
+        return Ok(None);
+    };
+    let doc = crate::lease::LeaseDoc {
+        group: group.to_owned(),
+        unit: UNIT.to_owned(),
+        owner: None,
+        expires: chrono::DateTime::UNIX_EPOCH,
+        requested_by: None,
+        checkpoint: serde_json::from_str(&old).map_err(corrupt)?,
+    };
+    let text = serde_json::to_string(&doc).map_err(corrupt)?;
+    conn.execute(
+        "INSERT INTO leases (grp, unit, version, doc) VALUES (?1, ?2, 1, ?3)",
+        params![group, UNIT, text],
+    )
+    .map_err(io)?;
+    Ok(Some((1, text)))
+}
+
+fn versioned((version, doc): (i64, String)) -> Result<crate::lease::Versioned, StoreError> {
+    Ok(crate::lease::Versioned {
+        doc: serde_json::from_str(&doc).map_err(corrupt)?,
+        version: version.to_string(),
+    })
 }
 
 struct RequestRow {

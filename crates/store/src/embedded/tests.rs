@@ -9,11 +9,14 @@ async fn data_and_positions_survive_reopen() {
         .append(&[sample_request("a"), sample_chunk("a", 1, "x")])
         .await
         .unwrap();
-    let page = store.read(None, 10).await.unwrap();
+    let page = store.read(UNIT, None, 10).await.unwrap();
     drop(store);
     let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();
     store.append(&[sample_request("b")]).await.unwrap();
-    let page2 = store.read(page.position.as_deref(), 10).await.unwrap();
+    let page2 = store
+        .read(UNIT, page.position.as_deref(), 10)
+        .await
+        .unwrap();
     assert_eq!(page2.records.len(), 1);
     assert_eq!(page2.records[0].request_id(), "b");
 }
@@ -23,7 +26,7 @@ async fn bad_position_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();
     assert!(matches!(
-        store.read(Some("zz"), 1).await,
+        store.read(UNIT, Some("zz"), 1).await,
         Err(StoreError::Corrupt(_))
     ));
 }
@@ -47,7 +50,7 @@ async fn unreadable_document_is_a_dead_letter_and_the_feed_moves_on() {
         .await
         .unwrap();
     store.append(&[sample_request("b")]).await.unwrap();
-    let page = store.read(None, 10).await.unwrap();
+    let page = store.read(UNIT, None, 10).await.unwrap();
     let ids: Vec<String> = page.records.iter().map(RawRecord::id).collect();
     assert_eq!(ids, vec!["a:0", "b:0"]);
     assert_eq!(page.dead_letters.len(), 1);
@@ -55,7 +58,10 @@ async fn unreadable_document_is_a_dead_letter_and_the_feed_moves_on() {
     assert_eq!(letter.record_id.as_deref(), Some("bad:0"));
     assert_eq!(letter.document, r#"{"kind":"request"}"#);
     assert!(store.read_request("bad").await.unwrap().is_empty());
-    let rest = store.read(page.position.as_deref(), 10).await.unwrap();
+    let rest = store
+        .read(UNIT, page.position.as_deref(), 10)
+        .await
+        .unwrap();
     assert!(rest.records.is_empty() && rest.dead_letters.is_empty());
 }
 
@@ -110,4 +116,38 @@ async fn an_older_database_gains_the_unpriced_column() {
     let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();
     let rows = store.usage(&RecordQuery::default()).await.unwrap();
     assert_eq!(rows[0].unpriced_requests, 1);
+}
+
+/// A store an earlier version wrote kept the parser's checkpoint by name; the group's lease
+/// starts from it, so an upgrade neither re-reads nor skips the feed.
+#[tokio::test]
+async fn a_checkpoint_saved_by_name_becomes_the_groups_first_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).await.unwrap();
+    store
+        .write(|conn| {
+            conn.execute(
+                "INSERT INTO checkpoints (name, doc) VALUES ('log-parser', '{\"position\":\"17\",\"pending\":[]}')",
+                [],
+            )
+            .map_err(io)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let lease = crate::lease::acquire(
+        &store,
+        "log-parser",
+        UNIT,
+        "me",
+        chrono::Duration::seconds(10),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(lease.checkpoint().position.as_deref(), Some("17"));
+    assert_eq!(
+        crate::load_checkpoint(&store, "other", UNIT).await.unwrap(),
+        None
+    );
 }

@@ -765,7 +765,10 @@ async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_on
     // Nor in any raw record.
     let mut position: Option<String> = None;
     for _ in 0..10_000 {
-        let page = store.read(position.as_deref(), 500).await.expect("feed");
+        let page = store
+            .read(tollgate_store::embedded::UNIT, position.as_deref(), 500)
+            .await
+            .expect("feed");
         if page.records.is_empty() && page.dead_letters.is_empty() {
             break;
         }

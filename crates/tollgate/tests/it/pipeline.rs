@@ -134,7 +134,11 @@ async fn stream_without_usage_is_estimated_with_tiktoken() {
 
 /// The request record of `id`, from the raw feed.
 async fn raw_request(s: &harness::Stack, id: &str) -> tollgate_records::RequestRecord {
-    let page = s.store.read(None, 10_000).await.unwrap();
+    let page = s
+        .store
+        .read(tollgate_store::embedded::UNIT, None, 10_000)
+        .await
+        .unwrap();
     page.records
         .into_iter()
         .find_map(|r| match r {
@@ -462,7 +466,14 @@ async fn store_outage_spools_and_replays_without_loss() {
         s.proxy.recorder().spooled_bytes() > 0,
         "records wait in the spool"
     );
-    assert!(s.store.read(None, 100).await.unwrap().records.is_empty());
+    assert!(
+        s.store
+            .read(tollgate_store::embedded::UNIT, None, 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty()
+    );
     s.flaky
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -582,7 +593,13 @@ async fn a_full_queue_overflows_to_the_spool_and_loses_nothing() {
         .load(std::sync::atomic::Ordering::Relaxed);
     drop(stalled);
     s.settle().await;
-    let stored = s.store.read(None, 10_000).await.unwrap().records.len() as u64;
+    let stored = s
+        .store
+        .read(tollgate_store::embedded::UNIT, None, 10_000)
+        .await
+        .unwrap()
+        .records
+        .len() as u64;
     // The queue's slot is never spooled. The writer's first batch is, when a record reached
     // the spool before the writer took it (a writer never stores past a non-empty spool, to
     // keep the order); which comes first is a race, so both outcomes are allowed.

@@ -1,0 +1,113 @@
+//! The Cosmos DB for NoSQL backend (`azure_data_cosmos` 1.0): the production store that any
+//! number of proxy and parser replicas share.
+//!
+//! Containers (created when missing with `create_if_missing`, otherwise checked at start):
+//! - `raw`, partition key `/shard`: raw records, one document each, id `"{requestId}:{seq}"`,
+//!   `shard` a hash of the request id (`crate::unit_of`). All records of a request share a
+//!   shard, so they are written in one transactional batch and read back from one logical
+//!   partition; each shard's change feed is one unit the parser replicas lease. Bodies are not
+//!   indexed. Records expire after `raw_ttl_days`.
+//! - `requests`, partition key `/id`: consolidated records. Writes spread evenly and never fill
+//!   one logical partition (a big consumer's year of records would pass 20 GB under
+//!   `/consumer`, and a day's records would all land on one partition under `/day`); a request
+//!   found by id is a 1 RU point read; the analysts' questions (by consumer, deployment, model,
+//!   day) filter on indexed fields and fan out only over physical partitions. Prompts and
+//!   answers are not indexed.
+//! - `leases`, partition key `/id`: one document per (parser group, unit) with the unit's
+//!   checkpoint, written with `If-Match` on its etag (see `crate::lease`); the raw container's
+//!   shard count (`meta.raw`); and dead letters.
+
+mod feed;
+mod requests;
+mod setup;
+
+use std::sync::Arc;
+
+use azure_data_cosmos::clients::ContainerClient;
+use azure_data_cosmos::{CosmosError, Query};
+use futures_util::TryStreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::{CosmosConfig, StoreError};
+
+pub use setup::connect;
+
+/// An opened Cosmos DB store.
+#[derive(Clone)]
+pub struct CosmosStore {
+    raw: Arc<ContainerClient>,
+    requests: Arc<ContainerClient>,
+    leases: Arc<ContainerClient>,
+    units: Arc<Vec<String>>,
+    write_concurrency: usize,
+}
+
+impl CosmosStore {
+    /// Connects, creates or checks the database and containers, and checks the raw container's
+    /// shard count against the configuration.
+    pub async fn open(config: &CosmosConfig) -> Result<Self, StoreError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StoreError::Config(problems.join("; ")));
+        }
+        setup::open(config).await
+    }
+}
+
+/// A Cosmos error as a store error: a throttle the SDK's own retries (which honour
+/// `x-ms-retry-after-ms`) did not outlast, an outage, or a timeout is transient and the records
+/// wait in the spool; a missing container or a refused credential is a configuration error
+/// (also retried: fixing it must not lose records).
+fn store_error(e: CosmosError) -> StoreError {
+    let status = e.status();
+    let code = u16::from(status.status_code());
+    match code {
+        401 | 403 | 404 => StoreError::Config(format!("Cosmos DB answered {code}: {e}")),
+        _ => StoreError::Unavailable(format!("Cosmos DB answered {code}: {e}")),
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn status_of(e: &CosmosError) -> u16 {
+    u16::from(e.status().status_code())
+}
+
+/// Runs a query and collects every item.
+async fn query_all<T: DeserializeOwned + Send + 'static>(
+    container: &ContainerClient,
+    query: Query,
+    scope: azure_data_cosmos::FeedScope,
+) -> Result<Vec<T>, StoreError> {
+    container
+        .query_items::<T>(query, scope, None)
+        .await
+        .map_err(store_error)?
+        .try_collect()
+        .await
+        .map_err(store_error)
+}
+
+/// The document with `id` in partition `id` (the `leases` and `requests` containers are keyed
+/// by id), or `None`. A single-partition query rather than a point read: the Cosmos test server
+/// answers a point read of a missing document with 500 instead of 404, and the difference on
+/// Cosmos DB (about 3 RU against 1) is paid only for leases and single-request lookups.
+async fn find<T: DeserializeOwned + Send + 'static>(
+    container: &ContainerClient,
+    id: &str,
+) -> Result<Option<T>, StoreError> {
+    let query = param(Query::from("SELECT * FROM c WHERE c.id = @id"), "@id", id)?;
+    let mut found: Vec<T> = query_all(
+        container,
+        query,
+        azure_data_cosmos::FeedScope::partition(id.to_owned()),
+    )
+    .await?;
+    Ok(found.pop())
+}
+
+fn param(query: Query, name: &str, value: impl serde::Serialize) -> Result<Query, StoreError> {
+    query.with_parameter(name, value).map_err(store_error)
+}
