@@ -246,7 +246,7 @@ impl Stack {
         for _ in 0..10_000 {
             let page = self
                 .store
-                .read(position.as_deref(), 100)
+                .read(tollgate_store::embedded::UNIT, position.as_deref(), 100)
                 .await
                 .expect("feed page");
             if page.records.is_empty() && page.dead_letters.is_empty() {
