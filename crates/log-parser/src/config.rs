@@ -28,6 +28,8 @@ pub struct ParserConfig {
     /// the units of one that died. Renewed at a third of it; an owner stops writing when less
     /// than a third is left, so replicas' clocks must agree to well within a third.
     pub lease_ttl_ms: u64,
+    /// How often a running parser logs its counters and the units it holds (INFO).
+    pub progress_log_ms: u64,
     /// Price table file; the bundled table when absent.
     pub price_table_path: Option<PathBuf>,
     /// Deployment → model, for responses that do not name their model (errors, cut streams).
@@ -50,6 +52,7 @@ impl Default for ParserConfig {
             checkpoint_name: "log-parser".into(),
             replica_id: None,
             lease_ttl_ms: 30_000,
+            progress_log_ms: 60_000,
             price_table_path: None,
             deployment_models: BTreeMap::new(),
             deployment_price_multipliers: BTreeMap::new(),

@@ -274,7 +274,13 @@ impl Parser {
             poll,
             Duration::from_millis(self.config.max_retry_interval_ms),
         );
+        let progress_every = Duration::from_millis(self.config.progress_log_ms.max(1));
+        let mut last_progress = std::time::Instant::now();
         loop {
+            if last_progress.elapsed() >= progress_every {
+                last_progress = std::time::Instant::now();
+                self.log_progress().await;
+            }
             let wait = match self.run_once().await {
                 Ok(read) => {
                     backoff.reset();
@@ -300,6 +306,20 @@ impl Parser {
             tracing::error!(error = %e, "Final parser pass failed; the checkpoint keeps the rest for the next start.");
         }
         self.release().await;
+    }
+
+    async fn log_progress(&self) {
+        let units = self.state.lock().await.units.names().join(",");
+        let s = self.stats();
+        tracing::info!(
+            raw_records = s.raw_records,
+            consolidated = s.consolidated,
+            incomplete = s.incomplete,
+            dead_letters = s.dead_letters,
+            units_held = s.units_held,
+            units = %units,
+            "Parser progress."
+        );
     }
 
     /// Gives up every feed unit this replica holds, with its checkpoint, so another replica

@@ -343,8 +343,12 @@ pub fn init_tracing(config: &TracingConfig) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(config.filter.as_deref().unwrap_or("info"))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or a container's log collector would keep the
+    // escape codes in every line.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if config.json {
         builder.json().try_init()

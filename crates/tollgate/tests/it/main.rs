@@ -18,4 +18,5 @@ mod kill;
 mod otlp;
 mod pipeline;
 mod readonly;
+mod scale;
 mod up;
