@@ -22,7 +22,12 @@ use crate::{ChangeFeed, DeadLetter, FeedPage, RawWriter, StoreError};
 /// Cosmos DB's limits on one transactional batch: 100 operations and 2 MB of request. The
 /// byte budget leaves room for the batch's own framing.
 const BATCH_MAX_OPS: usize = 100;
-const BATCH_MAX_BYTES: usize = 1_900_000;
+const BATCH_MAX_BYTES: usize = 2_000_000;
+
+/// Cosmos DB refuses an item over 2 MB (2,097,152 bytes of JSON); checked here, below that by
+/// the batch's framing, so a record that can never be stored is named before anything is sent
+/// (the proxy splits bodies into parts well under it: `max_body_part_bytes`).
+const ITEM_MAX_BYTES: usize = 2_000_000;
 
 /// One raw record as its Cosmos document: the record's JSON with `id` and `shard` first.
 struct RawDoc {
@@ -116,6 +121,15 @@ impl RawWriter for CosmosStore {
         let mut by_shard: std::collections::BTreeMap<String, Vec<RawDoc>> = Default::default();
         for r in batch {
             let d = self.raw_doc(r)?;
+            if d.doc.get().len() > ITEM_MAX_BYTES {
+                return Err(StoreError::Rejected {
+                    id: d.id,
+                    detail: format!(
+                        "{} bytes as a document, over Cosmos DB's item limit",
+                        d.doc.get().len()
+                    ),
+                });
+            }
             by_shard.entry(d.shard.clone()).or_default().push(d);
         }
         let mut batches: Vec<(String, Vec<RawDoc>)> = Vec::new();

@@ -22,3 +22,46 @@ async fn cosmos_backend_conforms() {
         .expect("open cosmos store");
     tollgate_store::conformance::run(store.as_ref()).await;
 }
+
+/// A record over Cosmos DB's 2 MB item limit is refused by name before anything of the batch is
+/// sent (Cosmos would fail the whole transactional batch); the proxy's writer sets that record
+/// aside and writes the rest again, where the record already stored is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cosmos_refuses_only_the_oversized_record_of_a_batch() {
+    use tollgate_store::StoreError;
+    use tollgate_store::conformance::{sample_chunk, sample_end, sample_request};
+    let config = tollgate_store::conformance::cosmos_test_config(&format!(
+        "oversized-{}",
+        std::process::id()
+    ));
+    let store = tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(config))
+        .await
+        .expect("open cosmos store");
+    store
+        .append(&[sample_request("big")])
+        .await
+        .expect("first record");
+    let huge = "x".repeat(2_100_000);
+    let batch = [
+        sample_request("big"),
+        sample_chunk("big", 1, &huge),
+        sample_end("big", 2),
+    ];
+    match store.append(&batch).await {
+        Err(StoreError::Rejected { id, .. }) => assert_eq!(id, "big:1"),
+        other => panic!("the oversized record is refused by name: {other:?}"),
+    }
+    // What the writer does next: the batch again without the refused record.
+    store
+        .append(&[sample_request("big"), sample_end("big", 2)])
+        .await
+        .expect("the rest is stored");
+    let stored = store.read_request("big").await.expect("read");
+    assert_eq!(
+        stored
+            .iter()
+            .map(tollgate_records::RawRecord::seq)
+            .collect::<Vec<_>>(),
+        vec![0, 2]
+    );
+}

@@ -81,6 +81,16 @@ pub(crate) async fn start_with_sinks(
     let store = tollgate_store::open(&tollgate_store::StoreConfig::embedded(dir.path()))
         .await
         .expect("store");
+    start_on(dir, store, tweak, extra_sinks).await
+}
+
+/// The stack on `store`, its proxy's local state (spool, journal) in `dir`.
+pub(crate) async fn start_on(
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    tweak: impl FnOnce(&mut ProxyConfig),
+    extra_sinks: Vec<Arc<dyn RecordSink>>,
+) -> Stack {
     let sim = Simulator::new(SimConfig {
         api_key: Some(SIM_KEY.into()),
         ..SimConfig::default()

@@ -11,6 +11,7 @@
     reason = "test helpers fail loudly"
 )]
 
+mod cosmos_faults;
 mod e2e;
 mod harness;
 mod hostile;
