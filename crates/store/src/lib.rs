@@ -308,8 +308,12 @@ pub async fn open_existing(config: &StoreConfig) -> Result<std::sync::Arc<dyn St
         // `open` says this build has no embedded store.
         #[cfg(not(feature = "embedded"))]
         StoreConfig::Embedded { .. } => {}
-        // Opening checks that the database and containers exist.
-        StoreConfig::Cosmos(_) => {}
+        // Checked, never created: a command that only reads must not set up an account.
+        StoreConfig::Cosmos(c) => {
+            let mut c = c.clone();
+            c.create_if_missing = false;
+            return open(&StoreConfig::Cosmos(c)).await;
+        }
     }
     open(config).await
 }

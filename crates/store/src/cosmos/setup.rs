@@ -108,41 +108,52 @@ pub async fn connect(config: &CosmosConfig) -> Result<CosmosClient, StoreError> 
 pub(super) async fn open(config: &CosmosConfig) -> Result<CosmosStore, StoreError> {
     let client = connect(config).await?;
     let database = client.database_client(config.database.clone());
+    let mut missing = Vec::new();
     if let Err(e) = database.read(None).await {
         if status_of(&e) != 404 {
             return Err(store_error(e));
         }
-        if !config.create_if_missing {
-            return Err(config_error(format!(
-                "Cosmos DB database {:?} does not exist; create it (the Bicep in infra/ does) or set store.create_if_missing with key auth",
-                config.database
-            )));
-        }
-        match client.create_database(&config.database, None).await {
-            Ok(_) => {}
-            Err(e) if status_of(&e) == 409 => {}
-            Err(e) => return Err(store_error(e)),
+        if config.create_if_missing {
+            match client.create_database(&config.database, None).await {
+                Ok(_) => {}
+                Err(e) if status_of(&e) == 409 => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        } else {
+            missing.push(format!("database {:?}", config.database));
         }
     }
     let ttl = (config.raw_ttl_days > 0).then(|| config.raw_ttl_days.saturating_mul(86_400));
-    let raw = container(
-        &database,
-        config,
+    let mut wanted = [
         raw_properties(&config.containers.raw, ttl),
-    )
-    .await?;
-    let requests = container(
-        &database,
-        config,
         requests_properties(&config.containers.requests),
-    )
-    .await?;
-    let leases = container(
-        &database,
-        config,
         ContainerProperties::new(config.containers.leases.clone(), "/id".into()),
-    )
-    .await?;
+    ]
+    .into_iter();
+    let mut clients = Vec::new();
+    if missing.is_empty() {
+        for properties in wanted.by_ref() {
+            let name = properties.id.to_string();
+            match container(&database, config, properties).await? {
+                Some(c) => clients.push(c),
+                None => missing.push(format!("container {name:?}")),
+            }
+        }
+    } else {
+        missing.extend(wanted.map(|p| format!("container {:?}", p.id)));
+    }
+    let (Some(leases), Some(requests), Some(raw), true) = (
+        clients.pop(),
+        clients.pop(),
+        clients.pop(),
+        missing.is_empty(),
+    ) else {
+        return Err(config_error(format!(
+            "Cosmos DB account {} lacks {}; create them (the Bicep in infra/ does) or set store.create_if_missing with key auth",
+            config.endpoint,
+            missing.join(", ")
+        )));
+    };
     check_shards(&leases, config).await?;
     Ok(CosmosStore {
         raw: Arc::new(raw),
@@ -181,23 +192,21 @@ fn requests_properties(name: &str) -> ContainerProperties {
     ContainerProperties::new(name.to_owned(), "/id".into()).with_indexing_policy(policy)
 }
 
-/// The container's client, creating the container first when it is missing and allowed to.
+/// The container's client, creating the container first when it is missing and allowed to;
+/// `None` when it is missing and may not be created.
 async fn container(
     database: &DatabaseClient,
     config: &CosmosConfig,
     properties: ContainerProperties,
-) -> Result<ContainerClient, StoreError> {
+) -> Result<Option<ContainerClient>, StoreError> {
     let name = properties.id.to_string();
     match database.container_client(name.clone(), None).await {
-        Ok(c) => return Ok(c),
+        Ok(c) => return Ok(Some(c)),
         Err(e) if status_of(&e) == 404 || is_missing(&e) => {}
         Err(e) => return Err(store_error(e)),
     }
     if !config.create_if_missing {
-        return Err(config_error(format!(
-            "Cosmos DB container {name:?} does not exist in database {:?}; create it (the Bicep in infra/ does) or set store.create_if_missing with key auth",
-            config.database
-        )));
+        return Ok(None);
     }
     match database.create_container(properties, None).await {
         Ok(_) => {}
@@ -207,6 +216,7 @@ async fn container(
     database
         .container_client(name, None)
         .await
+        .map(Some)
         .map_err(store_error)
 }
 

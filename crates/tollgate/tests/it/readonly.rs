@@ -46,3 +46,61 @@ fn check_from_a_folder_without_a_store_fails_and_creates_nothing() {
         "nothing was created in the working directory"
     );
 }
+
+/// `tollgate check` on a Cosmos DB store connects and names everything missing, creating
+/// nothing even where the configuration would let `tollgate up` create it; once the containers
+/// exist it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_on_cosmos_names_what_is_missing_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cosmos =
+        tollgate_store::conformance::cosmos_test_config(&format!("check-{}", std::process::id()));
+    let Some(key_file) = (match &cosmos.auth {
+        tollgate_store::CosmosAuth::Key { key_file, .. } => key_file.clone(),
+        _ => None,
+    }) else {
+        panic!("the test configuration authenticates with a key file")
+    };
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ntype = \"cosmos\"\nendpoint = \"{}\"\ndatabase = \"{}\"\nraw_shards = {}\n\
+             create_if_missing = true\nhttp2 = false\nbinary_encoding = false\n\
+             [store.auth]\nkind = \"key\"\nkey_file = \"{}\"\n",
+            cosmos.endpoint,
+            cosmos.database,
+            cosmos.raw_shards,
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let check = || tollgate(&["--config", config.to_str().unwrap(), "check"], dir.path());
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stderr: {stderr}");
+    for missing in [
+        cosmos.database.as_str(),
+        "\"raw\"",
+        "\"requests\"",
+        "\"leases\"",
+    ] {
+        assert!(stderr.contains(missing), "names {missing}: {stderr}");
+    }
+    let out = check();
+    assert!(
+        !out.status.success(),
+        "still missing: check created nothing"
+    );
+
+    tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(cosmos))
+        .await
+        .expect("create the store");
+    let out = check();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("store reachable"));
+}
