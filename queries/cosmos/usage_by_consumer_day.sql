@@ -1,10 +1,11 @@
--- Tokens, cost and requests per consumer, deployment, model and day in [@from, @to).
--- @from / @to: ISO 8601 UTC strings, e.g. "2026-11-01T00:00:00Z".
+-- Tokens, cost and requests per consumer, deployment, model and UTC day in [@from, @to).
+-- @from / @to: epoch milliseconds (c.timeMs), e.g. 1761955200000 for 2025-11-01T00:00:00Z;
+-- numbers compare exactly where timestamps of varying precision would not.
 SELECT
     c.consumer.id AS consumer,
     c.deployment,
     c.model,
-    LEFT(c.time, 10) AS day,
+    c.day,
     COUNT(1) AS requests,
     SUM(c.usage.inputTokens) AS inputTokens,
     SUM(c.usage.cachedInputTokens) AS cachedInputTokens,
@@ -17,5 +18,5 @@ SELECT
     -- tokens used by a model the price table lacks: no cost, counted apart (not as $0)
     SUM(c.unpriced = true ? 1 : 0) AS unpricedRequests
 FROM c
-WHERE c.time >= @from AND c.time < @to
-GROUP BY c.consumer.id, c.deployment, c.model, LEFT(c.time, 10)
+WHERE c.timeMs >= @from AND c.timeMs < @to
+GROUP BY c.consumer.id, c.deployment, c.model, c.day

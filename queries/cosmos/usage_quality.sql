@@ -1,6 +1,7 @@
--- How exact the usage figures are per deployment in [@from, @to): AOAI's own figure (and how
--- many Tollgate asked for), estimated, lower bounds (cut answers), unknown; streams and client
--- disconnects. Filter on c.usageQuality.quality and read c.usageQuality.reason for the requests.
+-- How exact the usage figures are per deployment in [@from, @to) (epoch milliseconds): AOAI's
+-- own figure (and how many Tollgate asked for), estimated, lower bounds (cut answers), unknown;
+-- streams and client disconnects. Filter on c.usageQuality.quality and read
+-- c.usageQuality.reason for the requests.
 SELECT
     c.deployment,
     COUNT(1) AS requests,
@@ -12,5 +13,5 @@ SELECT
     SUM(c.stream ? 1 : 0) AS streams,
     SUM(c.clientDisconnected ? 1 : 0) AS disconnected
 FROM c
-WHERE c.time >= @from AND c.time < @to
+WHERE c.timeMs >= @from AND c.timeMs < @to
 GROUP BY c.deployment

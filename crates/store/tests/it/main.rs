@@ -65,3 +65,5 @@ async fn cosmos_refuses_only_the_oversized_record_of_a_batch() {
         vec![0, 2]
     );
 }
+
+mod cosmos_queries;
