@@ -8,6 +8,8 @@
 //! itself; it lists the same expressions the test fixes, and Cosmos DB rejects a select list
 //! whose plain fields are not grouped.
 
+#![expect(clippy::expect_used, reason = "test helpers fail loudly")]
+
 use serde_json::{Value, json};
 use tollgate_records::{Latency, UsageQuality, UsageQualityInfo};
 use tollgate_store::StoreConfig;
