@@ -64,6 +64,35 @@ impl Drop for Up {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exact() {
+    sdk_roundtrip("").await;
+}
+
+/// The same with `store.type = "cosmos"`: proxy and parser on the Cosmos test server, the
+/// report read from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_through_tollgate_up_on_cosmos_matches_and_report_is_exact() {
+    let cosmos =
+        tollgate_store::conformance::cosmos_test_config(&format!("e2e-{}", std::process::id()));
+    let Some(key_file) = (match &cosmos.auth {
+        tollgate_store::CosmosAuth::Key { key_file, .. } => key_file.clone(),
+        _ => None,
+    }) else {
+        panic!("the test configuration authenticates with a key file")
+    };
+    sdk_roundtrip(&format!(
+        "[store]\ntype = \"cosmos\"\nendpoint = \"{}\"\ndatabase = \"{}\"\n\
+         create_if_missing = true\nhttp2 = false\nbinary_encoding = false\n\
+         [store.auth]\nkind = \"key\"\nkey_file = \"{}\"\n",
+        cosmos.endpoint,
+        cosmos.database,
+        key_file.display()
+    ))
+    .await;
+}
+
+/// The `openai` SDK's checks through `tollgate up` with `store` (TOML, empty for the embedded
+/// default), then `tollgate report` on the same configuration.
+async fn sdk_roundtrip(store: &str) {
     let python = python();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
@@ -71,7 +100,7 @@ async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exac
     std::fs::write(
         &config,
         format!(
-            "[proxy]\nadmin_key_sha256 = \"{}\"\n[[proxy.consumers]]\nid = \"e2e\"\nkey_sha256 = [\"{}\"]\n[sim]\napi_key = \"{SIM_KEY}\"\n",
+            "{store}[proxy]\nadmin_key_sha256 = \"{}\"\n[[proxy.consumers]]\nid = \"e2e\"\nkey_sha256 = [\"{}\"]\n[sim]\napi_key = \"{SIM_KEY}\"\n",
             sha(ADMIN_KEY),
             sha(KEY)
         ),
