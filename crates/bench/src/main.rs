@@ -37,6 +37,8 @@ use tollgate_logging_proxy::config::{BackendConfig, ConsumerConfig};
 use tollgate_logging_proxy::{Proxy, ProxyConfig, ProxyDeps};
 use tollgate_store::RawWriter;
 
+mod cosmos;
+
 const KEY: &str = "bench-key";
 
 #[derive(Parser)]
@@ -67,6 +69,10 @@ struct Cli {
     /// Runtime worker threads of the proxy process (default: one per core).
     #[arg(long)]
     proxy_workers: Option<usize>,
+    /// Also the Cosmos DB store, on the Cosmos test server: a proxy logging to it joins the
+    /// rounds, then the Cosmos cost of one logged request and the parser's rate on each store.
+    #[arg(long)]
+    cosmos: bool,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +85,9 @@ enum Cmd {
         data_dir: PathBuf,
         #[arg(long)]
         null_store: bool,
+        /// A Cosmos store configuration (JSON) instead of the embedded store.
+        #[arg(long)]
+        cosmos_config: Option<String>,
     },
 }
 
@@ -113,31 +122,31 @@ fn main() -> anyhow::Result<()> {
             backend,
             data_dir,
             null_store,
-        }) => runtime.block_on(serve_proxy(backend, data_dir, null_store)),
+            cosmos_config,
+        }) => runtime.block_on(serve_proxy(backend, data_dir, null_store, cosmos_config)),
         None => runtime.block_on(bench(cli)),
     }
 }
 
-async fn serve_proxy(backend: String, data_dir: PathBuf, null_store: bool) -> anyhow::Result<()> {
-    let store: Arc<dyn RawWriter> = if null_store {
-        Arc::new(NullWriter)
-    } else {
-        tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data_dir)).await?
-            as Arc<dyn RawWriter>
+async fn serve_proxy(
+    backend: String,
+    data_dir: PathBuf,
+    null_store: bool,
+    cosmos_config: Option<String>,
+) -> anyhow::Result<()> {
+    let store: Arc<dyn RawWriter> = match (null_store, cosmos_config) {
+        (true, _) => Arc::new(NullWriter),
+        (false, Some(json)) => {
+            let config = serde_json::from_str(&json).context("--cosmos-config")?;
+            tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(config)).await?
+                as Arc<dyn RawWriter>
+        }
+        (false, None) => {
+            tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data_dir)).await?
+                as Arc<dyn RawWriter>
+        }
     };
-    let config = ProxyConfig {
-        consumers: vec![ConsumerConfig {
-            id: "bench".into(),
-            key_sha256: vec![key_sha256()],
-        }],
-        backends: vec![BackendConfig {
-            name: "sim".into(),
-            endpoint: backend,
-            api_key: Some("sim".to_owned().into()),
-            deployments: vec!["gpt-4o".into()],
-        }],
-        ..ProxyConfig::default()
-    };
+    let config = proxy_config(&backend);
     let proxy = Proxy::build(
         &config,
         ProxyDeps {
@@ -146,6 +155,28 @@ async fn serve_proxy(backend: String, data_dir: PathBuf, null_store: bool) -> an
             after_flush: None,
         },
     )?;
+    serve_child(proxy).await
+}
+
+/// The proxy every target runs: one consumer, the simulator as its backend.
+pub(crate) fn proxy_config(backend: &str) -> ProxyConfig {
+    ProxyConfig {
+        consumers: vec![ConsumerConfig {
+            id: "bench".into(),
+            key_sha256: vec![key_sha256()],
+        }],
+        backends: vec![BackendConfig {
+            name: "sim".into(),
+            endpoint: backend.to_owned(),
+            api_key: Some("sim".to_owned().into()),
+            deployments: vec!["gpt-4o".into()],
+        }],
+        ..ProxyConfig::default()
+    }
+}
+
+/// Serves `proxy` as `tollgate proxy` does, prints its address, and stops when stdin closes.
+async fn serve_child(proxy: Proxy) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
     let stop = async {
@@ -183,6 +214,7 @@ impl ChildProxy {
         null_store: bool,
         dir: &std::path::Path,
         workers: Option<usize>,
+        cosmos: Option<&tollgate_store::CosmosConfig>,
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(exe);
         if let Some(n) = workers {
@@ -193,6 +225,9 @@ impl ChildProxy {
             .arg(dir);
         if null_store {
             cmd.arg("--null-store");
+        }
+        if let Some(c) = cosmos {
+            cmd.arg("--cosmos-config").arg(serde_json::to_string(c)?);
         }
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdout = child.stdout.take().context("child stdout")?;
@@ -217,24 +252,28 @@ impl ChildProxy {
 
     /// CPU time (user + system) the child has used so far, in milliseconds.
     fn cpu_ms(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses and may hold spaces):
-        // utime and stime are the 12th and 13th, in clock ticks.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-            .sum();
-        // /proc reports clock ticks in USER_HZ, which the kernel ABI fixes at 100 per second.
-        ticks * 10.0
+        cpu_ms_of(&self.child.id().to_string())
     }
 
     fn stop(mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
     }
+}
+
+/// CPU time (user + system) process `pid` (or `self`) has used so far, in milliseconds.
+pub(crate) fn cpu_ms_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // /proc reports clock ticks in USER_HZ, which the kernel ABI fixes at 100 per second.
+    ticks * 10.0
 }
 
 #[derive(Default)]
@@ -379,6 +418,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         true,
         &dir.path().join("null"),
         cli.proxy_workers,
+        None,
     )?;
     let logged = ChildProxy::start(
         &exe,
@@ -386,7 +426,20 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         false,
         &dir.path().join("logged"),
         cli.proxy_workers,
+        None,
     )?;
+    let on_cosmos = if cli.cosmos {
+        Some(ChildProxy::start(
+            &exe,
+            &sim_base,
+            false,
+            &dir.path().join("cosmos"),
+            cli.proxy_workers,
+            Some(&cosmos::config("load")),
+        )?)
+    } else {
+        None
+    };
     let baseline = cli
         .baseline
         .as_deref()
@@ -397,6 +450,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 false,
                 &dir.path().join("baseline"),
                 cli.proxy_workers,
+                None,
             )
         })
         .transpose()?;
@@ -430,6 +484,15 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             Some(b),
         ));
     }
+    if let Some(c) = &on_cosmos {
+        targets.push((
+            "proxy, logging to Cosmos",
+            format!("http://{}", c.addr),
+            KEY,
+            Some(c),
+        ));
+    }
+    let cosmos_at = targets.len() - 1;
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -506,6 +569,18 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 median(rounds.iter().map(|r| r[2].t50 - r[0].t50).collect()),
                 median(rounds.iter().map(|r| r[2].t99 - r[0].t99).collect()),
             );
+            if on_cosmos.is_some() {
+                let t = cosmos_at;
+                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
+                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
+                println!(
+                    "  Cosmos vs embedded: throughput {:.2}x, CPU per request {:.2}x; p99 {:.3} against {:.3} ms (medians of rounds; the Cosmos test server shares the cores)",
+                    median(rps),
+                    median(cpu),
+                    median(rounds.iter().map(|r| r[t].p99).collect()),
+                    median(rounds.iter().map(|r| r[2].p99).collect()),
+                );
+            }
             if baseline.is_some() {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();
                 let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[3].cpu_ms).collect();
@@ -518,6 +593,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         }
     }
     println!();
+    if let Some(c) = on_cosmos {
+        c.stop();
+        cosmos::cost_per_request(&sim_base, 10).await?;
+        cosmos::parser_rates(&sim_base, 2000).await?;
+        println!();
+    }
 
     if cli.open_streams == 0 {
         null.stop();

@@ -2,6 +2,7 @@
 //! feed; and the `leases` container's lease, meta and dead-letter documents.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use azure_core::http::Etag;
@@ -69,10 +70,12 @@ impl CosmosStore {
         for d in docs {
             batch = batch.create_item(&d.doc).map_err(store_error)?;
         }
+        self.stats.operations.fetch_add(1, Ordering::Relaxed);
         match self.raw.execute_transactional_batch(batch, None).await {
             Ok(resp) => {
                 let status = u16::from(resp.status().status_code());
                 if (200..300).contains(&status) && status != 207 {
+                    self.count_documents(docs);
                     return Ok(());
                 }
                 // 207: the batch was rolled back; the culprit has its own status, the others
@@ -94,13 +97,25 @@ impl CosmosStore {
         Ok(())
     }
 
+    fn count_documents(&self, docs: &[RawDoc]) {
+        let bytes: usize = docs.iter().map(|d| d.doc.get().len()).sum();
+        self.stats
+            .documents
+            .fetch_add(docs.len() as u64, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     async fn write_one(&self, d: &RawDoc) -> Result<(), StoreError> {
+        self.stats.operations.fetch_add(1, Ordering::Relaxed);
         match self
             .raw
             .create_item(d.shard.clone(), &d.id, &d.doc, None)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.count_documents(std::slice::from_ref(d));
+                Ok(())
+            }
             // Stored by an earlier attempt: appends are idempotent by record id.
             Err(e) if status_of(&e) == 409 => Ok(()),
             Err(e) if matches!(status_of(&e), 400 | 413) => Err(StoreError::Rejected {

@@ -40,6 +40,20 @@ pub struct CosmosStore {
     leases: Arc<ContainerClient>,
     units: Arc<Vec<String>>,
     write_concurrency: usize,
+    stats: Arc<RawWriteStats>,
+}
+
+/// What writing raw records has cost, for operators and the benchmark: the system Tollgate
+/// replaces wrote one item per SSE line.
+#[derive(Debug, Default)]
+pub struct RawWriteStats {
+    /// Requests to Cosmos DB: transactional batches, and single creates after a batch Cosmos
+    /// refused as a whole.
+    pub operations: std::sync::atomic::AtomicU64,
+    /// Documents written.
+    pub documents: std::sync::atomic::AtomicU64,
+    /// Bytes of the documents written (JSON).
+    pub bytes: std::sync::atomic::AtomicU64,
 }
 
 impl CosmosStore {
@@ -51,6 +65,11 @@ impl CosmosStore {
             return Err(StoreError::Config(problems.join("; ")));
         }
         setup::open(config).await
+    }
+
+    /// What writing raw records has cost so far.
+    pub fn raw_write_stats(&self) -> &RawWriteStats {
+        &self.stats
     }
 }
 

@@ -161,6 +161,7 @@ pub(super) async fn open(config: &CosmosConfig) -> Result<CosmosStore, StoreErro
         leases: Arc::new(leases),
         units: Arc::new(config.units()),
         write_concurrency: config.write_concurrency,
+        stats: Arc::default(),
     })
 }
 
