@@ -117,9 +117,16 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
             };
             let role = fields.get("role").and_then(Value::as_str);
             has_system |= role == Some("system");
-            if role == Some("function") {
+            match role {
                 // A function result's framing is two tokens shorter than a message's.
-                total -= 2;
+                Some("function") => total -= 2,
+                // A tool result's is a token longer; its call id is not shown to the model,
+                // and a `name` on it costs the name's framing but not its text (published:
+                // a call and its result, gpt-3.5-turbo 40 without a name and gpt-4 35 with
+                // one, fixtures/published_prompt_tokens.json; with two figures, "a null
+                // `content` costs one token" would fit as well as the name's framing).
+                Some("tool") => total += 1,
+                _ => {}
             }
             if !system_padded
                 && role == Some("system")
@@ -140,6 +147,8 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
                         }
                     }
                     ("function_call", function) => total += count_call(enc, function),
+                    ("tool_call_id", _) => {}
+                    ("name", _) if role == Some("tool") => total += f.per_name,
                     (_, Value::String(s)) => {
                         total += enc.count(s) as i64;
                         if key == "name" {
@@ -228,8 +237,8 @@ pub struct CompletionParts<'a> {
     pub calls: &'a [(&'a str, &'a str)],
 }
 
-/// Completion tokens: the tokens of each choice's text, refusal, and tool-call names and
-/// arguments.
+/// Completion tokens: the tokens of each choice's text and refusal, and of its calls as the
+/// model wrote them (`count_calls`).
 pub fn count_completion(model: &str, choices: &[CompletionParts<'_>]) -> u64 {
     let enc = Encoding::for_model(model);
     choices
@@ -237,12 +246,65 @@ pub fn count_completion(model: &str, choices: &[CompletionParts<'_>]) -> u64 {
         .map(|c| {
             c.content.map_or(0, |t| enc.count(t))
                 + c.refusal.map_or(0, |t| enc.count(t))
-                + c.calls
-                    .iter()
-                    .map(|(n, a)| enc.count(n) + enc.count(a))
-                    .sum::<u64>()
+                + count_calls(enc, c.calls)
         })
         .sum()
+}
+
+/// The calls of one answer as the model wrote them (`fixtures/published_completion_tokens.json`):
+/// - one call is its name and arguments and seven tokens of framing (the recipient and the
+///   end of the message: exact on the three published single calls, gpt-35-turbo, gpt-4o and
+///   gpt-4.1-mini);
+/// - several calls are one call of `multi_tool_use.parallel` whose argument is
+///   `{"tool_uses":[{"recipient_name":"functions.NAME","parameters":ARGS},...]}` in compact
+///   JSON, plus its recipient and four tokens of framing. Fitted to the one published parallel
+///   answer (two calls, gpt-35-turbo): the API hands the arguments back re-spaced, so they are
+///   counted compact, as the model wrote them.
+fn count_calls(enc: Encoding, calls: &[(&str, &str)]) -> u64 {
+    match calls {
+        [] => 0,
+        [(name, args)] => enc.count(name) + enc.count(args) + 7,
+        several => {
+            let uses: Vec<String> = several
+                .iter()
+                .map(|(name, args)| {
+                    let name =
+                        serde_json::to_string(&format!("functions.{name}")).unwrap_or_default();
+                    format!(
+                        "{{\"recipient_name\":{name},\"parameters\":{}}}",
+                        compact_json(args)
+                    )
+                })
+                .collect();
+            let wrapper = format!("{{\"tool_uses\":[{}]}}", uses.join(","));
+            enc.count(" to=multi_tool_use.parallel") + enc.count(&wrapper) + 4
+        }
+    }
+}
+
+/// `text` without the whitespace between JSON tokens (strings kept as they are, keys in their
+/// order); text that is not JSON unchanged.
+fn compact_json(text: &str) -> String {
+    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for ch in text.chars() {
+        if in_string {
+            out.push(ch);
+            match (escaped, ch) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if !ch.is_whitespace() {
+            in_string = ch == '"';
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// Prompt tokens of a legacy completions `prompt` (a string, strings, or token arrays).
@@ -386,8 +448,12 @@ mod tests {
             },
         ];
         let enc = Encoding::O200kBase;
-        let expected =
-            enc.count("Hello there") + enc.count("get_weather") + enc.count(r#"{"city":"Paris"}"#);
+        // Choices add up; a lone call has its seven tokens of framing (the published figures
+        // are in tests/published_completion_tokens.rs).
+        let expected = enc.count("Hello there")
+            + enc.count("get_weather")
+            + enc.count(r#"{"city":"Paris"}"#)
+            + 7;
         assert_eq!(count_completion("gpt-4o", &parts), expected);
     }
 
