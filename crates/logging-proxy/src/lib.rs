@@ -47,6 +47,10 @@ pub use recorder::{Recorder, RecorderStats};
 /// Runs after an admin flush, e.g. to let the parser catch up in `tollgate up`.
 pub type FlushHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// How long the recorder's last records may take to reach the store at shutdown when the
+/// grace period is already over (see [`Proxy::shutdown`]).
+const DRAIN_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct ProxyDeps {
     pub store: Arc<dyn RawWriter>,
     /// Default parent of the spool and journal directories.
@@ -206,7 +210,7 @@ impl Proxy {
 
     /// Waits for every exchange and drain until `deadline`, then stops those still running
     /// (each records what it has, marked truncated), then drains the recorder into the store
-    /// (or spool). Call once the HTTP server has stopped (no connection is left to start new
+    /// until `deadline` and into the spool after it. Call once the HTTP server has stopped (no connection is left to start new
     /// work).
     pub async fn shutdown(&self, deadline: Instant) {
         self.state.requests.close();
@@ -218,6 +222,12 @@ impl Proxy {
             self.state.abort.cancel();
             self.state.requests.wait().await;
         }
+        // The records still queued get what is left of the grace to reach the store, and at
+        // least a moment, which a healthy store needs for the last batch; the rest are
+        // spooled.
+        self.state
+            .recorder
+            .drain_until(deadline.max(Instant::now() + DRAIN_AT_LEAST));
         self.cancel.cancel();
         self.writer.close();
         self.writer.wait().await;

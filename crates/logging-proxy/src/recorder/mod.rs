@@ -207,6 +207,8 @@ pub struct Recorder {
     inflight: Arc<AtomicUsize>,
     idle: Arc<Notify>,
     stats: Arc<RecorderStats>,
+    /// See [`Recorder::drain_until`].
+    drain_by: Arc<tokio::sync::watch::Sender<Option<Instant>>>,
 }
 
 /// Records neither the queue nor the spool could take (both full), in arrival order, waiting
@@ -407,6 +409,7 @@ impl Recorder {
             inflight: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
             stats: stats.clone(),
+            drain_by: Arc::new(tokio::sync::watch::Sender::new(None)),
         };
         let writer = Writer {
             rx,
@@ -423,6 +426,7 @@ impl Recorder {
             stats,
             ledger,
             journal,
+            drain_by: recorder.drain_by.subscribe(),
         };
         tracker.spawn(recorder.clone().feed_overflow(cancel.clone()));
         tracker.spawn(writer.run(cancel));
@@ -431,6 +435,13 @@ impl Recorder {
 
     pub fn stats(&self) -> &RecorderStats {
         &self.stats
+    }
+
+    /// From `deadline` on, the writer stops waiting for the store: what is left goes to the
+    /// spool, on disk, and is replayed at the next start. For shutdown, whose grace a slow
+    /// store must not outlast.
+    pub fn drain_until(&self, deadline: Instant) {
+        self.drain_by.send_replace(Some(deadline));
     }
 
     /// Whether a new request may be accepted: false once the spool or the journal is nearly

@@ -36,6 +36,9 @@ pub(super) struct Writer {
     pub(super) ledger: Arc<Ledger>,
     /// Stopped after the spool, once everything is stored or spooled.
     pub(super) journal: Journal,
+    /// Set at shutdown: past it, writes to the store give up (the records go to the spool,
+    /// replayed at the next start), so a slow store cannot hold a stop beyond its grace.
+    pub(super) drain_by: tokio::sync::watch::Receiver<Option<Instant>>,
 }
 
 /// How far a write of a run of records got.
@@ -247,7 +250,16 @@ impl Writer {
             let Some(run) = records.get(lo..hi) else {
                 break;
             };
-            let e = match self.store.append(run).await {
+            // A write already waiting on the store when the stop begins is cut at the deadline
+            // too: an in-flight append that may or may not land is spooled and replayed, and
+            // appends are idempotent by record id.
+            let result = tokio::select! {
+                r = self.store.append(run) => r,
+                () = grace_over(self.drain_by.clone()) => Err(StoreError::Unavailable(
+                    "the shutdown grace period is over".into(),
+                )),
+            };
+            let e = match result {
                 Ok(()) => {
                     stored += run.len() as u64;
                     self.stats
@@ -317,6 +329,20 @@ impl Writer {
                 );
                 false
             }
+        }
+    }
+}
+
+/// Completes once a drain deadline is set and has passed; never before.
+async fn grace_over(mut deadline: tokio::sync::watch::Receiver<Option<Instant>>) {
+    loop {
+        let set = *deadline.borrow_and_update();
+        if let Some(at) = set {
+            tokio::time::sleep_until(at).await;
+            return;
+        }
+        if deadline.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 }

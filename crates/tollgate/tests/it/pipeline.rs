@@ -1140,3 +1140,32 @@ async fn a_large_body_is_recorded_in_parts_and_billed_whole() {
         Some(text.len())
     );
 }
+
+/// Found measuring the Cosmos store: at shutdown the writer drained its queue into the store
+/// however long the store took, so a stalled or slow store held the stop for minutes past its
+/// grace (and an orchestrator's SIGKILL after it). Past the grace, what is left now goes to the
+/// spool, on disk, replayed at the next start; a write stuck in the store is cut too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_does_not_hold_shutdown_past_its_grace() {
+    let s = harness::start(|_| {}).await;
+    let stalled = s.flaky.stall.lock().await;
+    for i in 0..3 {
+        let body = json!({"messages": [{"role": "user", "content": format!("q{i}")}]});
+        let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap();
+    }
+    let grace = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+    // Bounded only so that the defect fails the test instead of hanging it.
+    tokio::time::timeout(std::time::Duration::from_secs(60), s.proxy.shutdown(grace))
+        .await
+        .expect("shutdown returns once its grace is over, the store still stalled");
+    let stats = s.proxy.recorder().stats();
+    let spooled = stats.spooled.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        spooled >= 6,
+        "the three requests' records are in the spool: {spooled}"
+    );
+    assert_eq!(stats.written.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop(stalled);
+}
