@@ -159,18 +159,32 @@ async fn stack(name: &str) -> (Stack, Arc<Faults>) {
     (s, faults)
 }
 
+/// `n` requests, eight at a time (half streams): load while Cosmos misbehaves.
 async fn send(s: &Stack, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
-    for i in 0..n {
-        let body = json!({"messages": [{"role": "user", "content": format!("q{i}")}], "stream": i % 2 == 0});
-        let resp = s.post(&s.chat_url("gpt-4o"), &body).send().await.unwrap();
-        assert_eq!(
-            resp.status(),
-            200,
-            "Cosmos's trouble is invisible to clients"
-        );
-        ids.push(request_id(&resp));
-        resp.text().await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (http, url, key) = (s.http.clone(), s.chat_url("gpt-4o"), crate::harness::KEY);
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (worker..n).step_by(8) {
+                let body = json!({"messages": [{"role": "user", "content": format!("q{i}")}], "stream": i % 2 == 0});
+                let resp = http
+                    .post(&url)
+                    .header("api-key", key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200, "Cosmos's trouble is invisible to clients");
+                ids.push(request_id(&resp));
+                resp.text().await.unwrap();
+            }
+            ids
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        ids.extend(done.expect("client task"));
     }
     ids
 }
@@ -188,7 +202,7 @@ async fn all_recorded(s: &Stack, ids: &[String]) {
 async fn throttled_writes_wait_the_retry_after_and_lose_nothing() {
     let (s, faults) = stack("throttle").await;
     faults.throttle.store(3, Ordering::SeqCst);
-    let ids = send(&s, 6).await;
+    let ids = send(&s, 16).await;
     s.settle().await;
     all_recorded(&s, &ids).await;
     assert_eq!(
@@ -225,7 +239,7 @@ async fn throttled_writes_wait_the_retry_after_and_lose_nothing() {
 async fn an_outage_spools_and_the_spool_drains_when_cosmos_is_back() {
     let (s, faults) = stack("outage").await;
     faults.down.store(true, Ordering::SeqCst);
-    let ids = send(&s, 8).await;
+    let ids = send(&s, 48).await;
     s.proxy.flush().await;
     assert!(
         s.proxy.recorder().spooled_bytes() > 0,
