@@ -121,11 +121,14 @@ impl Parser {
     }
 
     async fn read_units(&self, units: &mut Units) -> Result<usize, ParserError> {
-        units.maintain(self.feed.as_ref(), false).await?;
         let mut read = 0;
         for unit in units.names() {
+            // Between units too: a slow store must not hold a renewal past its lease.
+            units.maintain(self.feed.as_ref(), false).await?;
             read += self.read_unit(units, &unit).await?;
         }
+        // Also with no unit held: that is how the first ones are taken.
+        units.maintain(self.feed.as_ref(), false).await?;
         Ok(read)
     }
 

@@ -335,11 +335,26 @@ async fn leases_are_exclusive_and_carry_the_checkpoint(store: &dyn Store) {
         "renew after request",
     );
     assert!(held.requested(), "the owner sees the request");
+    let replicas = must(lease::owners(store, "g").await, "owners");
+    assert!(
+        replicas
+            .iter()
+            .any(|(r, units)| r == "two" && units.is_empty()),
+        "a replica that asked counts as live before it holds anything: {replicas:?}"
+    );
 
     // Released: the next reader goes on from the saved checkpoint.
     let mut cp2 = cp.clone();
     cp2.position = Some("43".into());
     must(lease::release(store, &held, &cp2).await, "release");
+    assert!(
+        must(
+            lease::acquire(store, "g", &unit, "one", ttl).await,
+            "take back"
+        )
+        .is_none(),
+        "a lease handed over on request is kept for the replica that asked"
+    );
     let second = some(
         must(
             lease::acquire(store, "g", &unit, "two", ttl).await,

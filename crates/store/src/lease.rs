@@ -77,7 +77,19 @@ impl Lease {
     }
 }
 
-fn free_for(doc: &LeaseDoc, owner: &str, now: DateTime<Utc>) -> bool {
+/// Whether `owner` may take the lease: nobody holds it, `owner` does, or it expired. A lease
+/// handed over on request stays reserved for the replica that asked, for one lease period,
+/// so the replica that let it go does not take it straight back.
+fn free_for(doc: &LeaseDoc, owner: &str, now: DateTime<Utc>, ttl: Duration) -> bool {
+    if doc.owner.as_deref() == Some(owner) && doc.expires > now {
+        return true;
+    }
+    if let Some(r) = &doc.requested_by
+        && r != owner
+        && now < doc.expires + ttl
+    {
+        return false;
+    }
     match &doc.owner {
         None => true,
         Some(o) if o == owner => true,
@@ -97,7 +109,7 @@ pub async fn acquire(
     let now = Utc::now();
     let current = feed.lease_doc(group, unit).await?;
     let (checkpoint, expected) = match current {
-        Some(v) if !free_for(&v.doc, owner, now) => return Ok(None),
+        Some(v) if !free_for(&v.doc, owner, now, ttl) => return Ok(None),
         Some(v) => (v.doc.checkpoint, Some(v.version)),
         None => (Checkpoint::default(), None),
     };
@@ -180,7 +192,9 @@ pub async fn request(
         .is_some())
 }
 
-/// The live owners of a group's units (unexpired leases), with how many units each holds.
+/// The live replicas of a group with the units each holds: the owners of unexpired leases, and
+/// the replicas that asked for one (they hold nothing yet, but share the work, so an owner
+/// that counted only owners would think itself alone and take every unit back).
 pub async fn owners(
     feed: &dyn ChangeFeed,
     group: &str,
@@ -188,9 +202,13 @@ pub async fn owners(
     let now = Utc::now();
     let mut owners: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for v in feed.lease_docs(group).await? {
-        if let Some(o) = v.doc.owner
-            && v.doc.expires > now
-        {
+        if v.doc.expires <= now {
+            continue;
+        }
+        if let Some(r) = v.doc.requested_by {
+            owners.entry(r).or_default();
+        }
+        if let Some(o) = v.doc.owner {
             owners.entry(o).or_default().push(v.doc.unit);
         }
     }

@@ -19,7 +19,7 @@ use tollgate_store::conformance::{cosmos_test_config, sample_end, sample_request
 use tollgate_store::{CosmosConfig, RecordQuery, Store, StoreConfig, lease};
 
 const SHARDS: u32 = 8;
-const LEASE_TTL_MS: u64 = 2_000;
+const LEASE_TTL_MS: u64 = 4_000;
 const GROUP: &str = "log-parser";
 const PATIENCE: Duration = Duration::from_secs(90);
 
@@ -233,8 +233,10 @@ async fn three_parsers_share_the_feed_and_survivors_take_over_a_killed_ones_unit
     }
 
     // One replica dies without a word; its shards wait for their leases to expire.
-    let before = owners(store.as_ref()).await;
-    let dead_units = before.get("two").cloned().expect("two held shards");
+    let dead_units = until("the replica to kill holding shards", async || {
+        owners(store.as_ref()).await.get("two").cloned()
+    })
+    .await;
     replicas[1].sigkill();
     let killed = Instant::now();
     expected.extend(wave(store.as_ref(), 150, 150).await);
