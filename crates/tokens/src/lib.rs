@@ -164,7 +164,37 @@ pub fn count_chat_prompt(model: &str, body: &Value) -> u64 {
     if !definitions.is_empty() {
         total += count_definitions(enc, &definitions, body, has_system);
     }
+    total += count_response_format(enc, body);
     total.max(0) as u64
+}
+
+/// A `response_format` JSON schema as the model reads it. No paired measurement is published;
+/// the rule is the one measured on the Responses API and published in openai/openai-cookbook
+/// issue #2140: the schema as compact JSON without `required`, `additionalProperties` and
+/// `$schema` at any depth (the grammar enforces those; the model is not shown them), plus nine
+/// tokens of framing (the `# Response Formats` section). `json_object` adds nothing measured.
+/// Keys are counted in sorted order, which can move a token boundary against the client's
+/// order.
+fn count_response_format(enc: Encoding, body: &Value) -> i64 {
+    let Some(schema) = body.pointer("/response_format/json_schema/schema") else {
+        return 0;
+    };
+    fn strip(v: &Value) -> Value {
+        match v {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .filter(|(k, _)| {
+                        !matches!(k.as_str(), "required" | "additionalProperties" | "$schema")
+                    })
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(strip).collect()),
+            other => other.clone(),
+        }
+    }
+    let text = serde_json::to_string(&strip(schema)).unwrap_or_default();
+    enc.count(&text) as i64 + 9
 }
 
 /// The function definitions of `tools` (type `function`), else of the legacy `functions`.
@@ -432,6 +462,31 @@ mod tests {
         let enc = Encoding::O200kBase;
         let expected = 3 + enc.count("user") + enc.count("what is this") + 85 + 765 + 3;
         assert_eq!(count_chat_prompt("gpt-4o", &body), expected);
+    }
+
+    #[test]
+    fn a_json_schema_counts_without_what_the_grammar_enforces() {
+        let body = serde_json::json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "strict": true,
+                "schema": {"$schema": "x", "type": "object", "additionalProperties": false,
+                    "required": ["city"],
+                    "properties": {"city": {"type": "string", "required": ["not-a-keyword-here"]}}}}}
+        });
+        let without = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+        let enc = Encoding::O200kBase;
+        // Written out by hand: compact, sorted keys, the three keywords gone at every depth.
+        let shown = r#"{"properties":{"city":{"type":"string"}},"type":"object"}"#;
+        assert_eq!(
+            count_chat_prompt("gpt-4o", &body) - count_chat_prompt("gpt-4o", &without),
+            enc.count(shown) + 9
+        );
+        let json_object = serde_json::json!({"messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}});
+        assert_eq!(
+            count_chat_prompt("gpt-4o", &json_object),
+            count_chat_prompt("gpt-4o", &without)
+        );
     }
 
     #[test]
