@@ -189,8 +189,24 @@ impl Parser {
         let opts = self.options();
         let mut out: Vec<ConsolidatedRecord> = Vec::new();
         let mut finished: Vec<String> = Vec::new();
+        // Most requests' records all arrive in one page: those are assembled from it, and only
+        // the others are read back by id (on Cosmos DB a query per request).
+        let mut in_page: HashMap<String, Vec<RawRecord>> = HashMap::new();
+        for record in &page.records {
+            in_page
+                .entry(record.request_id().to_owned())
+                .or_default()
+                .push(record.clone());
+        }
         for id in candidates {
-            let parts = Parts::from_records(self.feed.read_request(&id).await?);
+            let from_page = in_page
+                .remove(&id)
+                .map(Parts::from_records)
+                .filter(Parts::is_complete);
+            let parts = match from_page {
+                Some(parts) => parts,
+                None => Parts::from_records(self.feed.read_request(&id).await?),
+            };
             if !parts.is_complete() {
                 continue;
             }
