@@ -121,15 +121,26 @@ impl Parser {
     }
 
     async fn read_units(&self, units: &mut Units) -> Result<usize, ParserError> {
+        // First, so that the first pass already reads the units it takes.
+        units.maintain(self.feed.as_ref(), false).await?;
         let mut read = 0;
+        let mut failed = None;
         for unit in units.names() {
             // Between units too: a slow store must not hold a renewal past its lease.
             units.maintain(self.feed.as_ref(), false).await?;
-            read += self.read_unit(units, &unit).await?;
+            // One unit's failure (a sink refusing its page) must not keep the others unread.
+            match self.read_unit(units, &unit).await {
+                Ok(n) => read += n,
+                Err(e) => {
+                    tracing::warn!(unit, error = %e, "A feed unit's page failed; the others go on.");
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        // Also with no unit held: that is how the first ones are taken.
-        units.maintain(self.feed.as_ref(), false).await?;
-        Ok(read)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(read),
+        }
     }
 
     /// One page of one unit: requests whose end arrived are consolidated, expired ones recorded
@@ -232,17 +243,33 @@ impl Parser {
             finished.push(id);
         }
 
-        if !units.usable(unit) {
-            // Too little of the lease is left to be sure no other replica has taken the unit:
-            // writing now could consolidate its requests twice. The next pass renews first.
+        // Renewed first if due (reading the page may have taken a while), then the writes get
+        // only the lease's usable time: a write still landing after another replica could
+        // have taken the unit would consolidate its requests twice.
+        units.maintain(self.feed.as_ref(), false).await?;
+        let Some(usable) = units.usable_for(unit) else {
             tracing::warn!(
                 unit,
                 "Lease on a feed unit is about to expire; its page is left for after the renewal."
             );
             return Ok(0);
-        }
-        for sink in &self.sinks {
-            sink.write(&out).await?;
+        };
+        let write_all = async {
+            for sink in &self.sinks {
+                sink.write(&out).await?;
+            }
+            Ok::<(), ParserError>(())
+        };
+        match tokio::time::timeout(usable, write_all).await {
+            Ok(written) => written?,
+            Err(_) => {
+                return Err(ParserError::Sink {
+                    sink: "lease",
+                    detail: format!(
+                        "writing unit {unit}'s page outlasted its lease; the page is read again"
+                    ),
+                });
+            }
         }
         for id in &finished {
             pending.remove(id);
@@ -289,9 +316,15 @@ impl Parser {
     /// Polls the feed until `cancel` fires, then catches up once more and returns.
     pub async fn run(&self, cancel: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
+        // Never longer than a renewal interval: a pass is also when leases are renewed, and a
+        // replica backing off from a sink outage must not let its units expire and bounce.
         let mut backoff = Backoff::new(
             poll,
-            Duration::from_millis(self.config.max_retry_interval_ms),
+            Duration::from_millis(
+                self.config
+                    .max_retry_interval_ms
+                    .min(self.config.lease_ttl_ms / 3),
+            ),
         );
         let progress_every = Duration::from_millis(self.config.progress_log_ms.max(1));
         let mut last_progress = std::time::Instant::now();

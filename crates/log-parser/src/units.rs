@@ -56,12 +56,15 @@ impl Units {
         self.held.len()
     }
 
-    /// Whether this replica may still write what it read from `unit`: its lease has more than
-    /// a third of its life left (see `ParserConfig::lease_ttl_ms`).
-    pub(crate) fn usable(&self, unit: &str) -> bool {
-        self.held
-            .get(unit)
-            .is_some_and(|h| h.lease.usable(Utc::now(), self.ttl / 3))
+    /// How long this replica may still write what it read from `unit`: until a third of its
+    /// lease is left (see `ParserConfig::lease_ttl_ms`); `None` once that is past.
+    pub(crate) fn usable_for(&self, unit: &str) -> Option<Duration> {
+        let held = self.held.get(unit)?;
+        let now = Utc::now();
+        if !held.lease.usable(now, self.ttl / 3) {
+            return None;
+        }
+        (held.lease.doc.expires - self.ttl / 3 - now).to_std().ok()
     }
 
     /// Saves `checkpoint` for `unit` with a renewal of its lease. Returns whether the unit is

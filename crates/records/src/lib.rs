@@ -819,6 +819,23 @@ impl ConsolidatedRecord {
     pub fn day(&self) -> String {
         self.time.format("%Y-%m-%d").to_string()
     }
+
+    /// Drops the prompt and the answers' text and call arguments, keeping everything billed
+    /// and measured: what `store_content = false` keeps, and what a store that cannot hold the
+    /// whole record (an item size limit) is given instead.
+    pub fn drop_content(&mut self) {
+        self.prompt = None;
+        for c in &mut self.choices {
+            c.content = None;
+            c.refusal = None;
+            for t in &mut c.tool_calls {
+                t.arguments.clear();
+            }
+            if let Some(f) = &mut c.function_call {
+                f.arguments.clear();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -149,7 +149,20 @@ pub async fn renew(
             return Ok(Lease { doc, version });
         }
         match feed.lease_doc(&doc.group, &doc.unit).await? {
-            Some(v) if v.doc.owner == lease.doc.owner && v.doc.requested_by.is_some() => {
+            // Only a request changed it: the stored lease is the one this replica last wrote
+            // in everything else. Anything more (a renewal that landed although its answer was
+            // lost, another process under the same name) means this replica's view is stale,
+            // and writing over it could move the checkpoint back.
+            Some(v)
+                if v.doc.requested_by.is_some()
+                    && LeaseDoc {
+                        requested_by: None,
+                        ..v.doc.clone()
+                    } == LeaseDoc {
+                        requested_by: None,
+                        ..lease.doc.clone()
+                    } =>
+            {
                 doc.requested_by = v.doc.requested_by;
                 expected = v.version;
             }

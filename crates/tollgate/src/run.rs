@@ -95,10 +95,12 @@ pub(crate) async fn sim(config: Config) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> {
+    let data_dir: PathBuf = config.local_dir.clone();
+    // Held until this function returns (and by the kernel until the process dies).
+    let _lock = lock_local_dir(&data_dir)?;
     let store = tollgate_store::open(&config.store)
         .await
         .context("store could not be opened")?;
-    let data_dir: PathBuf = config.local_dir.clone();
     let background = TaskTracker::new();
     let sim_cancel = CancellationToken::new();
     let mut sim_addr = None;
@@ -314,4 +316,28 @@ fn replica_id(dir: &std::path::Path) -> anyhow::Result<String> {
     );
     std::fs::write(&file, &id).with_context(|| format!("cannot write {}", file.display()))?;
     Ok(id)
+}
+
+/// One process per local state directory: two would replay each other's journal and spool, and
+/// share a parser replica name (both would read every feed unit). An advisory lock the kernel
+/// drops when the process dies, so a restart after a crash or SIGKILL is never refused.
+fn lock_local_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("tollgate.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another Tollgate process uses {} (its lock file is held); give each process its own --data-dir",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }

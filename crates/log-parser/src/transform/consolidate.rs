@@ -305,22 +305,9 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         }),
         _ => None,
     };
-    let mut choices = stitched.choices;
-    let mut prompt = request_json.as_ref().and_then(prompt_of);
-    if !opts.store_content {
-        prompt = None;
-        for c in &mut choices {
-            c.content = None;
-            c.refusal = None;
-            for t in &mut c.tool_calls {
-                t.arguments.clear();
-            }
-            if let Some(f) = &mut c.function_call {
-                f.arguments.clear();
-            }
-        }
-    }
-    Some(ConsolidatedRecord {
+    let choices = stitched.choices;
+    let prompt = request_json.as_ref().and_then(prompt_of);
+    let mut record = ConsolidatedRecord {
         schema_version: SCHEMA_VERSION,
         id,
         time: request
@@ -361,7 +348,11 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
         response_bytes: end.map_or(0, |e| e.response_bytes),
         revision: tollgate_records::revision(parts.raw_records, complete),
         error,
-    })
+    };
+    if !opts.store_content {
+        record.drop_content();
+    }
+    Some(record)
 }
 
 /// How exact the usage is, and why when it is not AOAI's own figure; `None` when AOAI bills

@@ -25,10 +25,7 @@ use crate::{ChangeFeed, DeadLetter, FeedPage, RawWriter, StoreError};
 const BATCH_MAX_OPS: usize = 100;
 const BATCH_MAX_BYTES: usize = 2_000_000;
 
-/// Cosmos DB refuses an item over 2 MB (2,097,152 bytes of JSON); checked here, below that by
-/// the batch's framing, so a record that can never be stored is named before anything is sent
-/// (the proxy splits bodies into parts well under it: `max_body_part_bytes`).
-const ITEM_MAX_BYTES: usize = 2_000_000;
+use super::ITEM_MAX_BYTES;
 
 /// One raw record as its Cosmos document: the record's JSON with `id` and `shard` first.
 struct RawDoc {
@@ -178,19 +175,16 @@ impl RawWriter for CosmosStore {
 /// A raw document read back: the record, or the dead letter it becomes.
 fn parse_raw(unit: &str, value: &serde_json::Value) -> Result<RawRecord, DeadLetter> {
     let text = value.to_string();
+    let field = |name: &str| {
+        value.get(name).map_or_else(String::new, |v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
     serde_json::from_str::<RawRecord>(&text).map_err(|e| DeadLetter {
-        position: format!(
-            "{unit}.{}",
-            value
-                .get("_lsn")
-                .and_then(serde_json::Value::as_u64)
-                .map_or_else(
-                    || value
-                        .get("_rid")
-                        .map_or_else(String::new, |r| r.to_string()),
-                    |l| l.to_string()
-                )
-        ),
+        // The documents of one transactional batch share an LSN: the document's own resource
+        // id makes the position unique.
+        position: format!("{unit}.{}.{}", field("_lsn"), field("_rid")),
         record_id: value
             .get("id")
             .and_then(serde_json::Value::as_str)

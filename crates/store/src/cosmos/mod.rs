@@ -32,6 +32,11 @@ use crate::{CosmosConfig, StoreError};
 
 pub use setup::connect;
 
+/// Cosmos DB refuses an item over 2 MB (2,097,152 bytes of JSON); checked before sending, below
+/// that by a batch's framing, so a record that can never be stored is named before anything is
+/// sent (the proxy splits bodies into parts well under it: `max_body_part_bytes`).
+const ITEM_MAX_BYTES: usize = 2_000_000;
+
 /// An opened Cosmos DB store.
 #[derive(Clone)]
 pub struct CosmosStore {
@@ -80,8 +85,14 @@ impl CosmosStore {
 fn store_error(e: CosmosError) -> StoreError {
     let status = e.status();
     let code = u16::from(status.status_code());
-    match code {
-        401 | 403 | 404 => StoreError::Config(format!("Cosmos DB answered {code}: {e}")),
+    let sub = status.sub_status().map(u16::from);
+    match (code, sub) {
+        // A full logical partition: a shard of the raw container passed 20 GB. Retried (the
+        // records spool) but named, since only a shorter retention makes room.
+        (403, Some(1014)) => StoreError::Unavailable(format!(
+            "a Cosmos DB logical partition is full (20 GB); shorten raw_ttl_days: {e}"
+        )),
+        (401 | 403 | 404, _) => StoreError::Config(format!("Cosmos DB answered {code}: {e}")),
         _ => StoreError::Unavailable(format!("Cosmos DB answered {code}: {e}")),
     }
 }

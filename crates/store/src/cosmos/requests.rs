@@ -135,13 +135,29 @@ impl RequestStore for CosmosStore {
             .iter()
             .map(|r| Ok((r.id.clone(), document(r)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
+        // Named before anything is sent: Cosmos DB would answer 413 for it for ever.
+        if let Some((id, doc)) = docs
+            .iter()
+            .find(|(_, d)| d.get().len() > super::ITEM_MAX_BYTES)
+        {
+            return Err(StoreError::Rejected {
+                id: id.clone(),
+                detail: format!(
+                    "{} bytes as a document, over Cosmos DB's item limit",
+                    doc.get().len()
+                ),
+            });
+        }
         futures_util::stream::iter(docs)
             .map(|(id, doc)| async move {
-                self.requests
-                    .upsert_item(id.clone(), &id, &doc, None)
-                    .await
-                    .map(|_| ())
-                    .map_err(store_error)
+                match self.requests.upsert_item(id.clone(), &id, &doc, None).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if super::status_of(&e) == 413 => Err(StoreError::Rejected {
+                        id,
+                        detail: e.to_string(),
+                    }),
+                    Err(e) => Err(store_error(e)),
+                }
             })
             .buffer_unordered(self.write_concurrency)
             .try_collect::<Vec<()>>()

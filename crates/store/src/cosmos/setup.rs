@@ -202,7 +202,10 @@ async fn container(
 ) -> Result<Option<ContainerClient>, StoreError> {
     let name = properties.id.to_string();
     match database.container_client(name.clone(), None).await {
-        Ok(c) => return Ok(Some(c)),
+        Ok(c) => {
+            check_partition_key(&c, &name, &properties).await?;
+            return Ok(Some(c));
+        }
         Err(e) if status_of(&e) == 404 || is_missing(&e) => {}
         Err(e) => return Err(store_error(e)),
     }
@@ -219,6 +222,31 @@ async fn container(
         .await
         .map(Some)
         .map_err(store_error)
+}
+
+/// An existing container must be keyed as Tollgate writes it: with another partition key every
+/// write would be refused (400), and the records set aside as if each were at fault.
+async fn check_partition_key(
+    container: &ContainerClient,
+    name: &str,
+    wanted: &ContainerProperties,
+) -> Result<(), StoreError> {
+    let found: ContainerProperties = container
+        .read(None)
+        .await
+        .map_err(store_error)?
+        .into_model()
+        .map_err(store_error)?;
+    let (found, wanted) = (
+        found.partition_key.paths().to_vec(),
+        wanted.partition_key.paths().to_vec(),
+    );
+    if found != wanted {
+        return Err(config_error(format!(
+            "Cosmos DB container {name:?} has partition key {found:?}; Tollgate needs {wanted:?} (recreate it, or name another container)"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether loading a container's metadata failed because it does not exist (the SDK reports

@@ -67,3 +67,35 @@ async fn cosmos_refuses_only_the_oversized_record_of_a_batch() {
 }
 
 mod cosmos_queries;
+
+/// An existing container keyed otherwise than Tollgate writes would refuse every write (400),
+/// each refused record set aside as if at fault: the store refuses to open on it, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cosmos_refuses_a_container_with_another_partition_key() {
+    let config = tollgate_store::conformance::cosmos_test_config(&format!(
+        "wrongkey-{}",
+        std::process::id()
+    ));
+    let client = tollgate_store::cosmos::connect(&config)
+        .await
+        .expect("client");
+    client
+        .create_database(&config.database, None)
+        .await
+        .expect("database");
+    client
+        .database_client(config.database.clone())
+        .create_container(
+            azure_data_cosmos::models::ContainerProperties::new("raw", "/id".into()),
+            None,
+        )
+        .await
+        .expect("container");
+    match tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(config)).await {
+        Err(tollgate_store::StoreError::Config(e)) => {
+            assert!(e.contains("\"raw\"") && e.contains("/shard"), "{e}");
+        }
+        Ok(_) => panic!("opened a raw container keyed by /id"),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -250,3 +250,32 @@ async fn an_outage_spools_and_the_spool_drains_when_cosmos_is_back() {
     assert_eq!(s.proxy.recorder().spooled_bytes(), 0, "the spool drained");
     all_recorded(&s, &ids).await;
 }
+
+/// Found in review: a consolidated record over Cosmos DB's 2 MB item limit (a prompt of a few
+/// MB, which the proxy accepts and records in parts) was retried for ever and held its unit's
+/// checkpoint, and every unit after it. It is now stored without its content, billed and
+/// measured, and the feed moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_cosmos_is_stored_without_its_content() {
+    let (s, _faults) = stack("large").await;
+    let big = "lorem ipsum ".repeat(250_000);
+    let resp = s
+        .post(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": [{"role": "user", "content": big}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    let after = send(&s, 4).await;
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert!(r.prompt.is_none(), "the prompt is dropped");
+    assert!(
+        r.status.is_some() && r.complete,
+        "still billed and measured"
+    );
+    all_recorded(&s, &after).await;
+}

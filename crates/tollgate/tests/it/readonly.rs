@@ -104,3 +104,52 @@ async fn check_on_cosmos_names_what_is_missing_and_creates_nothing() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("store reachable"));
 }
+
+/// Found in review: two processes on one data directory replayed each other's journal and
+/// spool and shared a parser replica name, so both read every feed unit. The second is refused;
+/// once the first is gone (even killed), the directory is free again.
+#[test]
+fn a_second_process_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = crate::up::Up::start(
+        dir.path(),
+        &data,
+        "first",
+        &crate::up::UpConfig {
+            consumer: "c",
+            key: "k",
+            admin_key: "a",
+            sections: "",
+        },
+    );
+    let config = dir.path().join("tollgate.toml");
+    let second = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["up", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .output()
+        .expect("run a second tollgate up");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "stderr: {stderr}");
+    assert!(stderr.contains("another Tollgate process uses"), "{stderr}");
+    {
+        let mut child = first.child.lock().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let again = crate::up::Up::start(
+        dir.path(),
+        &data,
+        "again",
+        &crate::up::UpConfig {
+            consumer: "c",
+            key: "k",
+            admin_key: "a",
+            sections: "",
+        },
+    );
+    drop(again);
+}
