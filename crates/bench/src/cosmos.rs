@@ -27,6 +27,25 @@ fn own_cpu_ms() -> f64 {
     crate::cpu_ms_of("self")
 }
 
+/// An in-process proxy logging to `store`, served on a free port; its address, and the
+/// directory of its spool and journal (removed when dropped).
+async fn proxy_on(
+    sim_base: &str,
+    store: Arc<dyn RawWriter>,
+) -> anyhow::Result<(Proxy, String, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let proxy = Proxy::build(
+        &proxy_config(sim_base),
+        ProxyDeps {
+            store,
+            data_dir: dir.path().to_path_buf(),
+            after_flush: None,
+        },
+    )?;
+    let base = serve(&proxy).await?;
+    Ok((proxy, base, dir))
+}
+
 async fn serve(proxy: &Proxy) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -64,16 +83,7 @@ async fn one(client: &reqwest::Client, base: &str, stream: bool) -> anyhow::Resu
 /// writer's batch holds that request only): the mean over `n` requests of each kind.
 pub(crate) async fn cost_per_request(sim_base: &str, n: usize) -> anyhow::Result<()> {
     let store = Arc::new(CosmosStore::open(&config("ops")).await?);
-    let dir = tempfile::tempdir()?;
-    let proxy = Proxy::build(
-        &proxy_config(sim_base),
-        ProxyDeps {
-            store: store.clone() as Arc<dyn RawWriter>,
-            data_dir: dir.path().to_path_buf(),
-            after_flush: None,
-        },
-    )?;
-    let base = serve(&proxy).await?;
+    let (proxy, base, _dir) = proxy_on(sim_base, store.clone()).await?;
     let client = reqwest::Client::builder().no_proxy().build()?;
     println!("Cosmos per logged request (alone in its batch; mean of {n}):");
     for stream in [false, true] {
@@ -115,16 +125,7 @@ async fn parse_rate(
     store: Arc<dyn Store>,
     n: usize,
 ) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let proxy = Proxy::build(
-        &proxy_config(sim_base),
-        ProxyDeps {
-            store: store.clone() as Arc<dyn RawWriter>,
-            data_dir: dir.path().to_path_buf(),
-            after_flush: None,
-        },
-    )?;
-    let base = serve(&proxy).await?;
+    let (proxy, base, _dir) = proxy_on(sim_base, store.clone()).await?;
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(16)

@@ -579,3 +579,24 @@ pub fn cosmos_test_config(database: &str) -> crate::CosmosConfig {
         write_concurrency: 4,
     }
 }
+
+/// `config` as the `[store]` section of a Tollgate configuration file, for tests that run the
+/// `tollgate` binary on the Cosmos test server.
+pub fn cosmos_toml(config: &crate::CosmosConfig) -> String {
+    let key_file = match &config.auth {
+        crate::CosmosAuth::Key {
+            key_file: Some(f), ..
+        } => f.display().to_string(),
+        _ => panic!("the test configuration authenticates with a key file"),
+    };
+    format!(
+        "[store]\ntype = \"cosmos\"\nendpoint = \"{}\"\ndatabase = \"{}\"\nraw_shards = {}\n\
+         raw_ttl_days = {}\ncreate_if_missing = {}\nhttp2 = false\nbinary_encoding = false\n\
+         [store.auth]\nkind = \"key\"\nkey_file = \"{key_file}\"\n",
+        config.endpoint,
+        config.database,
+        config.raw_shards,
+        config.raw_ttl_days,
+        config.create_if_missing,
+    )
+}

@@ -21,6 +21,14 @@ async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
     (dir, store)
 }
 
+/// The default group's checkpoint on the embedded store's one unit.
+async fn checkpoint(store: &Arc<dyn Store>) -> tollgate_store::Checkpoint {
+    tollgate_store::load_checkpoint(store.as_ref(), "log-parser", tollgate_store::embedded::UNIT)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 fn parser(store: &Arc<dyn Store>, config: ParserConfig) -> Parser {
     let sinks: Vec<Arc<dyn RecordSink>> = vec![Arc::new(StoreSink::new(
         store.clone() as Arc<dyn RequestStore>
@@ -60,14 +68,7 @@ async fn a_restarted_parser_finishes_requests_it_saw_start() {
         store.get("r1").await.unwrap().is_none(),
         "not finished without its end"
     );
-    let cp = tollgate_store::load_checkpoint(
-        store.as_ref(),
-        "log-parser",
-        tollgate_store::embedded::UNIT,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let cp = checkpoint(&store).await;
     assert_eq!(
         cp.pending.len(),
         1,
@@ -225,14 +226,7 @@ async fn end_seen_survives_a_restart() {
         store.get("r1").await.unwrap().is_none(),
         "segment 2 missing"
     );
-    let cp = tollgate_store::load_checkpoint(
-        store.as_ref(),
-        "log-parser",
-        tollgate_store::embedded::UNIT,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let cp = checkpoint(&store).await;
     assert!(
         cp.pending
             .iter()
@@ -252,14 +246,7 @@ async fn end_seen_survives_a_restart() {
     assert!(r.complete);
     assert_eq!(r.choices[0].content.as_deref(), Some("Hello"));
     assert_eq!(second.stats().incomplete, 0);
-    let cp = tollgate_store::load_checkpoint(
-        store.as_ref(),
-        "log-parser",
-        tollgate_store::embedded::UNIT,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let cp = checkpoint(&store).await;
     assert!(cp.pending.is_empty());
 }
 

@@ -73,21 +73,7 @@ async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exac
 async fn openai_sdk_through_tollgate_up_on_cosmos_matches_and_report_is_exact() {
     let cosmos =
         tollgate_store::conformance::cosmos_test_config(&format!("e2e-{}", std::process::id()));
-    let Some(key_file) = (match &cosmos.auth {
-        tollgate_store::CosmosAuth::Key { key_file, .. } => key_file.clone(),
-        _ => None,
-    }) else {
-        panic!("the test configuration authenticates with a key file")
-    };
-    sdk_roundtrip(&format!(
-        "[store]\ntype = \"cosmos\"\nendpoint = \"{}\"\ndatabase = \"{}\"\n\
-         create_if_missing = true\nhttp2 = false\nbinary_encoding = false\n\
-         [store.auth]\nkind = \"key\"\nkey_file = \"{}\"\n",
-        cosmos.endpoint,
-        cosmos.database,
-        key_file.display()
-    ))
-    .await;
+    sdk_roundtrip(&tollgate_store::conformance::cosmos_toml(&cosmos)).await;
 }
 
 /// The `openai` SDK's checks through `tollgate up` with `store` (TOML, empty for the embedded

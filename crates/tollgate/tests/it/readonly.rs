@@ -55,26 +55,11 @@ async fn check_on_cosmos_names_what_is_missing_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cosmos =
         tollgate_store::conformance::cosmos_test_config(&format!("check-{}", std::process::id()));
-    let Some(key_file) = (match &cosmos.auth {
-        tollgate_store::CosmosAuth::Key { key_file, .. } => key_file.clone(),
-        _ => None,
-    }) else {
-        panic!("the test configuration authenticates with a key file")
-    };
     let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\ntype = \"cosmos\"\nendpoint = \"{}\"\ndatabase = \"{}\"\nraw_shards = {}\n\
-             create_if_missing = true\nhttp2 = false\nbinary_encoding = false\n\
-             [store.auth]\nkind = \"key\"\nkey_file = \"{}\"\n",
-            cosmos.endpoint,
-            cosmos.database,
-            cosmos.raw_shards,
-            key_file.display()
-        ),
-    )
-    .unwrap();
+    // What `tollgate up` would be allowed to create: `check` must create nothing all the same.
+    let mut allowed = cosmos.clone();
+    allowed.create_if_missing = true;
+    std::fs::write(&config, tollgate_store::conformance::cosmos_toml(&allowed)).unwrap();
     let check = || tollgate(&["--config", config.to_str().unwrap(), "check"], dir.path());
     let out = check();
     let stderr = String::from_utf8_lossy(&out.stderr);

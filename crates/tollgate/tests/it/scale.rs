@@ -32,28 +32,11 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &Path, name: &str, cosmos: &CosmosConfig) -> Replica {
-        let Some(key_file) = (match &cosmos.auth {
-            tollgate_store::CosmosAuth::Key { key_file, .. } => key_file.clone(),
-            _ => None,
-        }) else {
-            panic!("the test configuration authenticates with a key file")
-        };
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                r#"[store]
-type = "cosmos"
-endpoint = "{endpoint}"
-database = "{database}"
-raw_shards = {SHARDS}
-raw_ttl_days = 0
-http2 = false
-binary_encoding = false
-[store.auth]
-kind = "key"
-key_file = "{key_file}"
-[parser]
+                r#"{store}[parser]
 replica_id = "{name}"
 lease_ttl_ms = {LEASE_TTL_MS}
 poll_interval_ms = 50
@@ -61,9 +44,7 @@ progress_log_ms = 100
 [log]
 filter = "info"
 "#,
-                endpoint = cosmos.endpoint,
-                database = cosmos.database,
-                key_file = key_file.display(),
+                store = tollgate_store::conformance::cosmos_toml(cosmos),
             ),
         )
         .expect("write config");
