@@ -309,11 +309,14 @@ pub async fn open_existing(config: &StoreConfig) -> Result<std::sync::Arc<dyn St
         #[cfg(not(feature = "embedded"))]
         StoreConfig::Embedded { .. } => {}
         // Checked, never created: a command that only reads must not set up an account.
+        #[cfg(feature = "cosmos")]
         StoreConfig::Cosmos(c) => {
-            let mut c = c.clone();
-            c.create_if_missing = false;
-            return open(&StoreConfig::Cosmos(c)).await;
+            return Ok(std::sync::Arc::new(
+                cosmos::CosmosStore::open_existing(c).await?,
+            ));
         }
+        #[cfg(not(feature = "cosmos"))]
+        StoreConfig::Cosmos(_) => {}
     }
     open(config).await
 }

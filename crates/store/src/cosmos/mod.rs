@@ -69,7 +69,19 @@ impl CosmosStore {
         if !problems.is_empty() {
             return Err(StoreError::Config(problems.join("; ")));
         }
-        setup::open(config).await
+        setup::open(config, false).await
+    }
+
+    /// Opens a store that must exist, for commands that only read: nothing is created or
+    /// recorded in the account.
+    pub async fn open_existing(config: &CosmosConfig) -> Result<Self, StoreError> {
+        let mut config = config.clone();
+        config.create_if_missing = false;
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StoreError::Config(problems.join("; ")));
+        }
+        setup::open(&config, true).await
     }
 
     /// What writing raw records has cost so far.

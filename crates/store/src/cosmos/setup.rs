@@ -28,6 +28,9 @@ struct RawMeta {
     id: String,
     kind: String,
     shards: u32,
+    /// The raw container's resource id: the feed positions saved in the leases belong to it.
+    #[serde(default)]
+    raw_rid: Option<String>,
 }
 
 fn config_error(what: impl std::fmt::Display) -> StoreError {
@@ -105,7 +108,11 @@ pub async fn connect(config: &CosmosConfig) -> Result<CosmosClient, StoreError> 
         })
 }
 
-pub(super) async fn open(config: &CosmosConfig) -> Result<CosmosStore, StoreError> {
+/// Opens the store; `read_only` (commands that only read) records nothing in the account.
+pub(super) async fn open(
+    config: &CosmosConfig,
+    read_only: bool,
+) -> Result<CosmosStore, StoreError> {
     let client = connect(config).await?;
     let database = client.database_client(config.database.clone());
     let mut missing = Vec::new();
@@ -154,7 +161,15 @@ pub(super) async fn open(config: &CosmosConfig) -> Result<CosmosStore, StoreErro
             missing.join(", ")
         )));
     };
-    check_shards(&leases, config).await?;
+    let raw_rid = raw
+        .read(None)
+        .await
+        .map_err(store_error)?
+        .into_model()
+        .map_err(store_error)?
+        .system_properties
+        .resource_id;
+    check_raw_meta(&leases, config, raw_rid, read_only).await?;
     Ok(CosmosStore {
         raw: Arc::new(raw),
         requests: Arc::new(requests),
@@ -255,25 +270,45 @@ fn is_missing(e: &azure_data_cosmos::CosmosError) -> bool {
     e.to_string().contains("NotFound") || e.to_string().contains("404")
 }
 
-/// The shard count is part of where records live: a different count would look for a
-/// request's records in the wrong shard. Recorded on first start, checked on every start.
-async fn check_shards(leases: &ContainerClient, config: &CosmosConfig) -> Result<(), StoreError> {
+/// The shard count is part of where records live: a different count would look for a request's
+/// records in the wrong shard. And the feed positions in the leases belong to one raw container:
+/// after it is deleted and recreated they are refused for ever. Both are recorded on first
+/// start and checked on every start.
+async fn check_raw_meta(
+    leases: &ContainerClient,
+    config: &CosmosConfig,
+    raw_rid: Option<String>,
+    read_only: bool,
+) -> Result<(), StoreError> {
     match super::find::<RawMeta>(leases, META_RAW).await? {
         Some(meta) if meta.shards != config.raw_shards => Err(config_error(format!(
             "store.raw_shards is {}, but the raw container was created with {} shards; a different count would look for records in the wrong shard",
             config.raw_shards, meta.shards
         ))),
+        Some(RawMeta {
+            raw_rid: Some(recorded),
+            ..
+        }) if raw_rid.as_ref().is_some_and(|rid| *rid != recorded) => Err(config_error(format!(
+            "the raw container {:?} was recreated since the parser's checkpoints were saved (its resource id was {recorded}, now {}); delete the lease documents in {:?} (and the document {META_RAW:?}) so the parsers read the new container from its beginning",
+            config.containers.raw,
+            raw_rid.as_deref().unwrap_or("?"),
+            config.containers.leases
+        ))),
         Some(_) => Ok(()),
+        None if read_only => Ok(()),
         None => {
             let meta = RawMeta {
                 id: META_RAW.into(),
                 kind: "meta".into(),
                 shards: config.raw_shards,
+                raw_rid: raw_rid.clone(),
             };
             match leases.create_item(META_RAW, META_RAW, &meta, None).await {
                 Ok(_) => Ok(()),
                 // Another replica started at the same time: check what it wrote.
-                Err(e) if status_of(&e) == 409 => Box::pin(check_shards(leases, config)).await,
+                Err(e) if status_of(&e) == 409 => {
+                    Box::pin(check_raw_meta(leases, config, raw_rid, read_only)).await
+                }
                 Err(e) => Err(store_error(e)),
             }
         }

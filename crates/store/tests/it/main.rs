@@ -99,3 +99,42 @@ async fn cosmos_refuses_a_container_with_another_partition_key() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// Found in review: the feed positions saved in the leases belong to one raw container; after
+/// it is deleted and recreated the SDK refuses them for ever, and every unit stalled. The store
+/// now refuses to open and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cosmos_names_a_recreated_raw_container() {
+    let config = tollgate_store::conformance::cosmos_test_config(&format!(
+        "recreated-{}",
+        std::process::id()
+    ));
+    tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(config.clone()))
+        .await
+        .expect("first start");
+    let client = tollgate_store::cosmos::connect(&config)
+        .await
+        .expect("client");
+    let database = client.database_client(config.database.clone());
+    database
+        .container_client("raw", None)
+        .await
+        .expect("raw")
+        .delete(None)
+        .await
+        .expect("delete raw");
+    database
+        .create_container(
+            azure_data_cosmos::models::ContainerProperties::new("raw", "/shard".into()),
+            None,
+        )
+        .await
+        .expect("recreate raw");
+    match tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(config)).await {
+        Err(tollgate_store::StoreError::Config(e)) => {
+            assert!(e.contains("was recreated"), "{e}");
+        }
+        Ok(_) => panic!("opened with checkpoints of a container that is gone"),
+        Err(e) => panic!("{e}"),
+    }
+}
