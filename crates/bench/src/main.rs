@@ -167,6 +167,8 @@ pub(crate) fn proxy_config(backend: &str) -> ProxyConfig {
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),
+            priority: 0,
+            weight: 1,
             endpoint: backend.to_owned(),
             api_key: Some("sim".to_owned().into()),
             deployments: vec!["gpt-4o".into()],

@@ -27,9 +27,21 @@ pub struct BackendConfig {
     /// Sent to the backend as `api-key`.
     #[serde(default)]
     pub api_key: Option<SecretString>,
-    /// Deployment names this backend serves.
+    /// Deployment names this backend serves. Backends serving the same deployment form its
+    /// pool.
     #[serde(default)]
     pub deployments: Vec<String>,
+    /// Within a pool, lower priorities are tried first (PTU at 0, pay-as-you-go as spill-over
+    /// at 1); the next priority only when every backend of the lower one rests or fails.
+    #[serde(default)]
+    pub priority: u32,
+    /// Share of the requests among the backends of one priority (1 to 1,000).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +54,10 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// TCP connect timeout to a backend.
     pub connect_timeout_ms: u64,
+    /// Backends one request may be sent to: after a 429, a 5xx, a connect error or a
+    /// first-byte timeout the next backend of the deployment's pool is tried, while nothing
+    /// has gone to the client.
+    pub max_attempts: u32,
     /// Time allowed from sending the request to receiving the response headers.
     pub first_byte_timeout_ms: u64,
     /// Longest silence allowed between two body chunks of a response.
@@ -79,6 +95,7 @@ impl Default for LimitsConfig {
             max_request_body_bytes: 32 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             connect_timeout_ms: 5_000,
+            max_attempts: 3,
             // AOAI sends a non-stream answer's headers only when the whole answer is generated,
             // which for reasoning models takes minutes; the openai SDK waits 600 s. Answering
             // 504 sooner makes the SDK retry a request AOAI bills anyway.
@@ -234,6 +251,8 @@ pub(crate) struct Backend {
     pub name: String,
     pub endpoint: reqwest::Url,
     pub api_key: Option<SecretString>,
+    pub priority: u32,
+    pub weight: u32,
 }
 
 /// The configuration in runtime form.
@@ -241,8 +260,8 @@ pub(crate) struct Backend {
 pub(crate) struct Validated {
     pub consumers: Vec<(String, [u8; 32])>,
     pub backends: Vec<Backend>,
-    /// Deployment → index into `backends`.
-    pub routes: HashMap<String, usize>,
+    /// Deployment → its pool: indices into `backends`.
+    pub routes: HashMap<String, Vec<usize>>,
     pub limits: LimitsConfig,
     pub recorder: RecorderConfig,
     pub admin_key: Option<[u8; 32]>,
@@ -319,9 +338,21 @@ impl ProxyConfig {
                 }
             };
             for d in &b.deployments {
-                if routes.insert(d.clone(), i).is_some() {
-                    problems.push(format!("proxy.backends: deployment `{d}` is served twice"));
+                let pool: &mut Vec<usize> = routes.entry(d.clone()).or_default();
+                if pool.contains(&i) {
+                    problems.push(format!(
+                        "proxy.backends `{}`: deployment `{d}` is listed twice",
+                        b.name
+                    ));
+                } else {
+                    pool.push(i);
                 }
+            }
+            if !(1..=1000).contains(&b.weight) {
+                problems.push(format!(
+                    "proxy.backends `{}`: weight {} is not between 1 and 1000",
+                    b.name, b.weight
+                ));
             }
             if let Some(key) = &b.api_key
                 && axum::http::HeaderValue::from_str(secrecy::ExposeSecret::expose_secret(key))
@@ -337,6 +368,8 @@ impl ProxyConfig {
                     name: b.name.clone(),
                     endpoint,
                     api_key: b.api_key.clone(),
+                    priority: b.priority,
+                    weight: b.weight,
                 });
             }
         }
@@ -345,6 +378,7 @@ impl ProxyConfig {
             ("max_request_body_bytes", l.max_request_body_bytes as u64),
             ("max_header_bytes", l.max_header_bytes as u64),
             ("connect_timeout_ms", l.connect_timeout_ms),
+            ("max_attempts", u64::from(l.max_attempts)),
             ("first_byte_timeout_ms", l.first_byte_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
             ("total_timeout_ms", l.total_timeout_ms),
@@ -454,12 +488,17 @@ mod tests {
             backends: vec![
                 BackendConfig {
                     name: "b".into(),
+                    priority: 0,
+                    weight: 1,
                     endpoint: "ftp://x".into(),
                     api_key: None,
                     deployments: vec!["d".into()],
                 },
+                // Two backends serving `d` are its pool, not a problem; a weight of 0 is.
                 BackendConfig {
                     name: "c".into(),
+                    priority: 0,
+                    weight: 0,
                     endpoint: "http://y".into(),
                     api_key: None,
                     deployments: vec!["d".into()],

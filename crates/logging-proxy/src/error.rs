@@ -46,6 +46,11 @@ pub enum ProxyError {
     BackendUnreachable { detail: String },
     #[error("The backend did not answer within {timeout_ms} ms.")]
     BackendTimeout { timeout_ms: u64 },
+    #[error(
+        "Every backend of this deployment is throttled; retry after {} ms.",
+        retry_after.as_millis()
+    )]
+    AllBackendsResting { retry_after: std::time::Duration },
     #[error("Tollgate cannot record more requests right now; retry later.")]
     RecorderFull,
     #[error("The request could not be recorded.")]
@@ -95,6 +100,10 @@ impl ProxyError {
             ProxyError::BackendTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "BackendTimeout", Upstream)
             }
+            // AOAI's own code for a throttled request, so clients back off as they would.
+            ProxyError::AllBackendsResting { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "429", Upstream)
+            }
             ProxyError::RecorderFull => (StatusCode::SERVICE_UNAVAILABLE, "RecorderFull", Internal),
             ProxyError::RecorderFailed { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "RecorderFailed", Internal)
@@ -127,7 +136,24 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let (status, code, _) = self.table();
         let body = json!({"error": {"code": code, "message": self.to_string()}});
+        let rest = match &self {
+            ProxyError::AllBackendsResting { retry_after } => Some(*retry_after),
+            _ => None,
+        };
         let mut response = (status, Json(body)).into_response();
+        if let Some(rest) = rest {
+            // As AOAI sends them: whole seconds (rounded up) and milliseconds.
+            let h = response.headers_mut();
+            let ms = rest.as_millis().max(1);
+            h.insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(ms.div_ceil(1000) as u64),
+            );
+            h.insert(
+                axum::http::HeaderName::from_static("retry-after-ms"),
+                axum::http::HeaderValue::from(ms as u64),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // Clients (the openai SDK among them) honour it before retrying.
             response.headers_mut().insert(

@@ -27,6 +27,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::path;
 use crate::phases::Described;
+use crate::pool;
 use crate::reject::{Accepted, end_accepted};
 use crate::stream_usage::{self, Outgoing, WithoutUsageFrame};
 use crate::tee::{self, Exchange, millis};
@@ -37,12 +38,12 @@ pub(crate) async fn start(
     ctx: Ctx,
     described: Described,
     outgoing: Outgoing,
-    backend: usize,
+    plan: Vec<usize>,
     accepted: Accepted,
 ) -> Response {
     let (tx, rx) = oneshot::channel();
     let tracker = app.requests.clone();
-    tracker.spawn(run(app, ctx, described, outgoing, backend, accepted, tx));
+    tracker.spawn(run(app, ctx, described, outgoing, plan, accepted, tx));
     match rx.await {
         Ok(response) => response,
         // The task always answers unless it panicked; its request is then recorded as
@@ -56,12 +57,12 @@ async fn run(
     ctx: Ctx,
     described: Described,
     outgoing: Outgoing,
-    backend: usize,
+    plan: Vec<usize>,
     accepted: Accepted,
     mut answer: oneshot::Sender<Response>,
 ) {
     let next_seq = described.next_seq();
-    let mut usage_injected = described.record.stream_usage_injected;
+    let usage_injected = described.record.stream_usage_injected;
     for record in described.records() {
         app.recorder.record(record);
     }
@@ -78,62 +79,66 @@ async fn run(
             accepted,
         )
     };
-    let Some(b) = app.config.backends.get(backend) else {
-        let r = end(ProxyError::Internal, Vec::new(), accepted);
-        let _ = answer.send(r);
-        return;
+    let mut sending = Sending {
+        body: outgoing.body,
+        client_body: outgoing.client_body,
+        usage_injected,
+        attempts: Vec::new(),
     };
-    let url = path::upstream_url(&b.endpoint, &ctx.route, ctx.query.as_deref());
-    let mut upstream_headers = headers::upstream(&ctx.headers);
-    if let Some(key) = &b.api_key
-        && let Ok(mut v) = HeaderValue::from_str(key.expose_secret())
-    {
-        v.set_sensitive(true);
-        upstream_headers.insert(HeaderName::from_static("api-key"), v);
-    }
-    let Outgoing {
-        mut body,
-        mut client_body,
-    } = outgoing;
-    let mut attempts = Vec::new();
-    let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
-    let (upstream, attempt_started) = loop {
-        let attempt_started = Instant::now();
-        let request = app
-            .client
-            .request(ctx.method.clone(), url.clone())
-            .headers(upstream_headers.clone())
-            .body(reqwest::Body::from(body.clone()));
-        let upstream = match send(&app, request, first_byte).await {
-            Ok(resp) => resp,
-            Err((error, detail)) => {
-                attempts.push(failed_attempt(&b.name, attempt_started, &detail));
-                let r = end(error, attempts, accepted);
-                let _ = answer.send(r);
-                return;
-            }
-        };
-        // The backend does not know the `stream_options` the usage phase added: send the
-        // request again as the client sent it, so asking never costs the client its answer.
-        let Some(original) = client_body.take_if(|_| upstream.status() == StatusCode::BAD_REQUEST)
+    let max_attempts = app.config.limits.max_attempts as usize;
+    let mut plan = plan.into_iter().peekable();
+    // The pool's backends in the plan's order: on to the next one after a 429, a 5xx, a
+    // connect error or a first-byte timeout (nothing has gone to the client yet; the body is
+    // replayed from the bytes read); the last one's answer, whatever it is, is the client's.
+    let (upstream, b, attempt_started) = loop {
+        let Some(b) = plan
+            .next()
+            .and_then(|i| app.config.backends.get(i).map(|b| (i, b)))
         else {
-            break (upstream, attempt_started);
+            let r = end(ProxyError::Internal, sending.attempts, accepted);
+            let _ = answer.send(r);
+            return;
         };
-        match read_rejection(upstream, app.config.limits.idle_timeout_ms).await {
-            Rejection::StreamOptions => {
-                attempts.push(Attempt {
+        let (i, b) = b;
+        let last = plan.peek().is_none() || sending.attempts.len() + 1 >= max_attempts;
+        match sending.attempt(&app, &ctx, b).await {
+            Ok((upstream, started)) => {
+                let status = upstream.status().as_u16();
+                let retry_after = retry_after_ms(upstream.headers());
+                if status == 429 {
+                    app.pools.rest(
+                        i,
+                        retry_after.map_or(pool::DEFAULT_REST, Duration::from_millis),
+                    );
+                }
+                if last || !(status == 429 || matches!(status, 500 | 502 | 503 | 504)) {
+                    break (upstream, b, started);
+                }
+                sending.attempts.push(Attempt {
                     backend: b.name.clone(),
-                    status: Some(400),
-                    duration_ms: millis(attempt_started.elapsed()),
-                    retry_after_ms: None,
-                    error: Some(tollgate_records::STREAM_OPTIONS_REJECTED.to_owned()),
+                    status: Some(status),
+                    duration_ms: millis(started.elapsed()),
+                    retry_after_ms: retry_after,
+                    error: None,
                 });
-                body = original;
-                usage_injected = false;
             }
-            Rejection::Other(resp) => break (resp, attempt_started),
+            Err((error, detail, started)) => {
+                sending
+                    .attempts
+                    .push(failed_attempt(&b.name, started, &detail));
+                if last || matches!(error, ProxyError::ShuttingDown) {
+                    let r = end(error, sending.attempts, accepted);
+                    let _ = answer.send(r);
+                    return;
+                }
+            }
         }
     };
+    let Sending {
+        usage_injected,
+        mut attempts,
+        ..
+    } = sending;
     let status = upstream.status();
     let response_headers = upstream.headers().clone();
     attempts.push(Attempt {
@@ -196,6 +201,68 @@ async fn run(
     // When the client is gone the response comes back here and is dropped: the tee then
     // drains the rest of AOAI's answer in a tracked task and records it.
     let _ = answer.send(response);
+}
+
+/// A request on its way to a pool's backends: the body to send (and the client's own, while
+/// the usage phase's addition is untried), and the attempts so far.
+struct Sending {
+    body: Bytes,
+    client_body: Option<Bytes>,
+    usage_injected: bool,
+    attempts: Vec<Attempt>,
+}
+
+impl Sending {
+    /// One backend: sends the request; a 400 naming the `stream_options` the usage phase added
+    /// sends the client's own body again (asking never costs the client its answer). The
+    /// answer and when its attempt started, or the error to answer with and its detail.
+    async fn attempt(
+        &mut self,
+        app: &AppState,
+        ctx: &Ctx,
+        b: &crate::config::Backend,
+    ) -> Result<(reqwest::Response, Instant), (ProxyError, String, Instant)> {
+        let url = path::upstream_url(&b.endpoint, &ctx.route, ctx.query.as_deref());
+        let mut upstream_headers = headers::upstream(&ctx.headers);
+        if let Some(key) = &b.api_key
+            && let Ok(mut v) = HeaderValue::from_str(key.expose_secret())
+        {
+            v.set_sensitive(true);
+            upstream_headers.insert(HeaderName::from_static("api-key"), v);
+        }
+        let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
+        loop {
+            let started = Instant::now();
+            let request = app
+                .client
+                .request(ctx.method.clone(), url.clone())
+                .headers(upstream_headers.clone())
+                .body(reqwest::Body::from(self.body.clone()));
+            let upstream = send(app, request, first_byte)
+                .await
+                .map_err(|(error, detail)| (error, detail, started))?;
+            let Some(original) = self
+                .client_body
+                .take_if(|_| upstream.status() == StatusCode::BAD_REQUEST)
+            else {
+                return Ok((upstream, started));
+            };
+            match read_rejection(upstream, app.config.limits.idle_timeout_ms).await {
+                Rejection::StreamOptions => {
+                    self.attempts.push(Attempt {
+                        backend: b.name.clone(),
+                        status: Some(400),
+                        duration_ms: millis(started.elapsed()),
+                        retry_after_ms: None,
+                        error: Some(tollgate_records::STREAM_OPTIONS_REJECTED.to_owned()),
+                    });
+                    self.body = original;
+                    self.usage_injected = false;
+                }
+                Rejection::Other(resp) => return Ok((resp, started)),
+            }
+        }
+    }
 }
 
 /// What a 400 answer to an injected request turned out to be.

@@ -17,6 +17,7 @@ mod layers;
 mod path;
 mod peek;
 mod phases;
+mod pool;
 pub mod recorder;
 mod reject;
 mod server;
@@ -94,6 +95,8 @@ pub(crate) struct AppState {
     pub abort: CancellationToken,
     pub stats: Arc<ProxyStats>,
     pub after_flush: Option<FlushHook>,
+    /// Which backends rest after a 429.
+    pub pools: pool::Pools,
 }
 
 /// A built proxy: its router plus handles to flush and shut down the recorder.
@@ -150,6 +153,7 @@ impl Proxy {
             .map_err(|e| ProxyBuildError::Spool(e.to_string()))?;
         let state = Arc::new(AppState {
             slots: Arc::new(Semaphore::new(validated.limits.max_concurrent_requests)),
+            pools: pool::Pools::new(validated.backends.len()),
             config: validated,
             client,
             recorder,

@@ -52,8 +52,8 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
         }
     };
     let mut described = describe(&app, &ctx, &bytes);
-    let backend = match route(&app, &ctx, described.model.clone()) {
-        Ok(backend) => backend,
+    let plan = match route(&app, &ctx, described.model.clone()) {
+        Ok(plan) => plan,
         Err(error) => {
             let end_seq = described.next_seq();
             let records = described.records();
@@ -69,7 +69,7 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
         }
     };
     let outgoing = ask_for_usage(&app, &ctx, &mut described, bytes);
-    exchange::start(app, ctx, described, outgoing, backend, accepted).await
+    exchange::start(app, ctx, described, outgoing, plan, accepted).await
 }
 
 /// The usage phase: the body to send AOAI, with `stream_options.include_usage` added when the
@@ -219,25 +219,30 @@ fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
     }
 }
 
-/// The backend serving the request, as an index into the configured backends.
-fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<usize, ProxyError> {
+/// The route phase: the backends to try, in order (indices into the configured backends):
+/// the deployment's pool as `pool.rs` plans it.
+fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Vec<usize>, ProxyError> {
     let deployment = if ctx.route.body_names_deployment() {
         model
     } else {
         ctx.route.deployment.clone()
     };
     match deployment {
-        Some(d) => app
-            .config
-            .routes
-            .get(&d)
-            .copied()
-            .ok_or(ProxyError::DeploymentNotFound),
+        Some(d) => {
+            let pool = app
+                .config
+                .routes
+                .get(&d)
+                .ok_or(ProxyError::DeploymentNotFound)?;
+            app.pools
+                .plan(pool, &app.config.backends)
+                .map_err(|retry_after| ProxyError::AllBackendsResting { retry_after })
+        }
         // A call that names its deployment in the body must name one; it never falls through
         // to a default backend.
         None if ctx.route.body_names_deployment() => Err(ProxyError::ModelMissing),
         // Paths without a deployment (files, batches, …) go to the first backend.
-        None if !app.config.backends.is_empty() => Ok(0),
+        None if !app.config.backends.is_empty() => Ok(vec![0]),
         None => Err(ProxyError::RouteNotFound),
     }
 }

@@ -119,6 +119,8 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
         .await?;
         config.proxy.backends.push(BackendConfig {
             name: "aoai-sim".into(),
+            priority: 0,
+            weight: 1,
             endpoint: format!("http://{addr}"),
             api_key: Some(sim_key.into()),
             deployments: config

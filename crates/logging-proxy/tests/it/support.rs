@@ -130,6 +130,8 @@ impl Stack {
             }],
             backends: vec![BackendConfig {
                 name: "sim".into(),
+                priority: 0,
+                weight: 1,
                 endpoint: format!("http://{sim_addr}"),
                 api_key: Some(SIM_KEY.to_owned().into()),
                 deployments: sim

@@ -52,7 +52,7 @@ pub(crate) fn sha(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-async fn serve(router: axum::Router) -> SocketAddr {
+pub(crate) async fn serve(router: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -104,6 +104,8 @@ pub(crate) async fn start_on(
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),
+            priority: 0,
+            weight: 1,
             endpoint: format!("http://{sim_addr}"),
             api_key: Some(SIM_KEY.to_owned().into()),
             deployments: sim

@@ -445,7 +445,7 @@ async fn hostile_and_normal_clients_through_tollgate_up_are_each_consolidated_on
                 async {
                     tokio::join!(
                         c.chat(chat_body(), &[("x-sim-fault", "500")]),
-                        c.chat(chat_body(), &[("x-sim-fault", "429;retry-after-ms=100")]),
+                        c.chat(chat_body(), &[("x-sim-fault", "429;retry-after-ms=0")]),
                         c.chat(chat_body(), &[("x-sim-fault", "content-filter")]),
                         c.chat(
                             stream_body(true),

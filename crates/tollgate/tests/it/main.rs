@@ -18,6 +18,7 @@ mod hostile;
 mod kill;
 mod otlp;
 mod pipeline;
+mod pools;
 mod readonly;
 mod scale;
 mod up;

@@ -1,0 +1,170 @@
+//! Backend pools: several simulator instances behind one deployment, each answering as an AOAI
+//! resource would (a throttled one with 429 and its retry-after, one that cannot be reached).
+//! Which backend served a request is read from its consolidated record.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+use tollgate_aoai_sim::{SimConfig, Simulator};
+use tollgate_logging_proxy::config::BackendConfig;
+
+use crate::harness::{self, SIM_KEY, Stack, request_id, serve};
+
+/// A simulator of its own, answering every request with `fault` when given.
+async fn sim(fault: Option<&str>) -> String {
+    let sim = Simulator::new(SimConfig {
+        api_key: Some(SIM_KEY.into()),
+        fault: fault.map(str::to_owned),
+        ..SimConfig::default()
+    })
+    .expect("sim");
+    format!("http://{}", serve(sim.router()).await)
+}
+
+fn backend(name: &str, endpoint: &str, priority: u32, weight: u32) -> BackendConfig {
+    BackendConfig {
+        name: name.into(),
+        priority,
+        weight,
+        endpoint: endpoint.into(),
+        api_key: Some(SIM_KEY.to_owned().into()),
+        deployments: vec!["gpt-4o".into()],
+    }
+}
+
+async fn stack(backends: Vec<BackendConfig>) -> Stack {
+    harness::start(|c| c.backends = backends).await
+}
+
+/// Sends `n` chat requests one after another; each answer's status and request id.
+async fn send(s: &Stack, n: usize) -> Vec<(u16, String)> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let resp = s
+            .post(
+                &s.chat_url("gpt-4o"),
+                &json!({"messages": [{"role": "user", "content": format!("q{i}")}], "max_tokens": 4}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let id = request_id(&resp);
+        resp.text().await.unwrap();
+        out.push((status, id));
+    }
+    out
+}
+
+/// How many of `ids` each backend answered, by their consolidated records.
+async fn served_by(s: &Stack, ids: &[(u16, String)]) -> BTreeMap<String, usize> {
+    s.settle().await;
+    let mut by = BTreeMap::new();
+    for (_, id) in ids {
+        let r = s.record(id).await;
+        *by.entry(r.backend.unwrap_or_default()).or_insert(0) += 1;
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_split_a_priority_three_to_one() {
+    let (a, b) = (sim(None).await, sim(None).await);
+    let s = stack(vec![backend("a", &a, 0, 3), backend("b", &b, 0, 1)]).await;
+    let answers = send(&s, 2000).await;
+    assert!(answers.iter().all(|(st, _)| *st == 200));
+    let by = served_by(&s, &answers).await;
+    let share = by.get("a").copied().unwrap_or(0) as f64 / 2000.0;
+    // 0.75 expected; a binomial's standard deviation here is about 0.01.
+    assert!((share - 0.75).abs() < 0.04, "{by:?}");
+}
+
+/// A backend answering 429 rests for its retry-after: the request that met it is sent to the
+/// next backend without the client seeing the 429, and the throttled one gets nothing more
+/// while it rests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_backend_rests_and_its_requests_move_on() {
+    let throttled = sim(Some("429;retry-after-ms=600000")).await;
+    let healthy = sim(None).await;
+    let s = stack(vec![
+        backend("throttled", &throttled, 0, 1),
+        backend("healthy", &healthy, 0, 1),
+    ])
+    .await;
+    let answers = send(&s, 40).await;
+    assert!(answers.iter().all(|(st, _)| *st == 200), "{answers:?}");
+    s.settle().await;
+    let mut throttled_attempts = 0;
+    for (_, id) in &answers {
+        let r = s.record(id).await;
+        assert_eq!(r.backend.as_deref(), Some("healthy"));
+        for a in &r.attempts {
+            if a.backend == "throttled" {
+                assert_eq!(a.status, Some(429));
+                assert_eq!(a.retry_after_ms, Some(600_000));
+                throttled_attempts += 1;
+            }
+        }
+    }
+    assert_eq!(throttled_attempts, 1, "one 429, then it rests");
+}
+
+/// The lower priority (PTU) first; a backend that cannot be reached is passed over to the next
+/// priority (pay-as-you-go) invisibly, and the record keeps both attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_cannot_be_reached_falls_back_to_the_next_priority() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let spill = sim(None).await;
+    let s = stack(vec![
+        backend("ptu", &closed, 0, 1),
+        backend("paygo", &spill, 1, 1),
+    ])
+    .await;
+    let answers = send(&s, 3).await;
+    assert!(answers.iter().all(|(st, _)| *st == 200), "{answers:?}");
+    s.settle().await;
+    let r = s.record(&answers[0].1).await;
+    assert_eq!(r.backend.as_deref(), Some("paygo"));
+    assert_eq!(r.attempts.len(), 2, "{:?}", r.attempts);
+    assert_eq!(r.attempts[0].backend, "ptu");
+    assert!(r.attempts[0].error.is_some() && r.attempts[0].status.is_none());
+    assert_eq!(r.attempts[1].status, Some(200));
+}
+
+/// When every backend of the pool rests, Tollgate answers 429 itself with the shortest rest
+/// left, as AOAI would, and records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_rests_the_client_gets_429_with_the_shortest_rest() {
+    let a = sim(Some("429;retry-after-ms=30000")).await;
+    let b = sim(Some("429;retry-after-ms=60000")).await;
+    let s = stack(vec![backend("a", &a, 0, 1), backend("b", &b, 0, 1)]).await;
+    // The first request meets both: the last backend's 429 is the client's.
+    let first = send(&s, 1).await;
+    assert_eq!(first[0].0, 429);
+    let resp = s
+        .post(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": [{"role": "user", "content": "again"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let ms: u64 = resp.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((29_000..=30_000).contains(&ms), "the shortest rest: {ms}");
+    assert_eq!(resp.headers()["retry-after"], "30");
+    let id = request_id(&resp);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "429");
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.status, Some(429));
+    assert!(r.attempts.is_empty(), "no backend was tried");
+}
