@@ -58,6 +58,10 @@ pub struct LimitsConfig {
     /// first-byte timeout the next backend of the deployment's pool is tried, while nothing
     /// has gone to the client.
     pub max_attempts: u32,
+    /// Consecutive 5xx answers, connect errors or timeouts that open a backend's circuit
+    /// breaker: it gets no requests for `breaker_cooldown_ms`, then one trial.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
     /// Time allowed from sending the request to receiving the response headers.
     pub first_byte_timeout_ms: u64,
     /// Longest silence allowed between two body chunks of a response.
@@ -96,6 +100,8 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             connect_timeout_ms: 5_000,
             max_attempts: 3,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 30_000,
             // AOAI sends a non-stream answer's headers only when the whole answer is generated,
             // which for reasoning models takes minutes; the openai SDK waits 600 s. Answering
             // 504 sooner makes the SDK retry a request AOAI bills anyway.
@@ -379,6 +385,7 @@ impl ProxyConfig {
             ("max_header_bytes", l.max_header_bytes as u64),
             ("connect_timeout_ms", l.connect_timeout_ms),
             ("max_attempts", u64::from(l.max_attempts)),
+            ("breaker_failures", u64::from(l.breaker_failures)),
             ("first_byte_timeout_ms", l.first_byte_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
             ("total_timeout_ms", l.total_timeout_ms),

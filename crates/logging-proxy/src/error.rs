@@ -51,6 +51,11 @@ pub enum ProxyError {
         retry_after.as_millis()
     )]
     AllBackendsResting { retry_after: std::time::Duration },
+    #[error(
+        "Every backend of this deployment is failing; retry after {} ms.",
+        retry_after.as_millis()
+    )]
+    AllBackendsTripped { retry_after: std::time::Duration },
     #[error("Tollgate cannot record more requests right now; retry later.")]
     RecorderFull,
     #[error("The request could not be recorded.")]
@@ -104,6 +109,11 @@ impl ProxyError {
             ProxyError::AllBackendsResting { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "429", Upstream)
             }
+            ProxyError::AllBackendsTripped { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "BackendsUnavailable",
+                Upstream,
+            ),
             ProxyError::RecorderFull => (StatusCode::SERVICE_UNAVAILABLE, "RecorderFull", Internal),
             ProxyError::RecorderFailed { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "RecorderFailed", Internal)
@@ -137,7 +147,8 @@ impl IntoResponse for ProxyError {
         let (status, code, _) = self.table();
         let body = json!({"error": {"code": code, "message": self.to_string()}});
         let rest = match &self {
-            ProxyError::AllBackendsResting { retry_after } => Some(*retry_after),
+            ProxyError::AllBackendsResting { retry_after }
+            | ProxyError::AllBackendsTripped { retry_after } => Some(*retry_after),
             _ => None,
         };
         let mut response = (status, Json(body)).into_response();
@@ -154,7 +165,7 @@ impl IntoResponse for ProxyError {
                 axum::http::HeaderValue::from(ms as u64),
             );
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE && rest.is_none() {
             // Clients (the openai SDK among them) honour it before retrying.
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

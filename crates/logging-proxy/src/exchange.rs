@@ -105,11 +105,13 @@ async fn run(
             Ok((upstream, started)) => {
                 let status = upstream.status().as_u16();
                 let retry_after = retry_after_ms(upstream.headers());
-                if status == 429 {
-                    app.pools.rest(
+                match status {
+                    429 => app.pools.rest(
                         i,
                         retry_after.map_or(pool::DEFAULT_REST, Duration::from_millis),
-                    );
+                    ),
+                    500..=599 => app.pools.failed(i),
+                    _ => app.pools.succeeded(i),
                 }
                 if last || !(status == 429 || matches!(status, 500 | 502 | 503 | 504)) {
                     break (upstream, b, started);
@@ -123,6 +125,9 @@ async fn run(
                 });
             }
             Err((error, detail, started)) => {
+                if !matches!(error, ProxyError::ShuttingDown) {
+                    app.pools.failed(i);
+                }
                 sending
                     .attempts
                     .push(failed_attempt(&b.name, started, &detail));

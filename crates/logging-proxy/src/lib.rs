@@ -153,7 +153,11 @@ impl Proxy {
             .map_err(|e| ProxyBuildError::Spool(e.to_string()))?;
         let state = Arc::new(AppState {
             slots: Arc::new(Semaphore::new(validated.limits.max_concurrent_requests)),
-            pools: pool::Pools::new(validated.backends.len()),
+            pools: pool::Pools::new(
+                validated.backends.len(),
+                validated.limits.breaker_failures,
+                validated.limits.breaker_cooldown_ms,
+            ),
             config: validated,
             client,
             recorder,

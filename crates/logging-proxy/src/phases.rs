@@ -236,7 +236,14 @@ fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Vec<usize>,
                 .ok_or(ProxyError::DeploymentNotFound)?;
             app.pools
                 .plan(pool, &app.config.backends)
-                .map_err(|retry_after| ProxyError::AllBackendsResting { retry_after })
+                .map_err(|u| match u.throttled {
+                    true => ProxyError::AllBackendsResting {
+                        retry_after: u.retry_after,
+                    },
+                    false => ProxyError::AllBackendsTripped {
+                        retry_after: u.retry_after,
+                    },
+                })
         }
         // A call that names its deployment in the body must name one; it never falls through
         // to a default backend.

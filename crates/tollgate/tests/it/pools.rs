@@ -168,3 +168,31 @@ async fn when_every_backend_rests_the_client_gets_429_with_the_shortest_rest() {
     assert_eq!(r.status, Some(429));
     assert!(r.attempts.is_empty(), "no backend was tried");
 }
+
+/// Consecutive 5xx answers open a backend's circuit breaker: after `breaker_failures` of them
+/// it gets no request until its cooldown is over (the half-open trial is in pool.rs's tests),
+/// and the client never sees them while another backend answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_backend_trips_its_breaker_and_is_passed_over() {
+    let failing = sim(Some("500")).await;
+    let spare = sim(None).await;
+    let s = harness::start(|c| {
+        c.backends = vec![
+            backend("failing", &failing, 0, 1),
+            backend("spare", &spare, 1, 1),
+        ];
+        c.limits.breaker_failures = 2;
+        c.limits.breaker_cooldown_ms = 600_000;
+    })
+    .await;
+    let answers = send(&s, 6).await;
+    assert!(answers.iter().all(|(st, _)| *st == 200), "{answers:?}");
+    s.settle().await;
+    let mut tried = 0;
+    for (_, id) in &answers {
+        let r = s.record(id).await;
+        assert_eq!(r.backend.as_deref(), Some("spare"));
+        tried += r.attempts.iter().filter(|a| a.backend == "failing").count();
+    }
+    assert_eq!(tried, 2, "tried until its breaker opened, then passed over");
+}
