@@ -167,6 +167,9 @@ pub(crate) fn proxy_config(backend: &str) -> ProxyConfig {
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),
+            api_key_env: None,
+            api_key_file: None,
+            deployment_names: Default::default(),
             priority: 0,
             weight: 1,
             endpoint: backend.to_owned(),

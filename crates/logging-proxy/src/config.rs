@@ -24,9 +24,19 @@ pub struct BackendConfig {
     pub name: String,
     /// Base URL, e.g. `https://myresource.openai.azure.com`.
     pub endpoint: String,
-    /// Sent to the backend as `api-key`.
+    /// Sent to the backend as `api-key`. Better kept out of the file: `api_key_env` names an
+    /// environment variable holding it, `api_key_file` a file (as Container Apps mounts a Key
+    /// Vault secret); at most one of the three.
     #[serde(default)]
     pub api_key: Option<SecretString>,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// A deployment's name on this backend where it differs from the name clients call
+    /// (`"gpt-4o" = "gpt-4o-ptu-eastus"`).
+    #[serde(default)]
+    pub deployment_names: std::collections::BTreeMap<String, String>,
     /// Deployment names this backend serves. Backends serving the same deployment form its
     /// pool.
     #[serde(default)]
@@ -259,6 +269,8 @@ pub(crate) struct Backend {
     pub api_key: Option<SecretString>,
     pub priority: u32,
     pub weight: u32,
+    /// Public deployment name → its name on this backend.
+    pub deployment_names: HashMap<String, String>,
 }
 
 /// The configuration in runtime form.
@@ -273,6 +285,57 @@ pub(crate) struct Validated {
     pub admin_key: Option<[u8; 32]>,
     pub use_env_proxy: bool,
     pub stream_usage: StreamUsageConfig,
+}
+
+/// The backend's key from the one place the configuration names (the file, an environment
+/// variable, a secret file), read once at start; what is wrong goes to `problems`.
+fn backend_key(b: &BackendConfig, problems: &mut Vec<String>) -> Option<SecretString> {
+    let named = [
+        b.api_key.is_some(),
+        b.api_key_env.is_some(),
+        b.api_key_file.is_some(),
+    ];
+    if named.iter().filter(|n| **n).count() > 1 {
+        problems.push(format!(
+            "proxy.backends `{}`: name at most one of api_key, api_key_env, api_key_file",
+            b.name
+        ));
+        return None;
+    }
+    if let Some(var) = &b.api_key_env {
+        return match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
+            _ => {
+                problems.push(format!(
+                    "proxy.backends `{}`: api_key_env names {var}, which is not set",
+                    b.name
+                ));
+                None
+            }
+        };
+    }
+    if let Some(path) = &b.api_key_file {
+        return match std::fs::read_to_string(path) {
+            Ok(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
+            Ok(_) => {
+                problems.push(format!(
+                    "proxy.backends `{}`: api_key_file {} is empty",
+                    b.name,
+                    path.display()
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "proxy.backends `{}`: api_key_file {}: {e}",
+                    b.name,
+                    path.display()
+                ));
+                None
+            }
+        };
+    }
+    b.api_key.clone()
 }
 
 /// Longest duration any limit may name.
@@ -360,7 +423,16 @@ impl ProxyConfig {
                     b.name, b.weight
                 ));
             }
-            if let Some(key) = &b.api_key
+            let api_key = backend_key(b, &mut problems);
+            for public in b.deployment_names.keys() {
+                if !b.deployments.contains(public) {
+                    problems.push(format!(
+                        "proxy.backends `{}`: deployment_names names `{public}`, which is not in its deployments",
+                        b.name
+                    ));
+                }
+            }
+            if let Some(key) = &api_key
                 && axum::http::HeaderValue::from_str(secrecy::ExposeSecret::expose_secret(key))
                     .is_err()
             {
@@ -373,9 +445,10 @@ impl ProxyConfig {
                 backends.push(Backend {
                     name: b.name.clone(),
                     endpoint,
-                    api_key: b.api_key.clone(),
+                    api_key,
                     priority: b.priority,
                     weight: b.weight,
+                    deployment_names: b.deployment_names.clone().into_iter().collect(),
                 });
             }
         }
@@ -495,6 +568,9 @@ mod tests {
             backends: vec![
                 BackendConfig {
                     name: "b".into(),
+                    api_key_env: None,
+                    api_key_file: None,
+                    deployment_names: Default::default(),
                     priority: 0,
                     weight: 1,
                     endpoint: "ftp://x".into(),
@@ -504,6 +580,9 @@ mod tests {
                 // Two backends serving `d` are its pool, not a problem; a weight of 0 is.
                 BackendConfig {
                     name: "c".into(),
+                    api_key_env: None,
+                    api_key_file: None,
+                    deployment_names: Default::default(),
                     priority: 0,
                     weight: 0,
                     endpoint: "http://y".into(),
@@ -519,6 +598,49 @@ mod tests {
         };
         let problems = config.validate().unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn a_backend_key_comes_from_one_named_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let backend = |name: &str| BackendConfig {
+            name: name.into(),
+            api_key_env: None,
+            api_key_file: None,
+            deployment_names: Default::default(),
+            priority: 0,
+            weight: 1,
+            endpoint: "http://y".into(),
+            api_key: None,
+            deployments: vec![format!("d-{name}")],
+        };
+        let mut two = backend("two");
+        two.api_key = Some("k".to_owned().into());
+        two.api_key_env = Some("X".into());
+        let mut unset = backend("unset");
+        unset.api_key_env = Some("TOLLGATE_TEST_SURELY_UNSET_VARIABLE".into());
+        let mut blank = backend("blank");
+        blank.api_key_file = Some(empty);
+        let mut renamed = backend("renamed");
+        renamed.deployment_names = [("other".to_owned(), "x".to_owned())].into();
+        let config = ProxyConfig {
+            backends: vec![two, unset, blank, renamed],
+            ..Default::default()
+        };
+        let problems = config.validate().unwrap_err();
+        for expected in [
+            "at most one",
+            "is not set",
+            "is empty",
+            "not in its deployments",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected}: {problems:?}"
+            );
+        }
     }
 
     /// Defect: two consumers with the same key digest were accepted, and whichever matched

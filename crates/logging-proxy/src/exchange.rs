@@ -227,7 +227,12 @@ impl Sending {
         ctx: &Ctx,
         b: &crate::config::Backend,
     ) -> Result<(reqwest::Response, Instant), (ProxyError, String, Instant)> {
-        let url = path::upstream_url(&b.endpoint, &ctx.route, ctx.query.as_deref());
+        let url = path::upstream_url(
+            &b.endpoint,
+            &ctx.route,
+            ctx.query.as_deref(),
+            &b.deployment_names,
+        );
         let mut upstream_headers = headers::upstream(&ctx.headers);
         if let Some(key) = &b.api_key
             && let Ok(mut v) = HeaderValue::from_str(key.expose_secret())

@@ -169,11 +169,18 @@ pub(crate) fn upstream_url(
     endpoint: &reqwest::Url,
     route: &Route,
     query: Option<&str>,
+    names: &std::collections::HashMap<String, String>,
 ) -> reqwest::Url {
     let mut url = endpoint.clone();
     if let Ok(mut path) = url.path_segments_mut() {
         path.pop_if_empty();
-        path.extend(route.segments.iter());
+        for (i, segment) in route.segments.iter().enumerate() {
+            // `/openai/deployments/{name}/…`: the backend's own name for the deployment.
+            let renamed = (i == 2 && route.segments.get(1).is_some_and(|s| s == "deployments"))
+                .then(|| names.get(segment))
+                .flatten();
+            path.push(renamed.unwrap_or(segment));
+        }
     }
     url.set_query(query.and_then(forwarded_query).as_deref());
     url
@@ -237,16 +244,29 @@ mod tests {
     fn upstream_url_is_endpoint_plus_segments() {
         let endpoint = reqwest::Url::parse("https://res.openai.azure.com/base/").unwrap();
         let r = parse("/openai/deployments/gpt-4o/chat/completions").unwrap();
-        let url = upstream_url(&endpoint, &r, Some("api-version=2024-10-21&api-key=secret"));
+        let none = std::collections::HashMap::new();
+        let url = upstream_url(
+            &endpoint,
+            &r,
+            Some("api-version=2024-10-21&api-key=secret"),
+            &none,
+        );
         assert_eq!(
             url.as_str(),
             "https://res.openai.azure.com/base/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         );
         let endpoint = reqwest::Url::parse("http://127.0.0.1:9").unwrap();
-        let url = upstream_url(&endpoint, &r, None);
+        let url = upstream_url(&endpoint, &r, None, &none);
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:9/openai/deployments/gpt-4o/chat/completions"
+        );
+        // The backend's own name for a deployment, where it differs.
+        let names = std::collections::HashMap::from([("gpt-4o".into(), "gpt-4o-ptu".into())]);
+        let url = upstream_url(&endpoint, &r, None, &names);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9/openai/deployments/gpt-4o-ptu/chat/completions"
         );
     }
 

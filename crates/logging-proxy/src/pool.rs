@@ -206,6 +206,7 @@ mod tests {
             api_key: None,
             priority,
             weight,
+            deployment_names: Default::default(),
         }
     }
 

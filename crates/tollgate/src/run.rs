@@ -119,6 +119,9 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
         .await?;
         config.proxy.backends.push(BackendConfig {
             name: "aoai-sim".into(),
+            api_key_env: None,
+            api_key_file: None,
+            deployment_names: Default::default(),
             priority: 0,
             weight: 1,
             endpoint: format!("http://{addr}"),

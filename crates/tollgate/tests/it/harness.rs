@@ -104,6 +104,9 @@ pub(crate) async fn start_on(
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),
+            api_key_env: None,
+            api_key_file: None,
+            deployment_names: Default::default(),
             priority: 0,
             weight: 1,
             endpoint: format!("http://{sim_addr}"),

@@ -24,6 +24,9 @@ async fn sim(fault: Option<&str>) -> String {
 fn backend(name: &str, endpoint: &str, priority: u32, weight: u32) -> BackendConfig {
     BackendConfig {
         name: name.into(),
+        api_key_env: None,
+        api_key_file: None,
+        deployment_names: Default::default(),
         priority,
         weight,
         endpoint: endpoint.into(),
@@ -195,4 +198,46 @@ async fn a_failing_backend_trips_its_breaker_and_is_passed_over() {
         tried += r.attempts.iter().filter(|a| a.backend == "failing").count();
     }
     assert_eq!(tried, 2, "tried until its breaker opened, then passed over");
+}
+
+/// A deployment may have another name on a backend than the one clients call, and the backend's
+/// key may live in a file (as Container Apps mounts a Key Vault secret) instead of the
+/// configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_with_its_own_deployment_name_and_its_key_in_a_file() {
+    let upstream = sim(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("aoai-key");
+    std::fs::write(&key_file, format!("{SIM_KEY}\n")).unwrap();
+    let s = stack(vec![BackendConfig {
+        name: "renamed".into(),
+        api_key_env: None,
+        api_key_file: Some(key_file),
+        deployment_names: [("chat".to_owned(), "gpt-4o".to_owned())].into(),
+        priority: 0,
+        weight: 1,
+        endpoint: upstream,
+        api_key: None,
+        deployments: vec!["chat".into()],
+    }])
+    .await;
+    let resp = s
+        .post(
+            &s.chat_url("chat"),
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(
+        r.deployment.as_deref(),
+        Some("chat"),
+        "recorded as the client called it"
+    );
+    assert_eq!(r.backend.as_deref(), Some("renamed"));
 }
