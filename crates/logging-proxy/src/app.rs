@@ -70,16 +70,33 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready when requests can be recorded and every deployment has a backend that may take one
+/// now (not resting after a 429, its breaker not open): a load balancer then sends traffic to
+/// replicas that can serve it.
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
-    if app.recorder.can_accept() {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
-        (
+    if !app.recorder.can_accept() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "recorder full"})),
         )
-            .into_response()
+            .into_response();
     }
+    let mut unavailable: Vec<&String> = app
+        .config
+        .routes
+        .iter()
+        .filter(|(_, pool)| !pool.iter().any(|&i| app.pools.eligible(i)))
+        .map(|(deployment, _)| deployment)
+        .collect();
+    if unavailable.is_empty() {
+        return Json(json!({"status": "ready"})).into_response();
+    }
+    unavailable.sort();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "no backend available", "deployments": unavailable})),
+    )
+        .into_response()
 }
 
 /// The admin endpoints exist only with an admin key configured, and answer only to it.

@@ -112,6 +112,14 @@ impl Pools {
         }
     }
 
+    /// Whether backend `i` could take a request now (resting or tripped: no), without taking
+    /// a half-open breaker's trial: for readiness.
+    pub(crate) fn eligible(&self, i: usize) -> bool {
+        let now = self.now_ms();
+        let at = |v: &Vec<AtomicU64>| v.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
+        at(&self.resting_until) <= now && at(&self.open_until) <= now
+    }
+
     /// Whether backend `i` may take a request now; if not, for how long at least and whether
     /// because it rests. A breaker past its cooldown lets one trial through at a time (a trial
     /// never answered is given up after another cooldown).

@@ -241,3 +241,21 @@ async fn a_backend_with_its_own_deployment_name_and_its_key_in_a_file() {
     );
     assert_eq!(r.backend.as_deref(), Some("renamed"));
 }
+
+/// `/readyz` says a replica cannot serve a deployment whose every backend rests (or is
+/// tripped), naming it, so a load balancer sends its traffic elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_deployment_with_no_backend_available() {
+    let throttled = sim(Some("429;retry-after-ms=600000")).await;
+    let s = stack(vec![backend("only", &throttled, 0, 1)]).await;
+    let ready = |s: &Stack| {
+        let (http, url) = (s.http.clone(), format!("{}/readyz", s.base));
+        async move { http.get(url).send().await.unwrap() }
+    };
+    assert_eq!(ready(&s).await.status(), 200);
+    assert_eq!(send(&s, 1).await[0].0, 429);
+    let resp = ready(&s).await;
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["deployments"], json!(["gpt-4o"]));
+}
