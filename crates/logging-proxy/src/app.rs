@@ -256,6 +256,7 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    app.pools.write_metrics(&app.config.backends, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

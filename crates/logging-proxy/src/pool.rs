@@ -120,6 +120,42 @@ impl Pools {
         at(&self.resting_until) <= now && at(&self.open_until) <= now
     }
 
+    /// Each backend's state in the Prometheus text format, for the admin metrics: whether it
+    /// can take a request, the rest left after a 429, whether its breaker is open.
+    pub(crate) fn write_metrics(&self, backends: &[Backend], out: &mut String) {
+        use std::fmt::Write as _;
+        let now = self.now_ms();
+        let rows: [(&str, &str); 3] = [
+            (
+                "tollgate_backend_available",
+                "1 when the backend can take a request now (not resting, breaker not open).",
+            ),
+            (
+                "tollgate_backend_rest_seconds",
+                "Rest left after the backend's last 429.",
+            ),
+            (
+                "tollgate_backend_breaker_open",
+                "1 while the backend's circuit breaker is open (or half-open).",
+            ),
+        ];
+        for (n, (name, help)) in rows.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (i, b) in backends.iter().enumerate() {
+                let at = |v: &Vec<AtomicU64>| v.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
+                let value = match n {
+                    0 => f64::from(u8::from(self.eligible(i))),
+                    1 => at(&self.resting_until).saturating_sub(now) as f64 / 1000.0,
+                    _ => f64::from(u8::from(at(&self.open_until) != 0)),
+                };
+                // Backend names are the operator's; quotes and backslashes escaped as the
+                // format asks.
+                let label = b.name.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{backend=\"{label}\"}} {value}");
+            }
+        }
+    }
+
     /// Whether backend `i` may take a request now; if not, for how long at least and whether
     /// because it rests. A breaker past its cooldown lets one trial through at a time (a trial
     /// never answered is given up after another cooldown).

@@ -259,3 +259,50 @@ async fn readiness_names_a_deployment_with_no_backend_available() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["deployments"], json!(["gpt-4o"]));
 }
+
+/// The admin metrics show each backend's state: available, resting after a 429 (with the rest
+/// left), breaker open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_metrics_show_each_backends_state() {
+    let throttled = sim(Some("429;retry-after-ms=600000")).await;
+    let healthy = sim(None).await;
+    let s = harness::start(|c| {
+        c.backends = vec![
+            backend("throttled", &throttled, 0, 1),
+            backend("healthy", &healthy, 1, 1),
+        ];
+        c.admin_key_sha256 = Some(harness::sha("admin"));
+    })
+    .await;
+    assert_eq!(send(&s, 1).await[0].0, 200);
+    let text = s
+        .http
+        .get(format!("{}/tollgate/admin/metrics", s.base))
+        .header("api-key", "admin")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |line: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line} in:\n{text}"))
+    };
+    assert_eq!(
+        value("tollgate_backend_available{backend=\"throttled\"}"),
+        0.0
+    );
+    assert_eq!(
+        value("tollgate_backend_available{backend=\"healthy\"}"),
+        1.0
+    );
+    let rest = value("tollgate_backend_rest_seconds{backend=\"throttled\"}");
+    assert!((599.0..=600.0).contains(&rest), "{rest}");
+    assert_eq!(
+        value("tollgate_backend_breaker_open{backend=\"throttled\"}"),
+        0.0
+    );
+}
