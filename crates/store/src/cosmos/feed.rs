@@ -38,25 +38,11 @@ impl CosmosStore {
     fn raw_doc(&self, record: &RawRecord) -> Result<RawDoc, StoreError> {
         let id = record.id();
         let shard = crate::unit_of(&self.units, record.request_id()).to_owned();
-        let body = serde_json::to_string(record).map_err(corrupt)?;
-        // The record is a JSON object; the two fields are spliced in front of its own rather
-        // than serialising it twice through a map.
-        let rest = body
-            .strip_prefix('{')
-            .ok_or_else(|| corrupt("record is not an object"))?;
-        let head = serde_json::to_string(&(&id, &shard)).map_err(corrupt)?;
-        let (id_json, shard_json) = head
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .split_once(',')
-            .ok_or_else(|| corrupt("id and shard"))?;
-        let sep = if rest == "}" { "" } else { "," };
-        let text = format!("{{\"id\":{id_json},\"shard\":{shard_json}{sep}{rest}");
-        Ok(RawDoc {
-            id,
-            shard,
-            doc: RawValue::from_string(text).map_err(corrupt)?,
-        })
+        let doc = super::document_with(
+            record,
+            &[("id", id.clone().into()), ("shard", shard.clone().into())],
+        )?;
+        Ok(RawDoc { id, shard, doc })
     }
 
     /// Writes one shard's documents as one atomic batch. A batch Cosmos refuses as a whole

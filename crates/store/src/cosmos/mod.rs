@@ -150,6 +150,32 @@ async fn find<T: DeserializeOwned + Send + 'static>(
     Ok(found.pop())
 }
 
+/// `value` as a JSON document with `fields` (name, value) in front of its own fields: the
+/// fields the container needs (id, partition key, query fields) are spliced into the serialised
+/// record instead of serialising it a second time through a map.
+fn document_with<T: serde::Serialize>(
+    value: &T,
+    fields: &[(&str, serde_json::Value)],
+) -> Result<Box<serde_json::value::RawValue>, StoreError> {
+    let body = serde_json::to_string(value).map_err(corrupt)?;
+    let rest = body
+        .strip_prefix('{')
+        .ok_or_else(|| corrupt("a record is not a JSON object"))?;
+    let mut text = String::with_capacity(body.len() + 64);
+    text.push('{');
+    for (name, v) in fields {
+        text.push_str(&serde_json::to_string(name).map_err(corrupt)?);
+        text.push(':');
+        text.push_str(&v.to_string());
+        text.push(',');
+    }
+    if rest == "}" {
+        text.pop();
+    }
+    text.push_str(rest);
+    serde_json::value::RawValue::from_string(text).map_err(corrupt)
+}
+
 fn param(query: Query, name: &str, value: impl serde::Serialize) -> Result<Query, StoreError> {
     query.with_parameter(name, value).map_err(store_error)
 }

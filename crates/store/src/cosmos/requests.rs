@@ -17,21 +17,18 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tollgate_records::{ConsolidatedRecord, Money, UsageQuality, UsageSource};
 
-use super::{CosmosStore, corrupt, find, param, query_all, store_error};
+use super::{CosmosStore, find, param, query_all, store_error};
 use crate::{RecordQuery, RequestStore, StoreError, UsageRow};
 
+/// The consolidated record with `timeMs` and `day`, which the queries filter and group on.
 fn document(r: &ConsolidatedRecord) -> Result<Box<RawValue>, StoreError> {
-    let body = serde_json::to_string(r).map_err(corrupt)?;
-    let rest = body
-        .strip_prefix('{')
-        .ok_or_else(|| corrupt("record is not an object"))?;
-    let sep = if rest == "}" { "" } else { "," };
-    let text = format!(
-        "{{\"timeMs\":{},\"day\":\"{}\"{sep}{rest}",
-        r.time.timestamp_millis(),
-        r.day()
-    );
-    RawValue::from_string(text).map_err(corrupt)
+    super::document_with(
+        r,
+        &[
+            ("timeMs", r.time.timestamp_millis().into()),
+            ("day", r.day().into()),
+        ],
+    )
 }
 
 /// The `WHERE` clause and parameters of a query's filters.
