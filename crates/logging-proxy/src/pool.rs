@@ -19,6 +19,9 @@ use crate::config::Backend;
 /// How long a backend rests after a 429 that names no retry-after.
 pub(crate) const DEFAULT_REST: Duration = Duration::from_secs(1);
 
+/// One per-backend gauge of the admin metrics: its value for backend `i`.
+type Gauge<'a> = dyn Fn(usize) -> f64 + 'a;
+
 /// Per-backend state shared by every request.
 pub(crate) struct Pools {
     /// When each backend's rest ends, in milliseconds since `base` (0: not resting).
@@ -115,9 +118,24 @@ impl Pools {
     /// Whether backend `i` could take a request now (resting or tripped: no), without taking
     /// a half-open breaker's trial: for readiness.
     pub(crate) fn eligible(&self, i: usize) -> bool {
-        let now = self.now_ms();
-        let at = |v: &Vec<AtomicU64>| v.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
-        at(&self.resting_until) <= now && at(&self.open_until) <= now
+        self.waiting(i, self.now_ms()).is_none()
+    }
+
+    /// Backend `i`'s entry of one of the per-backend clocks (0 when unset).
+    fn at(clock: &[AtomicU64], i: usize) -> u64 {
+        clock.get(i).map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// Why backend `i` must wait at `now`, and how long: resting after a 429 (`true`), or its
+    /// breaker cooling down (`false`); `None` when it may be tried (a half-open breaker's trial
+    /// aside, see [`Pools::available`]).
+    fn waiting(&self, i: usize, now: u64) -> Option<(Duration, bool)> {
+        let resting = Self::at(&self.resting_until, i);
+        if resting > now {
+            return Some((Duration::from_millis(resting - now), true));
+        }
+        let open = Self::at(&self.open_until, i);
+        (open > now).then(|| (Duration::from_millis(open - now), false))
     }
 
     /// Each backend's state in the Prometheus text format, for the admin metrics: whether it
@@ -125,33 +143,33 @@ impl Pools {
     pub(crate) fn write_metrics(&self, backends: &[Backend], out: &mut String) {
         use std::fmt::Write as _;
         let now = self.now_ms();
-        let rows: [(&str, &str); 3] = [
+        let available = |i| f64::from(u8::from(self.waiting(i, now).is_none()));
+        let rest = |i| Self::at(&self.resting_until, i).saturating_sub(now) as f64 / 1000.0;
+        let open = |i| f64::from(u8::from(Self::at(&self.open_until, i) != 0));
+        let rows: [(&str, &str, &Gauge<'_>); 3] = [
             (
                 "tollgate_backend_available",
                 "1 when the backend can take a request now (not resting, breaker not open).",
+                &available,
             ),
             (
                 "tollgate_backend_rest_seconds",
                 "Rest left after the backend's last 429.",
+                &rest,
             ),
             (
                 "tollgate_backend_breaker_open",
                 "1 while the backend's circuit breaker is open (or half-open).",
+                &open,
             ),
         ];
-        for (n, (name, help)) in rows.iter().enumerate() {
+        for (name, help, value) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
             for (i, b) in backends.iter().enumerate() {
-                let at = |v: &Vec<AtomicU64>| v.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
-                let value = match n {
-                    0 => f64::from(u8::from(self.eligible(i))),
-                    1 => at(&self.resting_until).saturating_sub(now) as f64 / 1000.0,
-                    _ => f64::from(u8::from(at(&self.open_until) != 0)),
-                };
                 // Backend names are the operator's; quotes and backslashes escaped as the
                 // format asks.
                 let label = b.name.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "{name}{{backend=\"{label}\"}} {value}");
+                let _ = writeln!(out, "{name}{{backend=\"{label}\"}} {}", value(i));
             }
         }
     }
@@ -160,17 +178,11 @@ impl Pools {
     /// because it rests. A breaker past its cooldown lets one trial through at a time (a trial
     /// never answered is given up after another cooldown).
     fn available(&self, i: usize, now: u64) -> Result<(), (Duration, bool)> {
-        let at = |v: &Vec<AtomicU64>| v.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
-        let resting = at(&self.resting_until);
-        if resting > now {
-            return Err((Duration::from_millis(resting - now), true));
+        if let Some(wait) = self.waiting(i, now) {
+            return Err(wait);
         }
-        let open = at(&self.open_until);
-        if open == 0 {
+        if Self::at(&self.open_until, i) == 0 {
             return Ok(());
-        }
-        if open > now {
-            return Err((Duration::from_millis(open - now), false));
         }
         let Some(trial) = self.trial_at.get(i) else {
             return Ok(());
