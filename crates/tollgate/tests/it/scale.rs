@@ -91,18 +91,12 @@ filter = "info"
 }
 
 impl Drop for Replica {
-    #[expect(clippy::print_stderr, reason = "the child's log explains a failed run")]
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!("{} log (tail):\n{}", self.name, tail.join("\n"));
-        }
+        crate::up::print_tail_if_failed(&self.name, &self.log, 30);
     }
 }
 

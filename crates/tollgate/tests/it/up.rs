@@ -110,19 +110,25 @@ filter = "warn"
 }
 
 impl Drop for Up {
-    #[expect(clippy::print_stderr, reason = "the child's log explains a failed run")]
     fn drop(&mut self) {
         if let Ok(mut child) = self.child.lock() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!("tollgate up log (tail):\n{}", tail.join("\n"));
-        }
+        print_tail_if_failed("tollgate up", &self.log, 40);
     }
+}
+
+/// The last `lines` of a child's log, printed when the test is failing: they explain it.
+#[expect(clippy::print_stderr, reason = "the child's log explains a failed run")]
+pub(crate) fn print_tail_if_failed(name: &str, log: &Path, lines: usize) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    eprintln!("{name} log (tail):\n{}", tail.join("\n"));
 }
 
 /// The embedded store under `data`, opened from the test (the writing process may be gone).
