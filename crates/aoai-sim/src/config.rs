@@ -96,6 +96,10 @@ pub struct SimConfig {
     /// Largest request body accepted, in bytes (AOAI rejects larger with 413).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// As a resource with `disableLocalAuth`: keys are refused (403), only Entra ID tokens
+    /// are accepted.
+    #[serde(default)]
+    pub local_auth_disabled: bool,
 }
 
 fn default_tokens_per_delta() -> usize {
@@ -152,6 +156,7 @@ impl Default for SimConfig {
             max_completion_tokens: default_max_completion_tokens(),
             fault: None,
             max_body_bytes: default_max_body_bytes(),
+            local_auth_disabled: false,
         }
     }
 }

@@ -28,6 +28,22 @@ impl AoaiError {
         )
     }
 
+    /// A key sent to a resource with `disableLocalAuth`.
+    pub fn key_auth_disabled() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            json!({"error": {"code": "AuthenticationTypeDisabled", "message": "Key based authentication is disabled for this resource."}}),
+        )
+    }
+
+    /// A Bearer token that is missing where one is required, or has expired.
+    pub fn token_invalid() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": {"code": "401", "message": "Access token is missing, invalid, audience is incorrect (https://cognitiveservices.azure.com), or have expired."}}),
+        )
+    }
+
     pub fn resource_not_found() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

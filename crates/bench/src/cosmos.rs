@@ -40,6 +40,7 @@ async fn proxy_on(
             store,
             data_dir: dir.path().to_path_buf(),
             after_flush: None,
+            reload: None,
         },
     )?;
     let base = serve(&proxy).await?;

@@ -153,6 +153,7 @@ async fn serve_proxy(
             store,
             data_dir,
             after_flush: None,
+            reload: None,
         },
     )?;
     serve_child(proxy).await
@@ -167,14 +168,10 @@ pub(crate) fn proxy_config(backend: &str) -> ProxyConfig {
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),
-            api_key_env: None,
-            api_key_file: None,
-            deployment_names: Default::default(),
-            priority: 0,
-            weight: 1,
             endpoint: backend.to_owned(),
             api_key: Some("sim".to_owned().into()),
             deployments: vec!["gpt-4o".into()],
+            ..Default::default()
         }],
         ..ProxyConfig::default()
     }

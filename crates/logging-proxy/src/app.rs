@@ -57,6 +57,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/tollgate/admin/flush", post(flush))
         .route("/tollgate/admin/metrics", get(metrics))
+        .route("/tollgate/admin/backends", get(backends))
+        .route("/tollgate/admin/reload", post(reload))
         .fallback_service(proxy_path)
         .with_state(state)
         .layer(
@@ -81,11 +83,15 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    let mut unavailable: Vec<&String> = app
-        .config
+    let live = app.live.load();
+    let mut unavailable: Vec<&String> = live
         .routes
         .iter()
-        .filter(|(_, pool)| !pool.iter().any(|&i| app.pools.eligible(i)))
+        .filter(|(_, pool)| {
+            !pool
+                .iter()
+                .any(|&i| live.state.get(i).is_some_and(|s| app.pools.eligible(s)))
+        })
         .map(|(deployment, _)| deployment)
         .collect();
     if unavailable.is_empty() {
@@ -256,7 +262,7 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
-    app.pools.write_metrics(&app.config.backends, &mut out);
+    app.pools.write_metrics(&app.live.load(), &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -271,4 +277,37 @@ async fn flush(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response
         hook().await;
     }
     Json(json!({"status": "flushed"})).into_response()
+}
+
+/// Each backend's state: healthy, full, resting (and for how long), tripped; requests in
+/// flight; smoothed time to headers; the deployments it serves.
+async fn backends(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&app, &headers) {
+        return denied;
+    }
+    Json(json!({"backends": app.pools.describe(&app.live.load())})).into_response()
+}
+
+/// Reads the configuration again and applies its consumers, backends and `stream_usage`
+/// (see `live.rs`); 409 with the reasons when it is refused, changing nothing.
+async fn reload(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = admin_denied(&app, &headers) {
+        return denied;
+    }
+    let Some(read) = &app.reload else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "this process was not started from a configuration file"})),
+        )
+            .into_response();
+    };
+    let outcome = read().and_then(|config| crate::reload(&app, &config).map_err(|e| e.to_string()));
+    match outcome {
+        Ok(reloaded) => Json(json!({"status": "reloaded", "reloaded": reloaded})).into_response(),
+        Err(why) => (
+            StatusCode::CONFLICT,
+            Json(json!({"status": "refused", "error": why})),
+        )
+            .into_response(),
+    }
 }

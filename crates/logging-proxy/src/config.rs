@@ -48,13 +48,56 @@ pub struct BackendConfig {
     /// Share of the requests among the backends of one priority (1 to 1,000).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Reach the backend with an Entra ID token instead of a key (at most one of this and the
+    /// `api_key` fields): no AOAI key stored anywhere.
+    #[serde(default)]
+    pub entra: Option<crate::backend_auth::EntraConfig>,
+    /// Requests this backend is sent at once (streams until their end); a full backend is
+    /// passed over as a resting one is. Unlimited when absent.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
+    /// Whether this backend accepts `stream_options.include_usage` (AOAI api-versions from
+    /// 2024-09-01-preview do; an older gateway in front of it may not). When false, streams sent
+    /// to it are left as the client sent them.
+    #[serde(default = "yes")]
+    pub include_usage: bool,
+    /// Multiplies the price of the requests this backend serves: an internal rate for
+    /// capacity already paid for (PTU, e.g. 0.4), 1.1 for a Data Zone deployment priced 10%
+    /// over Global. Recorded with each request, so the parser prices it without this file;
+    /// it wins over the parser's `deployment_price_multipliers`.
+    #[serde(default)]
+    pub price_multiplier: Option<f64>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            name: String::new(),
+            endpoint: String::new(),
+            api_key: None,
+            api_key_env: None,
+            api_key_file: None,
+            deployment_names: Default::default(),
+            deployments: Vec::new(),
+            priority: 0,
+            weight: default_weight(),
+            entra: None,
+            max_concurrent_requests: None,
+            include_usage: true,
+            price_multiplier: None,
+        }
+    }
 }
 
 fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize)]
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest request body accepted; larger gets 413.
@@ -133,7 +176,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecorderConfig {
     /// Records held in memory between request tasks and the batch writer; beyond it records
@@ -266,24 +309,39 @@ pub struct ProxyConfig {
 pub(crate) struct Backend {
     pub name: String,
     pub endpoint: reqwest::Url,
-    pub api_key: Option<SecretString>,
+    pub auth: crate::backend_auth::BackendAuth,
     pub priority: u32,
     pub weight: u32,
     /// Public deployment name → its name on this backend.
     pub deployment_names: HashMap<String, String>,
+    pub max_concurrent_requests: Option<usize>,
+    pub include_usage: bool,
+    pub price_multiplier: Option<f64>,
 }
 
-/// The configuration in runtime form.
+/// The configuration in runtime form: what is built at start, and what reloads.
 #[derive(Debug, Clone)]
 pub(crate) struct Validated {
-    pub consumers: Vec<(String, [u8; 32])>,
-    pub backends: Vec<Backend>,
-    /// Deployment → its pool: indices into `backends`.
-    pub routes: HashMap<String, Vec<usize>>,
+    pub fixed: Fixed,
+    pub live: LiveConfig,
+}
+
+/// What sizes the proxy at start; a reload may not change it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Fixed {
     pub limits: LimitsConfig,
     pub recorder: RecorderConfig,
     pub admin_key: Option<[u8; 32]>,
     pub use_env_proxy: bool,
+}
+
+/// What a reload replaces (see `live.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct LiveConfig {
+    pub consumers: Vec<(String, [u8; 32])>,
+    pub backends: Vec<Backend>,
+    /// Deployment → its pool: indices into `backends`.
+    pub routes: HashMap<String, Vec<usize>>,
     pub stream_usage: StreamUsageConfig,
 }
 
@@ -294,10 +352,11 @@ fn backend_key(b: &BackendConfig, problems: &mut Vec<String>) -> Option<SecretSt
         b.api_key.is_some(),
         b.api_key_env.is_some(),
         b.api_key_file.is_some(),
+        b.entra.is_some(),
     ];
     if named.iter().filter(|n| **n).count() > 1 {
         problems.push(format!(
-            "proxy.backends `{}`: name at most one of api_key, api_key_env, api_key_file",
+            "proxy.backends `{}`: name at most one of api_key, api_key_env, api_key_file, entra",
             b.name
         ));
         return None;
@@ -346,7 +405,7 @@ fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
-impl Validated {
+impl Fixed {
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.connect_timeout_ms)
     }
@@ -389,7 +448,17 @@ impl ProxyConfig {
         }
         let mut routes = HashMap::new();
         let mut backends = Vec::new();
+        let mut identities = crate::backend_auth::Identities::default();
+        let mut names = std::collections::HashSet::new();
         for (i, b) in self.backends.iter().enumerate() {
+            // Backends are known by name across reloads (their state carries over) and in
+            // records and reports.
+            if !names.insert(b.name.as_str()) {
+                problems.push(format!(
+                    "proxy.backends: the name `{}` is used twice",
+                    b.name
+                ));
+            }
             let endpoint = match reqwest::Url::parse(&b.endpoint) {
                 Ok(u)
                     if matches!(u.scheme(), "http" | "https")
@@ -424,6 +493,24 @@ impl ProxyConfig {
                 ));
             }
             let api_key = backend_key(b, &mut problems);
+            if b.max_concurrent_requests == Some(0) {
+                problems.push(format!(
+                    "proxy.backends `{}`: max_concurrent_requests must be greater than 0",
+                    b.name
+                ));
+            }
+            // The parser prices in exact ten-thousandths, as for its deployment multipliers.
+            if let Some(m) = b.price_multiplier
+                && !(m.is_finite()
+                    && m > 0.0
+                    && m <= 100.0
+                    && ((m * 10_000.0).round() - m * 10_000.0).abs() < 1e-6)
+            {
+                problems.push(format!(
+                    "proxy.backends `{}`: price_multiplier {m} is not a factor above 0 and at most 100 with at most four decimals",
+                    b.name
+                ));
+            }
             for public in b.deployment_names.keys() {
                 if !b.deployments.contains(public) {
                     problems.push(format!(
@@ -432,23 +519,32 @@ impl ProxyConfig {
                     ));
                 }
             }
-            if let Some(key) = &api_key
-                && axum::http::HeaderValue::from_str(secrecy::ExposeSecret::expose_secret(key))
-                    .is_err()
-            {
-                problems.push(format!(
-                    "proxy.backends `{}`: api_key is not a valid header value",
-                    b.name
-                ));
+            let mut auth = crate::backend_auth::BackendAuth::None;
+            if let Some(key) = &api_key {
+                match crate::backend_auth::BackendAuth::api_key(key) {
+                    Some(a) => auth = a,
+                    None => problems.push(format!(
+                        "proxy.backends `{}`: api_key is not a valid header value",
+                        b.name
+                    )),
+                }
+            } else if let Some(entra) = &b.entra {
+                match identities.get(entra) {
+                    Ok(token) => auth = crate::backend_auth::BackendAuth::Entra(token),
+                    Err(e) => problems.push(format!("proxy.backends `{}`: entra: {e}", b.name)),
+                }
             }
             if let Some(endpoint) = endpoint {
                 backends.push(Backend {
                     name: b.name.clone(),
                     endpoint,
-                    api_key,
+                    auth,
                     priority: b.priority,
                     weight: b.weight,
                     deployment_names: b.deployment_names.clone().into_iter().collect(),
+                    max_concurrent_requests: b.max_concurrent_requests,
+                    include_usage: b.include_usage,
+                    price_multiplier: b.price_multiplier,
                 });
             }
         }
@@ -542,14 +638,18 @@ impl ProxyConfig {
             return Err(problems);
         }
         Ok(Validated {
-            consumers,
-            backends,
-            routes,
-            limits: self.limits.clone(),
-            recorder: self.recorder.clone(),
-            admin_key,
-            use_env_proxy: self.use_env_proxy,
-            stream_usage: self.stream_usage.clone(),
+            fixed: Fixed {
+                limits: self.limits.clone(),
+                recorder: self.recorder.clone(),
+                admin_key,
+                use_env_proxy: self.use_env_proxy,
+            },
+            live: LiveConfig {
+                consumers,
+                backends,
+                routes,
+                stream_usage: self.stream_usage.clone(),
+            },
         })
     }
 }
@@ -568,26 +668,17 @@ mod tests {
             backends: vec![
                 BackendConfig {
                     name: "b".into(),
-                    api_key_env: None,
-                    api_key_file: None,
-                    deployment_names: Default::default(),
-                    priority: 0,
-                    weight: 1,
                     endpoint: "ftp://x".into(),
-                    api_key: None,
                     deployments: vec!["d".into()],
+                    ..Default::default()
                 },
                 // Two backends serving `d` are its pool, not a problem; a weight of 0 is.
                 BackendConfig {
                     name: "c".into(),
-                    api_key_env: None,
-                    api_key_file: None,
-                    deployment_names: Default::default(),
-                    priority: 0,
                     weight: 0,
                     endpoint: "http://y".into(),
-                    api_key: None,
                     deployments: vec!["d".into()],
+                    ..Default::default()
                 },
             ],
             limits: LimitsConfig {
@@ -607,14 +698,9 @@ mod tests {
         std::fs::write(&empty, "\n").unwrap();
         let backend = |name: &str| BackendConfig {
             name: name.into(),
-            api_key_env: None,
-            api_key_file: None,
-            deployment_names: Default::default(),
-            priority: 0,
-            weight: 1,
             endpoint: "http://y".into(),
-            api_key: None,
             deployments: vec![format!("d-{name}")],
+            ..Default::default()
         };
         let mut two = backend("two");
         two.api_key = Some("k".to_owned().into());

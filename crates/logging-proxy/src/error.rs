@@ -44,6 +44,10 @@ pub enum ProxyError {
     Internal,
     #[error("The backend could not be reached.")]
     BackendUnreachable { detail: String },
+    /// The backend's Entra ID token could not be had (the identity endpoint down, the
+    /// identity not assigned); the detail is for the record, not the client.
+    #[error("Tollgate could not authenticate to the backend.")]
+    BackendCredential { detail: String },
     #[error("The backend did not answer within {timeout_ms} ms.")]
     BackendTimeout { timeout_ms: u64 },
     #[error(
@@ -102,6 +106,11 @@ impl ProxyError {
             ProxyError::BackendUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "BackendUnreachable", Upstream)
             }
+            ProxyError::BackendCredential { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "BackendCredentialUnavailable",
+                Internal,
+            ),
             ProxyError::BackendTimeout { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, "BackendTimeout", Upstream)
             }
@@ -129,7 +138,9 @@ impl ProxyError {
     pub fn info(&self) -> ErrorInfo {
         let (_, code, source) = self.table();
         let message = match self {
-            ProxyError::BackendUnreachable { detail } | ProxyError::RecorderFailed { detail } => {
+            ProxyError::BackendUnreachable { detail }
+            | ProxyError::BackendCredential { detail }
+            | ProxyError::RecorderFailed { detail } => {
                 format!("{self} {detail}")
             }
             _ => self.to_string(),

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use secrecy::ExposeSecret;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tollgate_records::Attempt;
@@ -27,7 +26,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::path;
 use crate::phases::Described;
-use crate::pool;
+use crate::pool::{self, Plan};
 use crate::reject::{Accepted, end_accepted};
 use crate::stream_usage::{self, Outgoing, WithoutUsageFrame};
 use crate::tee::{self, Exchange, millis};
@@ -38,7 +37,7 @@ pub(crate) async fn start(
     ctx: Ctx,
     described: Described,
     outgoing: Outgoing,
-    plan: Vec<usize>,
+    plan: Plan,
     accepted: Accepted,
 ) -> Response {
     let (tx, rx) = oneshot::channel();
@@ -57,7 +56,7 @@ async fn run(
     ctx: Ctx,
     described: Described,
     outgoing: Outgoing,
-    plan: Vec<usize>,
+    plan: Plan,
     accepted: Accepted,
     mut answer: oneshot::Sender<Response>,
 ) {
@@ -86,35 +85,47 @@ async fn run(
         attempts: Vec::new(),
     };
     let max_attempts = app.config.limits.max_attempts as usize;
-    let mut plan = plan.into_iter().peekable();
+    let Plan { live, order } = plan;
+    let mut order = order.into_iter().peekable();
     // The pool's backends in the plan's order: on to the next one after a 429, a 5xx, a
     // connect error or a first-byte timeout (nothing has gone to the client yet; the body is
     // replayed from the bytes read); the last one's answer, whatever it is, is the client's.
-    let (upstream, b, attempt_started) = loop {
-        let Some(b) = plan
+    // A backend that filled up since the plan was made is passed over.
+    let (upstream, b, slot, attempt_started) = loop {
+        let Some((b, s)) = order
             .next()
-            .and_then(|i| app.config.backends.get(i).map(|b| (i, b)))
+            .and_then(|i| Some((live.backends.get(i)?, live.state.get(i)?)))
         else {
-            let r = end(ProxyError::Internal, sending.attempts, accepted);
+            let error = if sending.attempts.is_empty() {
+                ProxyError::AllBackendsResting {
+                    retry_after: pool::DEFAULT_REST,
+                }
+            } else {
+                ProxyError::Internal
+            };
+            let r = end(error, sending.attempts, accepted);
             let _ = answer.send(r);
             return;
         };
-        let (i, b) = b;
-        let last = plan.peek().is_none() || sending.attempts.len() + 1 >= max_attempts;
+        let Some(slot) = s.enter(b.max_concurrent_requests) else {
+            continue;
+        };
+        let last = order.peek().is_none() || sending.attempts.len() + 1 >= max_attempts;
         match sending.attempt(&app, &ctx, b).await {
             Ok((upstream, started)) => {
+                s.answered_in(started.elapsed());
                 let status = upstream.status().as_u16();
                 let retry_after = retry_after_ms(upstream.headers());
                 match status {
                     429 => app.pools.rest(
-                        i,
+                        s,
                         retry_after.map_or(pool::DEFAULT_REST, Duration::from_millis),
                     ),
-                    500..=599 => app.pools.failed(i),
-                    _ => app.pools.succeeded(i),
+                    500..=599 => app.pools.failed(s, &b.name),
+                    _ => app.pools.succeeded(s),
                 }
                 if last || !(status == 429 || matches!(status, 500 | 502 | 503 | 504)) {
-                    break (upstream, b, started);
+                    break (upstream, b, slot, started);
                 }
                 sending.attempts.push(Attempt {
                     backend: b.name.clone(),
@@ -125,8 +136,12 @@ async fn run(
                 });
             }
             Err((error, detail, started)) => {
-                if !matches!(error, ProxyError::ShuttingDown) {
-                    app.pools.failed(i);
+                // Shutting down, or no token for the backend: not the backend's failure.
+                if !matches!(
+                    error,
+                    ProxyError::ShuttingDown | ProxyError::BackendCredential { .. }
+                ) {
+                    app.pools.failed(s, &b.name);
                 }
                 sending
                     .attempts
@@ -164,6 +179,8 @@ async fn run(
         content_type: content_type(&response_headers).map(str::to_owned),
         first_segment_seq: next_seq,
         accepted,
+        price_multiplier: b.price_multiplier,
+        backend_slot: slot,
     };
     let mut body = tee::TeeBody::new(
         upstream,
@@ -234,26 +251,42 @@ impl Sending {
             &b.deployment_names,
         );
         let mut upstream_headers = headers::upstream(&ctx.headers);
-        if let Some(key) = &b.api_key
-            && let Ok(mut v) = HeaderValue::from_str(key.expose_secret())
-        {
-            v.set_sensitive(true);
-            upstream_headers.insert(HeaderName::from_static("api-key"), v);
+        let started = Instant::now();
+        match b.auth.header().await {
+            Ok(Some((name, value))) => {
+                upstream_headers.insert(name, value);
+            }
+            Ok(None) => {}
+            Err(detail) => {
+                return Err((
+                    ProxyError::BackendCredential {
+                        detail: detail.clone(),
+                    },
+                    detail,
+                    started,
+                ));
+            }
         }
         let first_byte = Duration::from_millis(app.config.limits.first_byte_timeout_ms);
         loop {
             let started = Instant::now();
+            // A backend that does not take `stream_options` gets the client's own body; the
+            // usage phase's addition is tried only where it may be.
+            let (body, injected) = match (&self.client_body, b.include_usage) {
+                (Some(original), false) => (original.clone(), false),
+                _ => (self.body.clone(), self.client_body.is_some()),
+            };
             let request = app
                 .client
                 .request(ctx.method.clone(), url.clone())
                 .headers(upstream_headers.clone())
-                .body(reqwest::Body::from(self.body.clone()));
+                .body(reqwest::Body::from(body));
             let upstream = send(app, request, first_byte)
                 .await
                 .map_err(|(error, detail)| (error, detail, started))?;
             let Some(original) = self
                 .client_body
-                .take_if(|_| upstream.status() == StatusCode::BAD_REQUEST)
+                .take_if(|_| injected && upstream.status() == StatusCode::BAD_REQUEST)
             else {
                 return Ok((upstream, started));
             };

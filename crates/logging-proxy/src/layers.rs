@@ -81,7 +81,8 @@ pub(crate) async fn authenticate(
     request: Request,
     next: Next,
 ) -> Response {
-    let consumer: Option<Consumer> = auth::authenticate(&app.config.consumers, request.headers());
+    let consumer: Option<Consumer> =
+        auth::authenticate(&app.live.load().consumers, request.headers());
     match consumer {
         Some(consumer) => {
             let mut request = request;

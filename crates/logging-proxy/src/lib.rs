@@ -8,12 +8,14 @@
 
 mod app;
 mod auth;
+pub mod backend_auth;
 pub mod config;
 mod context;
 mod error;
 mod exchange;
 mod headers;
 mod layers;
+mod live;
 mod path;
 mod peek;
 mod phases;
@@ -57,6 +59,21 @@ pub struct ProxyDeps {
     /// Default parent of the spool and journal directories.
     pub data_dir: PathBuf,
     pub after_flush: Option<FlushHook>,
+    pub reload: Option<ReloadHook>,
+}
+
+/// Reads the configuration again (the binary knows where it came from), for
+/// `POST /tollgate/admin/reload`.
+pub type ReloadHook = Arc<dyn Fn() -> Result<ProxyConfig, String> + Send + Sync>;
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reloaded {
+    pub consumers: usize,
+    pub backends_added: Vec<String>,
+    pub backends_removed: Vec<String>,
+    pub deployments: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +84,10 @@ pub enum ProxyBuildError {
     Spool(String),
     #[error("HTTP client could not be built: {0}")]
     Client(String),
+    #[error(
+        "a reload may change consumers, backends and stream_usage only; restart to apply the other sections"
+    )]
+    NeedsRestart,
 }
 
 /// The proxy's own counters (the recorder has its own): what it refused without recording.
@@ -82,7 +103,11 @@ pub struct ProxyStats {
 }
 
 pub(crate) struct AppState {
-    pub config: config::Validated,
+    pub config: config::Fixed,
+    /// Consumers and backends: replaced whole by a reload (see `live.rs`).
+    pub live: arc_swap::ArcSwap<live::Live>,
+    /// Re-reads the configuration for the admin reload call; `None`: reload is not offered.
+    pub reload: Option<ReloadHook>,
     pub client: reqwest::Client,
     pub recorder: Recorder,
     /// Exchanges with backends and the drains after client disconnects; shutdown waits for
@@ -95,7 +120,7 @@ pub(crate) struct AppState {
     pub abort: CancellationToken,
     pub stats: Arc<ProxyStats>,
     pub after_flush: Option<FlushHook>,
-    /// Which backends rest after a 429.
+    /// The clock and breaker settings backends' states are read against.
     pub pools: pool::Pools,
 }
 
@@ -108,7 +133,10 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn build(config: &ProxyConfig, deps: ProxyDeps) -> Result<Proxy, ProxyBuildError> {
-        let validated = config.validate().map_err(ProxyBuildError::Config)?;
+        let config::Validated {
+            fixed: validated,
+            live: live_config,
+        } = config.validate().map_err(ProxyBuildError::Config)?;
         let r = &validated.recorder;
         let settings = recorder::RecorderSettings {
             queue_capacity: r.queue_capacity,
@@ -154,10 +182,11 @@ impl Proxy {
         let state = Arc::new(AppState {
             slots: Arc::new(Semaphore::new(validated.limits.max_concurrent_requests)),
             pools: pool::Pools::new(
-                validated.backends.len(),
                 validated.limits.breaker_failures,
                 validated.limits.breaker_cooldown_ms,
             ),
+            live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
+            reload: deps.reload,
             config: validated,
             client,
             recorder,
@@ -211,6 +240,15 @@ impl Proxy {
         .await
     }
 
+    /// Applies a new configuration's consumers, backends and `stream_usage` without a
+    /// restart: requests already forwarded keep the backends they started with (a removed
+    /// backend finishes its streams); a backend kept by name and endpoint keeps its state.
+    /// Refused, changing nothing, when the configuration is invalid or changes a section that
+    /// needs a restart.
+    pub fn reload(&self, config: &ProxyConfig) -> Result<Reloaded, ProxyBuildError> {
+        reload(&self.state, config)
+    }
+
     /// See [`Recorder::flush`].
     pub async fn flush(&self) {
         self.state.recorder.flush().await;
@@ -240,4 +278,32 @@ impl Proxy {
         self.writer.close();
         self.writer.wait().await;
     }
+}
+
+pub(crate) fn reload(state: &AppState, config: &ProxyConfig) -> Result<Reloaded, ProxyBuildError> {
+    let validated = config.validate().map_err(ProxyBuildError::Config)?;
+    if validated.fixed != state.config {
+        return Err(ProxyBuildError::NeedsRestart);
+    }
+    let old = state.live.load_full();
+    let new = live::Live::new(validated.live, Some(&old));
+    let names = |l: &live::Live| -> std::collections::BTreeSet<String> {
+        l.backends.iter().map(|b| b.name.clone()).collect()
+    };
+    let (before, after) = (names(&old), names(&new));
+    let reloaded = Reloaded {
+        consumers: new.consumers.len(),
+        backends_added: after.difference(&before).cloned().collect(),
+        backends_removed: before.difference(&after).cloned().collect(),
+        deployments: new.routes.len(),
+    };
+    state.live.store(Arc::new(new));
+    tracing::info!(
+        consumers = reloaded.consumers,
+        deployments = reloaded.deployments,
+        added = ?reloaded.backends_added,
+        removed = ?reloaded.backends_removed,
+        "Configuration reloaded."
+    );
+    Ok(reloaded)
 }

@@ -32,6 +32,7 @@ use crate::context::{self, Ctx};
 use crate::error::ProxyError;
 use crate::exchange;
 use crate::peek;
+use crate::pool::Plan;
 use crate::reject::{Accepted, end_accepted};
 use crate::stream_usage;
 
@@ -68,14 +69,14 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
             );
         }
     };
-    let outgoing = ask_for_usage(&app, &ctx, &mut described, bytes);
+    let outgoing = ask_for_usage(&plan, &ctx, &mut described, bytes);
     exchange::start(app, ctx, described, outgoing, plan, accepted).await
 }
 
 /// The usage phase: the body to send AOAI, with `stream_options.include_usage` added when the
 /// request is a stream that may ask for it and does not (the record then says so).
 fn ask_for_usage(
-    app: &AppState,
+    plan: &Plan,
     ctx: &Ctx,
     described: &mut Described,
     bytes: Bytes,
@@ -84,7 +85,7 @@ fn ask_for_usage(
         body,
         client_body: None,
     };
-    let settings = &app.config.stream_usage;
+    let settings = &plan.live.stream_usage;
     let skipped = described
         .record
         .deployment
@@ -219,37 +220,33 @@ fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
     }
 }
 
-/// The route phase: the backends to try, in order (indices into the configured backends):
-/// the deployment's pool as `pool.rs` plans it.
-fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Vec<usize>, ProxyError> {
+/// The route phase: the backends to try, in order: the deployment's pool in the live
+/// configuration, as `pool.rs` plans it. The plan keeps that configuration for the request.
+fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Plan, ProxyError> {
+    let live = app.live.load_full();
     let deployment = if ctx.route.body_names_deployment() {
         model
     } else {
         ctx.route.deployment.clone()
     };
-    match deployment {
+    let order = match deployment {
         Some(d) => {
-            let pool = app
-                .config
-                .routes
-                .get(&d)
-                .ok_or(ProxyError::DeploymentNotFound)?;
-            app.pools
-                .plan(pool, &app.config.backends)
-                .map_err(|u| match u.throttled {
-                    true => ProxyError::AllBackendsResting {
-                        retry_after: u.retry_after,
-                    },
-                    false => ProxyError::AllBackendsTripped {
-                        retry_after: u.retry_after,
-                    },
-                })
+            let pool = live.routes.get(&d).ok_or(ProxyError::DeploymentNotFound)?;
+            app.pools.plan(&live, pool).map_err(|u| match u.throttled {
+                true => ProxyError::AllBackendsResting {
+                    retry_after: u.retry_after,
+                },
+                false => ProxyError::AllBackendsTripped {
+                    retry_after: u.retry_after,
+                },
+            })?
         }
         // A call that names its deployment in the body must name one; it never falls through
         // to a default backend.
-        None if ctx.route.body_names_deployment() => Err(ProxyError::ModelMissing),
+        None if ctx.route.body_names_deployment() => return Err(ProxyError::ModelMissing),
         // Paths without a deployment (files, batches, …) go to the first backend.
-        None if !app.config.backends.is_empty() => Ok(vec![0]),
-        None => Err(ProxyError::RouteNotFound),
-    }
+        None if !live.backends.is_empty() => vec![0],
+        None => return Err(ProxyError::RouteNotFound),
+    };
+    Ok(Plan { live, order })
 }

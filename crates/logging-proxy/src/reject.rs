@@ -89,6 +89,7 @@ fn end_record(
     attempts: Vec<Attempt>,
 ) -> EndRecord {
     EndRecord {
+        price_multiplier: None,
         schema_version: SCHEMA_VERSION,
         request_id: info.request_id.to_string(),
         seq,

@@ -180,6 +180,10 @@ pub(crate) struct Exchange {
     /// The seq of the first response segment (after the request body's parts).
     pub first_segment_seq: u32,
     pub accepted: Accepted,
+    pub price_multiplier: Option<f64>,
+    /// The request's place on its backend (`max_concurrent_requests`), left at its end.
+    #[expect(dead_code, reason = "held for its Drop, at the request's end")]
+    pub backend_slot: crate::pool::Slot,
 }
 
 pub(crate) fn micros_since(start: Instant) -> u64 {
@@ -308,6 +312,7 @@ impl Tee {
             status: ex.status,
             backend: Some(ex.backend),
             attempts: ex.attempts,
+            price_multiplier: ex.price_multiplier,
             ttfb_ms: Some(ex.ttfb_ms),
             total_ms: millis(ex.started.elapsed()),
             headers: ex.headers,
@@ -721,6 +726,8 @@ mod tests {
                 content_type,
                 first_segment_seq: 1,
                 accepted: Accepted::new(self.recorder.begin(), None),
+                price_multiplier: None,
+                backend_slot: Default::default(),
             };
             TeeBody::new(
                 reqwest::Response::from(upstream),

@@ -552,6 +552,10 @@ pub struct EndRecord {
     pub backend: Option<String>,
     #[serde(default)]
     pub attempts: Vec<Attempt>,
+    /// The serving backend's `price_multiplier` (capacity already paid for, a dearer
+    /// deployment type), so the parser prices the request without the proxy's configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_multiplier: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttfb_ms: Option<f64>,
     pub total_ms: f64,
@@ -671,8 +675,10 @@ pub struct Cost {
     pub total: Money,
     pub currency: String,
     pub price_table_version: String,
-    /// The deployment's factor on the table's prices (`parser.deployment_price_multipliers`:
-    /// a Data Zone or Regional premium, a negotiated discount), when one applied.
+    /// The factor on the table's prices, when one applied: the serving backend's
+    /// (`price_multiplier` in the proxy's backend: PTU against pay-as-you-go), else the
+    /// deployment's (`parser.deployment_price_multipliers`: a Data Zone or Regional premium, a
+    /// negotiated discount).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_multiplier: Option<f64>,
 }

@@ -61,6 +61,7 @@ pub fn sample_chunk(id: &str, seq: u32, text: &str) -> RawRecord {
 
 pub fn sample_end(id: &str, seq: u32) -> RawRecord {
     RawRecord::End(EndRecord {
+        price_multiplier: None,
         schema_version: SCHEMA_VERSION,
         request_id: id.to_owned(),
         seq,

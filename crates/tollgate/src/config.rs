@@ -66,6 +66,9 @@ pub(crate) struct Config {
     /// store's directory, or `--data-dir` / `./data` next to a Cosmos DB store.
     #[serde(skip)]
     pub(crate) local_dir: PathBuf,
+    /// The file this configuration was read from, read again on a reload.
+    #[serde(skip)]
+    pub(crate) source: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -99,6 +102,7 @@ pub(crate) fn load(path: Option<&Path>, data_dir: Option<&PathBuf>) -> anyhow::R
         (StoreConfig::Cosmos(_), Some(dir)) => dir.clone(),
         (StoreConfig::Cosmos(_), None) => PathBuf::from("./data"),
     };
+    config.source = path.map(Path::to_path_buf);
     let mut problems = Vec::new();
     if let StoreConfig::Cosmos(c) = &config.store {
         problems.extend(c.problems());

@@ -196,7 +196,7 @@ async fn services(
     if let Some(l) = listen {
         config.listen = l;
     }
-    run::run(config, parts).await
+    Box::pin(run::run(config, parts)).await
 }
 
 async fn check(config: &config::Config) -> anyhow::Result<()> {

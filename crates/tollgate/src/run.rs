@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tollgate_aoai_sim::Simulator;
 use tollgate_log_parser::{OtlpSink, Parser, RecordSink, StoreSink};
 use tollgate_logging_proxy::config::{BackendConfig, ConsumerConfig};
-use tollgate_logging_proxy::{FlushHook, Proxy, ProxyDeps};
+use tollgate_logging_proxy::{FlushHook, Proxy, ProxyDeps, ReloadHook};
 use tollgate_store::{ChangeFeed, RawWriter, RequestStore};
 use tollgate_telemetry::{OtlpConfig, UsageExporter};
 
@@ -50,6 +50,45 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+/// Reads the proxy section of `path` again, as at start (environment overrides included).
+fn reload_hook(path: PathBuf) -> ReloadHook {
+    Arc::new(move || {
+        crate::config::load(Some(&path), None)
+            .map(|c| c.proxy)
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
+/// Applies the configuration file again on each SIGHUP (as `POST /tollgate/admin/reload`
+/// does), until `stop`.
+async fn reload_on_hangup(proxy: Arc<Proxy>, read: ReloadHook, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                got = hangups.recv() => if got.is_none() { return },
+                () = stop.cancelled() => return,
+            }
+            match read().and_then(|c| proxy.reload(&c).map_err(|e| e.to_string())) {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "Reload on SIGHUP refused; the running configuration is kept.")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (proxy, read);
+        stop.cancelled().await;
     }
 }
 
@@ -106,6 +145,12 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
     let mut sim_addr = None;
     let mut demo_key = None;
 
+    // A reload reads the file again; not offered when the backends are the bundled simulator
+    // this process made up, which the file does not describe.
+    let reload_hook = match &config.source {
+        Some(path) if !config.proxy.backends.is_empty() => Some(reload_hook(path.clone())),
+        _ => None,
+    };
     if parts.proxy && config.proxy.backends.is_empty() {
         let mut sim_config = config.sim.clone();
         let sim_key = sim_config.api_key.get_or_insert_with(keys::new_key).clone();
@@ -119,11 +164,6 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
         .await?;
         config.proxy.backends.push(BackendConfig {
             name: "aoai-sim".into(),
-            api_key_env: None,
-            api_key_file: None,
-            deployment_names: Default::default(),
-            priority: 0,
-            weight: 1,
             endpoint: format!("http://{addr}"),
             api_key: Some(sim_key.into()),
             deployments: config
@@ -132,6 +172,7 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
                 .iter()
                 .map(|d| d.name.clone())
                 .collect(),
+            ..Default::default()
         });
         for d in &config.sim.deployments {
             config
@@ -199,6 +240,7 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
                 store: store.clone() as Arc<dyn RawWriter>,
                 data_dir: data_dir.clone(),
                 after_flush: hook,
+                reload: reload_hook.clone(),
             },
         )?;
         let listener = TcpListener::bind(config.listen)
@@ -211,6 +253,9 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
         let stop = server_cancel.clone();
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let handle = background.spawn(async move { server.serve(listener, stop, grace).await });
+        if let Some(read) = reload_hook {
+            background.spawn(reload_on_hangup(proxy.clone(), read, parser_cancel.clone()));
+        }
         proxy_server = Some((proxy, server_cancel, handle));
         let deployments: Vec<String> = config
             .sim

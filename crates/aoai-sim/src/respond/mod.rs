@@ -54,9 +54,11 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
     if parts.method != Method::POST {
         return Err(AoaiError::resource_not_found());
     }
-    if !auth::authorized(sim.inner.config.api_key.as_deref(), &parts.headers) {
-        return Err(AoaiError::unauthorized());
-    }
+    auth::check(
+        sim.inner.config.api_key.as_deref(),
+        sim.inner.config.local_auth_disabled,
+        &parts.headers,
+    )?;
     let api_version = routing::api_version(query, route.v1)?;
     let body = read_json_object(body, sim.inner.config.max_body_bytes).await?;
     if body.get("stream_options").is_some() && !routing::knows_stream_options(&api_version) {

@@ -247,10 +247,16 @@ pub fn consolidate(parts: &Parts, opts: &Options<'_>) -> Option<ConsolidatedReco
     } else {
         None
     };
-    let multiplier = deployment
-        .as_ref()
-        .and_then(|d| opts.deployment_price_multipliers.get(d))
-        .and_then(|&f| tollgate_tokens::multiplier_per_10k(f).map(|per_10k| (f, per_10k)));
+    // The serving backend's factor, recorded by the proxy, is the finer grain (a PTU and a
+    // pay-as-you-go backend of one pool); the deployment's applies when it names none.
+    let multiplier = end
+        .and_then(|e| e.price_multiplier)
+        .or_else(|| {
+            deployment
+                .as_ref()
+                .and_then(|d| opts.deployment_price_multipliers.get(d).copied())
+        })
+        .and_then(|f| tollgate_tokens::multiplier_per_10k(f).map(|per_10k| (f, per_10k)));
     let cost = match (&usage, &model) {
         (Some(u), Some(m)) => opts
             .prices
@@ -524,6 +530,7 @@ mod tests {
             stream_usage_injected: false,
         };
         let end = EndRecord {
+            price_multiplier: None,
             schema_version: SCHEMA_VERSION,
             request_id: "r".into(),
             seq: 1,
@@ -623,11 +630,22 @@ mod tests {
             prices: &prices,
             store_content: true,
         };
-        let c = consolidate(&parts(200, answer), &o).unwrap().cost.unwrap();
+        let c = consolidate(&parts(200, answer.clone()), &o)
+            .unwrap()
+            .cost
+            .unwrap();
         assert_eq!(c.input, Money::from_nanos(2_750_000));
         assert_eq!(c.output, Money::from_nanos(1_100_000));
         assert_eq!(c.total, Money::from_nanos(3_850_000));
         assert_eq!(c.price_multiplier, Some(1.1));
+        // The backend's factor, recorded in the `end`, wins over the deployment's.
+        let mut p = parts(200, answer);
+        if let Some(e) = p.end.as_mut() {
+            e.price_multiplier = Some(0.5);
+        }
+        let c = consolidate(&p, &o).unwrap().cost.unwrap();
+        assert_eq!(c.total, Money::from_nanos(1_750_000));
+        assert_eq!(c.price_multiplier, Some(0.5));
     }
 
     fn opts<'a>(

@@ -130,11 +130,6 @@ impl Stack {
             }],
             backends: vec![BackendConfig {
                 name: "sim".into(),
-                api_key_env: None,
-                api_key_file: None,
-                deployment_names: Default::default(),
-                priority: 0,
-                weight: 1,
                 endpoint: format!("http://{sim_addr}"),
                 api_key: Some(SIM_KEY.to_owned().into()),
                 deployments: sim
@@ -143,6 +138,7 @@ impl Stack {
                     .iter()
                     .map(|d| d.name.clone())
                     .collect(),
+                ..Default::default()
             }],
             ..ProxyConfig::default()
         };
@@ -158,6 +154,7 @@ impl Stack {
                     store: flaky.clone(),
                     data_dir: dir.path().to_path_buf(),
                     after_flush: None,
+                    reload: None,
                 },
             )
             .expect("proxy"),

@@ -104,11 +104,6 @@ pub(crate) async fn start_on(
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),
-            api_key_env: None,
-            api_key_file: None,
-            deployment_names: Default::default(),
-            priority: 0,
-            weight: 1,
             endpoint: format!("http://{sim_addr}"),
             api_key: Some(SIM_KEY.to_owned().into()),
             deployments: sim
@@ -117,6 +112,7 @@ pub(crate) async fn start_on(
                 .iter()
                 .map(|d| d.name.clone())
                 .collect(),
+            ..Default::default()
         }],
         ..ProxyConfig::default()
     };
@@ -132,6 +128,7 @@ pub(crate) async fn start_on(
             store: flaky.clone(),
             data_dir: dir.path().to_path_buf(),
             after_flush: None,
+            reload: None,
         },
     )
     .expect("proxy");

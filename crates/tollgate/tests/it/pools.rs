@@ -24,14 +24,12 @@ async fn sim(fault: Option<&str>) -> String {
 fn backend(name: &str, endpoint: &str, priority: u32, weight: u32) -> BackendConfig {
     BackendConfig {
         name: name.into(),
-        api_key_env: None,
-        api_key_file: None,
-        deployment_names: Default::default(),
         priority,
         weight,
         endpoint: endpoint.into(),
         api_key: Some(SIM_KEY.to_owned().into()),
         deployments: vec!["gpt-4o".into()],
+        ..Default::default()
     }
 }
 
@@ -211,14 +209,11 @@ async fn a_backend_with_its_own_deployment_name_and_its_key_in_a_file() {
     std::fs::write(&key_file, format!("{SIM_KEY}\n")).unwrap();
     let s = stack(vec![BackendConfig {
         name: "renamed".into(),
-        api_key_env: None,
         api_key_file: Some(key_file),
         deployment_names: [("chat".to_owned(), "gpt-4o".to_owned())].into(),
-        priority: 0,
-        weight: 1,
         endpoint: upstream,
-        api_key: None,
         deployments: vec!["chat".into()],
+        ..Default::default()
     }])
     .await;
     let resp = s
@@ -305,4 +300,184 @@ async fn admin_metrics_show_each_backends_state() {
         value("tollgate_backend_breaker_open{backend=\"throttled\"}"),
         0.0
     );
+}
+
+/// A stream through `s` to `deployment`, its head and first chunk read: the request is in
+/// flight until the rest is read. `inter_token_ms` paces the simulator's frames.
+async fn open_stream(s: &Stack, inter_token_ms: u64) -> (String, reqwest::Response) {
+    let mut resp = s
+        .post(
+            &s.chat_url("gpt-4o"),
+            &json!({"messages": [{"role": "user", "content": "stream"}], "stream": true,
+                "max_tokens": 32}),
+        )
+        .header("x-sim-inter-token-ms", inter_token_ms.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert!(resp.chunk().await.unwrap().is_some(), "a first chunk");
+    (id, resp)
+}
+
+/// Reads what is left of a stream; whether it ended with `[DONE]`.
+async fn finish(mut resp: reqwest::Response) -> bool {
+    let mut rest = Vec::new();
+    while let Ok(Some(c)) = resp.chunk().await {
+        rest.extend_from_slice(&c);
+    }
+    String::from_utf8_lossy(&rest).contains("[DONE]")
+}
+
+/// The proxy configuration the harness starts with, around `backends`.
+fn config_with(backends: Vec<BackendConfig>) -> tollgate_logging_proxy::ProxyConfig {
+    tollgate_logging_proxy::ProxyConfig {
+        consumers: vec![tollgate_logging_proxy::config::ConsumerConfig {
+            id: "tester".into(),
+            key_sha256: vec![harness::sha(harness::KEY)],
+        }],
+        backends,
+        ..Default::default()
+    }
+}
+
+/// A reload swaps a pool's backends without a restart: a stream already on the removed
+/// backend runs to its end (and is recorded as served by it), new requests go to the added
+/// one, and a reload that is invalid or touches what needs a restart changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_new_requests_and_leaves_streams_in_flight_alone() {
+    let (old, new) = (sim(None).await, sim(None).await);
+    let s = stack(vec![backend("old", &old, 0, 1)]).await;
+    let (stream_id, stream) = open_stream(&s, 20).await;
+    let reloaded = s
+        .proxy
+        .reload(&config_with(vec![backend("new", &new, 0, 1)]))
+        .expect("reloaded");
+    assert_eq!(reloaded.backends_removed, ["old"]);
+    assert_eq!(reloaded.backends_added, ["new"]);
+    assert!(
+        finish(stream).await,
+        "the stream on the removed backend ends normally"
+    );
+    let after = send(&s, 5).await;
+    assert!(after.iter().all(|(st, _)| *st == 200), "{after:?}");
+    assert_eq!(
+        served_by(&s, &after).await,
+        BTreeMap::from([("new".into(), 5)])
+    );
+    let r = s.record(&stream_id).await;
+    assert_eq!(r.backend.as_deref(), Some("old"));
+    assert!(r.complete && !r.truncated, "{r:?}");
+
+    // Refused, and nothing changes: an invalid file, and a section a reload cannot apply.
+    let invalid = config_with(vec![backend("bad", "ftp://x", 0, 1)]);
+    assert!(s.proxy.reload(&invalid).is_err());
+    let mut limits = config_with(vec![backend("new", &new, 0, 1)]);
+    limits.limits.max_attempts = 7;
+    let refused = s.proxy.reload(&limits).unwrap_err();
+    assert!(refused.to_string().contains("restart"), "{refused}");
+    let after = send(&s, 2).await;
+    assert_eq!(
+        served_by(&s, &after).await,
+        BTreeMap::from([("new".into(), 2)])
+    );
+}
+
+/// A backend at its `max_concurrent_requests` is passed over as a resting one is; its slot is
+/// held until the stream's end, then it takes requests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backend_is_passed_over_until_its_stream_ends() {
+    let (small, spill) = (sim(None).await, sim(None).await);
+    let mut one = backend("small", &small, 0, 1);
+    one.max_concurrent_requests = Some(1);
+    let s = stack(vec![one, backend("spill", &spill, 1, 1)]).await;
+    // 32 frames 100 ms apart: open well past the three requests sent meanwhile.
+    let (stream_id, stream) = open_stream(&s, 100).await;
+    let during = send(&s, 3).await;
+    assert!(during.iter().all(|(st, _)| *st == 200), "{during:?}");
+    assert!(finish(stream).await);
+    let after = send(&s, 1).await;
+    s.settle().await;
+    assert_eq!(s.record(&stream_id).await.backend.as_deref(), Some("small"));
+    for (_, id) in &during {
+        let r = s.record(id).await;
+        assert_eq!(r.backend.as_deref(), Some("spill"));
+        assert_eq!(
+            r.attempts.len(),
+            1,
+            "a full backend is not an attempt: {r:?}"
+        );
+    }
+    assert_eq!(
+        s.record(&after[0].1).await.backend.as_deref(),
+        Some("small")
+    );
+}
+
+/// A backend marked `include_usage = false` gets streams as the client sent them: no
+/// `stream_options` tried and refused first (its fault answers any `stream_options` with
+/// 400, which would show as a first attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_without_include_usage_gets_the_clients_own_stream_request() {
+    let old_gateway = sim(Some("no-stream-options")).await;
+    let mut b = backend("old-gateway", &old_gateway, 0, 1);
+    b.include_usage = false;
+    let s = stack(vec![b]).await;
+    let (id, stream) = open_stream(&s, 0).await;
+    assert!(finish(stream).await);
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
+    assert_eq!(r.attempts[0].status, Some(200));
+}
+
+/// A backend's price multiplier (PTU charged at an internal rate) is recorded with the
+/// request and applied to its cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_price_multiplier_reaches_the_cost() {
+    let ptu = sim(None).await;
+    let mut b = backend("ptu", &ptu, 0, 1);
+    b.price_multiplier = Some(0.4);
+    let s = stack(vec![b]).await;
+    let answers = send(&s, 1).await;
+    s.settle().await;
+    let r = s.record(&answers[0].1).await;
+    let cost = r.cost.expect("priced");
+    assert_eq!(cost.price_multiplier, Some(0.4));
+    let end = s
+        .raw(&answers[0].1)
+        .await
+        .into_iter()
+        .find_map(|r| match r {
+            tollgate_records::RawRecord::End(e) => Some(e),
+            _ => None,
+        })
+        .expect("end record");
+    assert_eq!(end.price_multiplier, Some(0.4));
+}
+
+/// A stream the backend cuts after its first frames is not retried on another backend (bytes
+/// have gone to the client): the client sees the cut, the record says the answer was cut,
+/// and the spare backend got nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_midway_is_not_retried() {
+    let cutting = sim(Some("reset-after-chunks=3")).await;
+    let spare = sim(None).await;
+    let s = stack(vec![
+        backend("cutting", &cutting, 0, 1),
+        backend("spare", &spare, 1, 1),
+    ])
+    .await;
+    let (id, stream) = open_stream(&s, 0).await;
+    assert!(!finish(stream).await, "the client sees the stream cut");
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.backend.as_deref(), Some("cutting"));
+    assert!(
+        r.attempts.iter().all(|a| a.backend == "cutting"),
+        "{:?}",
+        r.attempts
+    );
+    assert!(r.truncated, "{r:?}");
 }

@@ -1,0 +1,52 @@
+//! The part of the configuration that changes without a restart: consumers, backends and their
+//! pools, and which deployments are left without usage injection. It is swapped whole on a
+//! reload (`Proxy::reload`); a request keeps the snapshot it started with, so a backend
+//! removed by a reload still serves the streams it was serving. The other sections (limits,
+//! recorder, admin key) size what was built at start, and a reload that changes them is
+//! refused.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Backend, LiveConfig, StreamUsageConfig};
+use crate::pool::BackendState;
+
+pub(crate) struct Live {
+    pub consumers: Vec<(String, [u8; 32])>,
+    pub backends: Vec<Backend>,
+    /// Deployment → its pool: indices into `backends`.
+    pub routes: HashMap<String, Vec<usize>>,
+    pub stream_usage: StreamUsageConfig,
+    /// Each backend's state, index for index with `backends`.
+    pub state: Vec<Arc<BackendState>>,
+}
+
+impl Live {
+    /// The live configuration, each backend's state carried over from `previous` when a
+    /// backend of the same name and endpoint was there (its rest, breaker and requests in
+    /// flight go on counting); a new or moved backend starts fresh.
+    pub(crate) fn new(config: LiveConfig, previous: Option<&Live>) -> Live {
+        let state = config
+            .backends
+            .iter()
+            .map(|b| {
+                previous
+                    .and_then(|p| {
+                        p.backends
+                            .iter()
+                            .zip(&p.state)
+                            .find(|(old, _)| old.name == b.name && old.endpoint == b.endpoint)
+                            .map(|(_, s)| s.clone())
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        Live {
+            consumers: config.consumers,
+            backends: config.backends,
+            routes: config.routes,
+            stream_usage: config.stream_usage,
+            state,
+        }
+    }
+}
