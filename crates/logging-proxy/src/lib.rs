@@ -20,6 +20,7 @@ mod path;
 mod peek;
 mod phases;
 mod pool;
+mod probe;
 pub mod recorder;
 mod reject;
 mod server;
@@ -45,6 +46,7 @@ use tollgate_store::RawWriter;
 pub use config::ProxyConfig;
 pub use context::REQUEST_ID_HEADER;
 pub use error::ProxyError;
+pub use probe::{Probe, probe_backends};
 pub use recorder::{Recorder, RecorderStats};
 
 /// Runs after an admin flush, e.g. to let the parser catch up in `tollgate up`.

@@ -83,8 +83,14 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Loads and validates the configuration and opens the store; exits non-zero on problems.
-    Check,
+    /// Loads and validates the configuration, opens the store, and probes each backend's
+    /// deployments once (credential accepted, deployment exists; nothing is generated or
+    /// billed); exits non-zero on problems.
+    Check {
+        /// Skip the backend probes (no network to the backends from here).
+        #[arg(long)]
+        no_probe: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,9 +183,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Check => {
+        Command::Check { no_probe } => {
             let config = config::load(path, None)?;
-            check(&config).await
+            check(&config, !no_probe).await
         }
     }
 }
@@ -199,7 +205,7 @@ async fn services(
     Box::pin(run::run(config, parts)).await
 }
 
-async fn check(config: &config::Config) -> anyhow::Result<()> {
+async fn check(config: &config::Config, probe: bool) -> anyhow::Result<()> {
     // Validation only: building a proxy would open the spool and take over the journal files
     // of a `tollgate up` running on the same data directory.
     config.proxy.check()?;
@@ -207,6 +213,22 @@ async fn check(config: &config::Config) -> anyhow::Result<()> {
         .await
         .context("store healthcheck failed")?;
     say("configuration ok; store reachable");
+    if !probe {
+        return Ok(());
+    }
+    let probes = tollgate_logging_proxy::probe_backends(&config.proxy).await?;
+    for p in &probes {
+        let status = p.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        let verdict = if p.ok { "ok" } else { "FAILED" };
+        say(&format!(
+            "backend {} deployment {}: {verdict} ({status}: {})",
+            p.backend, p.deployment, p.finding
+        ));
+    }
+    let failed = probes.iter().filter(|p| !p.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} backend probes failed", probes.len());
+    }
     Ok(())
 }
 

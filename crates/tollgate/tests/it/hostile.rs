@@ -59,6 +59,7 @@ max_body_part_bytes = 262144"
         data,
         "tollgate",
         &UpConfig {
+            env: &[],
             consumer: "hostile",
             key: KEY,
             admin_key: ADMIN_KEY,

@@ -66,6 +66,7 @@ fn start_up(dir: &Path, data: &Path, run: &str, recorder: &str) -> Up {
         data,
         &format!("tollgate-{run}"),
         &UpConfig {
+            env: &[],
             consumer: "kill",
             key: KEY,
             admin_key: ADMIN_KEY,

@@ -13,6 +13,7 @@
 
 mod cosmos_faults;
 mod e2e;
+mod entra;
 mod harness;
 mod hostile;
 mod kill;

@@ -481,3 +481,45 @@ async fn a_stream_reset_midway_is_not_retried() {
     );
     assert!(r.truncated, "{r:?}");
 }
+
+/// `tollgate check`'s probe tells each backend's problem apart without generating anything:
+/// a refused key, a deployment the backend does not have, a backend that cannot be reached,
+/// and a good one (renamed deployment included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_names_what_is_wrong_with_each_backend() {
+    let good = sim(None).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut wrong_key = backend("wrong-key", &good, 0, 1);
+    wrong_key.api_key = Some("not-the-key".to_owned().into());
+    let mut missing = backend("missing", &good, 0, 1);
+    missing.deployments = vec!["gpt-4o".into(), "chat".into()];
+    missing.deployment_names = [("chat".to_owned(), "no-such-deployment".to_owned())].into();
+    let config = config_with(vec![
+        backend("good", &good, 0, 1),
+        wrong_key,
+        missing,
+        backend("closed", &closed, 0, 1),
+    ]);
+    let probes = tollgate_logging_proxy::probe_backends(&config)
+        .await
+        .unwrap();
+    let found: Vec<(String, String, bool, Option<u16>)> = probes
+        .into_iter()
+        .map(|p| (p.backend, p.deployment, p.ok, p.status))
+        .collect();
+    let row =
+        |b: &str, d: &str, ok: bool, status: Option<u16>| (b.to_owned(), d.to_owned(), ok, status);
+    assert_eq!(
+        found,
+        vec![
+            row("good", "gpt-4o", true, Some(400)),
+            row("wrong-key", "gpt-4o", false, Some(401)),
+            row("missing", "gpt-4o", true, Some(400)),
+            row("missing", "chat", false, Some(404)),
+            row("closed", "gpt-4o", false, None),
+        ]
+    );
+}

@@ -102,6 +102,7 @@ fn a_second_process_on_the_same_data_directory_is_refused() {
         &data,
         "first",
         &crate::up::UpConfig {
+            env: &[],
             consumer: "c",
             key: "k",
             admin_key: "a",
@@ -130,6 +131,7 @@ fn a_second_process_on_the_same_data_directory_is_refused() {
         &data,
         "again",
         &crate::up::UpConfig {
+            env: &[],
             consumer: "c",
             key: "k",
             admin_key: "a",

@@ -20,6 +20,8 @@ pub(crate) struct UpConfig<'a> {
     pub admin_key: &'a str,
     /// More TOML sections (`[proxy.limits]`, `[proxy.recorder]`), as written.
     pub sections: &'a str,
+    /// Environment variables the process gets besides the test's own.
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// A `tollgate up` child; killed on drop, its log's tail printed when the test failed.
@@ -63,6 +65,7 @@ filter = "warn"
             .arg("--data-dir")
             .arg(data)
             .env("RUST_LOG", "warn")
+            .envs(c.env.iter().copied())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
