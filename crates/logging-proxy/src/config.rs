@@ -111,6 +111,9 @@ pub struct LimitsConfig {
     /// first-byte timeout the next backend of the deployment's pool is tried, while nothing
     /// has gone to the client.
     pub max_attempts: u32,
+    /// No attempt after the first starts once this long has passed since the request
+    /// arrived: the client gets the last backend's answer (or error) instead of waiting on.
+    pub retry_deadline_ms: u64,
     /// Consecutive 5xx answers, connect errors or timeouts that open a backend's circuit
     /// breaker: it gets no requests for `breaker_cooldown_ms`, then one trial.
     pub breaker_failures: u32,
@@ -153,6 +156,8 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             connect_timeout_ms: 5_000,
             max_attempts: 3,
+            // Past half a minute of failing backends a client is better told than kept.
+            retry_deadline_ms: 30_000,
             breaker_failures: 5,
             breaker_cooldown_ms: 30_000,
             // AOAI sends a non-stream answer's headers only when the whole answer is generated,
@@ -554,6 +559,7 @@ impl ProxyConfig {
             ("max_header_bytes", l.max_header_bytes as u64),
             ("connect_timeout_ms", l.connect_timeout_ms),
             ("max_attempts", u64::from(l.max_attempts)),
+            ("retry_deadline_ms", l.retry_deadline_ms),
             ("breaker_failures", u64::from(l.breaker_failures)),
             ("first_byte_timeout_ms", l.first_byte_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
@@ -574,6 +580,7 @@ impl ProxyConfig {
         // not a limit). A week is past any AOAI call.
         for (name, v) in [
             ("connect_timeout_ms", l.connect_timeout_ms),
+            ("retry_deadline_ms", l.retry_deadline_ms),
             ("first_byte_timeout_ms", l.first_byte_timeout_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
             ("total_timeout_ms", l.total_timeout_ms),

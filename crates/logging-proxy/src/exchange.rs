@@ -85,6 +85,7 @@ async fn run(
         attempts: Vec::new(),
     };
     let max_attempts = app.config.limits.max_attempts as usize;
+    let retry_deadline = Duration::from_millis(app.config.limits.retry_deadline_ms);
     let Plan { live, order } = plan;
     let mut order = order.into_iter().peekable();
     // The pool's backends in the plan's order: on to the next one after a 429, a 5xx, a
@@ -110,8 +111,13 @@ async fn run(
         let Some(slot) = s.enter(b.max_concurrent_requests) else {
             continue;
         };
-        let last = order.peek().is_none() || sending.attempts.len() + 1 >= max_attempts;
-        match sending.attempt(&app, &ctx, b).await {
+        let attempt = sending.attempt(&app, &ctx, b).await;
+        // Decided once the attempt is over: no new attempt starts past the retry deadline,
+        // counted from the request's arrival.
+        let last = order.peek().is_none()
+            || sending.attempts.len() + 1 >= max_attempts
+            || ctx.info.started.elapsed() >= retry_deadline;
+        match attempt {
             Ok((upstream, started)) => {
                 s.answered_in(started.elapsed());
                 let status = upstream.status().as_u16();

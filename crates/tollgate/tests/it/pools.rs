@@ -523,3 +523,27 @@ async fn the_probe_names_what_is_wrong_with_each_backend() {
         ]
     );
 }
+
+/// Retries stop at the deadline: a backend that fails only after the deadline has passed
+/// leaves its answer with the client instead of starting another attempt; with time left the
+/// same failure moves on to the spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_retry_starts_past_the_retry_deadline() {
+    let slow_failing = sim(Some("500;slow-first-byte=400")).await;
+    let spare = sim(None).await;
+    for (deadline_ms, status, attempts) in [(100, 500, 1), (60_000, 200, 2)] {
+        let s = harness::start(|c| {
+            c.backends = vec![
+                backend("slow-failing", &slow_failing, 0, 1),
+                backend("spare", &spare, 1, 1),
+            ];
+            c.limits.retry_deadline_ms = deadline_ms;
+        })
+        .await;
+        let answers = send(&s, 1).await;
+        assert_eq!(answers[0].0, status, "deadline {deadline_ms} ms");
+        s.settle().await;
+        let r = s.record(&answers[0].1).await;
+        assert_eq!(r.attempts.len(), attempts, "{:?}", r.attempts);
+    }
+}
