@@ -190,13 +190,16 @@ pub struct RecordQuery {
     pub limit: Option<usize>,
 }
 
-/// One row of the usage report: a (consumer, deployment, model, day) group.
+/// One row of the usage report: a (consumer, deployment, model, backend, day) group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageRow {
     pub consumer: String,
     pub deployment: String,
     pub model: String,
+    /// The backend that served the requests (empty: none did, e.g. refused by Tollgate).
+    #[serde(default)]
+    pub backend: String,
     pub day: String,
     pub requests: u64,
     /// Requests that failed, never ended, or whose answer was cut (a 200 whose stream the
@@ -229,7 +232,8 @@ pub trait RequestStore: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<ConsolidatedRecord>, StoreError>;
     /// Records in the window, newest first.
     async fn list(&self, query: &RecordQuery) -> Result<Vec<ConsolidatedRecord>, StoreError>;
-    /// Usage grouped by consumer, deployment, model and UTC day, ordered by day then consumer.
+    /// Usage grouped by consumer, deployment, model, serving backend and UTC day, ordered by
+    /// day, consumer, deployment, model, backend.
     async fn usage(&self, query: &RecordQuery) -> Result<Vec<UsageRow>, StoreError>;
 }
 

@@ -58,7 +58,7 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Usage by consumer, deployment/model and day.
+    /// Usage by consumer, deployment/model and day (and serving backend with --by-backend).
     Report {
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -77,6 +77,9 @@ enum Command {
         deployment: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: report::Format,
+        /// One row per serving backend (a pool's PTU and pay-as-you-go apart).
+        #[arg(long)]
+        by_backend: bool,
     },
     /// Consumer keys.
     Keys {
@@ -148,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             consumer,
             deployment,
             format,
+            by_backend,
         } => {
             let config = config::load(path, data_dir.as_ref())?;
             let store = tollgate_store::open_existing(&config.store)
@@ -165,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
                 deployment,
                 limit: None,
             };
-            let report = report::build(store, query).await?;
+            let report = report::build(store, query, by_backend).await?;
             report::print(&report, format)
         }
         Command::Keys { command } => {

@@ -1,4 +1,5 @@
-//! `tollgate report`: tokens, cost and requests by consumer, deployment/model and day.
+//! `tollgate report`: tokens, cost and requests by consumer, deployment/model and day, and
+//! with `--by-backend` by the backend that served them.
 
 use std::sync::Arc;
 
@@ -53,6 +54,8 @@ pub(crate) struct Report {
     pub(crate) from: Option<DateTime<Utc>>,
     pub(crate) to: Option<DateTime<Utc>>,
     pub(crate) rows: Vec<UsageRow>,
+    /// Rows split by serving backend (otherwise each row sums its backends).
+    pub(crate) by_backend: bool,
     pub(crate) totals: Totals,
     pub(crate) unpriced_models: Vec<Unpriced>,
 }
@@ -64,6 +67,7 @@ struct CsvRow<'a> {
     consumer: &'a str,
     deployment: &'a str,
     model: &'a str,
+    backend: &'a str,
     day: &'a str,
     requests: u64,
     errors: u64,
@@ -86,6 +90,7 @@ impl<'a> From<&'a UsageRow> for CsvRow<'a> {
             consumer: &r.consumer,
             deployment: &r.deployment,
             model: &r.model,
+            backend: &r.backend,
             day: &r.day,
             requests: r.requests,
             errors: r.errors,
@@ -128,11 +133,56 @@ pub(crate) fn parse_time(s: &str) -> anyhow::Result<DateTime<Utc>> {
     Ok(day.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
 }
 
+/// Adds `r`'s figures into `into`.
+fn add(into: &mut UsageRow, r: &UsageRow) {
+    into.requests += r.requests;
+    into.errors += r.errors;
+    into.input_tokens += r.input_tokens;
+    into.cached_input_tokens += r.cached_input_tokens;
+    into.output_tokens += r.output_tokens;
+    into.total_tokens += r.total_tokens;
+    into.reasoning_tokens += r.reasoning_tokens;
+    into.estimated_requests += r.estimated_requests;
+    into.injected_requests += r.injected_requests;
+    into.lower_bound_requests += r.lower_bound_requests;
+    into.unknown_usage_requests += r.unknown_usage_requests;
+    into.cost += r.cost;
+    into.unpriced_requests += r.unpriced_requests;
+}
+
+/// The store's rows (one per serving backend) summed over backends, in the same order.
+fn merge_backends(rows: Vec<UsageRow>) -> Vec<UsageRow> {
+    let mut merged: Vec<UsageRow> = Vec::with_capacity(rows.len());
+    for r in rows {
+        // The store orders by day, consumer, deployment, model, backend: a group's backends
+        // are adjacent.
+        match merged.last_mut() {
+            Some(last)
+                if (&last.day, &last.consumer, &last.deployment, &last.model)
+                    == (&r.day, &r.consumer, &r.deployment, &r.model) =>
+            {
+                add(last, &r);
+            }
+            _ => merged.push(UsageRow {
+                backend: String::new(),
+                ..r
+            }),
+        }
+    }
+    merged
+}
+
 pub(crate) async fn build(
     store: Arc<dyn RequestStore>,
     query: RecordQuery,
+    by_backend: bool,
 ) -> anyhow::Result<Report> {
     let rows = store.usage(&query).await?;
+    let rows = if by_backend {
+        rows
+    } else {
+        merge_backends(rows)
+    };
     let mut totals = Totals::default();
     for r in &rows {
         totals.requests += r.requests;
@@ -154,6 +204,7 @@ pub(crate) async fn build(
         to: query.to,
         unpriced_models: unpriced_models(&rows),
         rows,
+        by_backend,
         totals,
     })
 }
@@ -197,11 +248,11 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
         Format::Table => {
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header([
-                "day",
-                "consumer",
-                "deployment",
-                "model",
+            let mut header = vec!["day", "consumer", "deployment", "model"];
+            if report.by_backend {
+                header.push("backend");
+            }
+            header.extend([
                 "requests",
                 "errors",
                 "input",
@@ -216,12 +267,18 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 "cost",
                 "unpriced",
             ]);
+            t.set_header(header);
             for r in &report.rows {
-                t.add_row([
+                let mut row = vec![
                     r.day.clone(),
                     r.consumer.clone(),
                     r.deployment.clone(),
                     r.model.clone(),
+                ];
+                if report.by_backend {
+                    row.push(r.backend.clone());
+                }
+                row.extend([
                     r.requests.to_string(),
                     r.errors.to_string(),
                     r.input_tokens.to_string(),
@@ -236,13 +293,19 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                     r.cost.to_string(),
                     r.unpriced_requests.to_string(),
                 ]);
+                t.add_row(row);
             }
             let x = &report.totals;
-            t.add_row([
+            let mut total = vec![
                 "total".to_owned(),
                 String::new(),
                 String::new(),
                 String::new(),
+            ];
+            if report.by_backend {
+                total.push(String::new());
+            }
+            total.extend([
                 x.requests.to_string(),
                 x.errors.to_string(),
                 x.input_tokens.to_string(),
@@ -257,6 +320,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 x.cost.to_string(),
                 x.unpriced_requests.to_string(),
             ]);
+            t.add_row(total);
             say(&t.to_string());
             let counted = x.estimated_requests + x.lower_bound_requests + x.unknown_usage_requests;
             say(&format!(
@@ -336,7 +400,7 @@ mod tests {
             ])
             .await
             .unwrap();
-        let report = build(Arc::new(store), RecordQuery::default())
+        let report = build(Arc::new(store), RecordQuery::default(), false)
             .await
             .unwrap();
         assert_eq!(report.totals.requests, 3);
@@ -353,5 +417,38 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["unpricedModels"][0]["model"], "gpt-x");
         assert_eq!(json["totals"]["unpricedRequests"], 2);
+    }
+
+    /// A pool's two backends: one row per backend with `--by-backend`, one summed row
+    /// without; the totals are the same either way.
+    #[tokio::test]
+    async fn rows_split_by_serving_backend_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            tollgate_store::embedded::EmbeddedStore::open(dir.path(), 1000)
+                .await
+                .unwrap(),
+        );
+        let mut records = Vec::new();
+        for (id, backend) in [("p1", "ptu"), ("p2", "ptu"), ("g1", "paygo")] {
+            let mut r = record(id, "alice", "gpt-4o-2024-08-06", Some(100));
+            r.backend = Some(backend.into());
+            records.push(r);
+        }
+        store.upsert(&records).await.unwrap();
+        let split = build(store.clone(), RecordQuery::default(), true)
+            .await
+            .unwrap();
+        let by: Vec<(&str, u64)> = split
+            .rows
+            .iter()
+            .map(|r| (r.backend.as_str(), r.requests))
+            .collect();
+        assert_eq!(by, [("paygo", 1), ("ptu", 2)]);
+        let merged = build(store, RecordQuery::default(), false).await.unwrap();
+        assert_eq!(merged.rows.len(), 1);
+        assert_eq!(merged.rows[0].requests, 3);
+        assert_eq!(merged.rows[0].cost, Money::from_nanos(300));
+        assert_eq!(merged.totals, split.totals);
     }
 }

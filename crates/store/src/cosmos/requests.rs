@@ -68,6 +68,8 @@ fn filtered(select: &str, q: &RecordQuery) -> Result<Query, StoreError> {
 struct Facts {
     consumer: String,
     #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
     deployment: Option<String>,
     #[serde(default)]
     model: Option<String>,
@@ -92,7 +94,7 @@ fn yes() -> bool {
     true
 }
 
-const FACTS: &str = "SELECT c.consumer.id AS consumer, c.deployment, c.model, c.day, c.status, \
+const FACTS: &str = "SELECT c.consumer.id AS consumer, c.deployment, c.model, c.backend, c.day, c.status, \
      c.truncated, c.complete, c.usage, c.usageQuality.quality AS quality, c.cost.total AS cost, \
      c.unpriced FROM c";
 
@@ -188,21 +190,25 @@ impl RequestStore for CosmosStore {
             FeedScope::full_container(),
         )
         .await?;
-        let mut rows: BTreeMap<(String, String, String, String), UsageRow> = BTreeMap::new();
+        let mut rows: BTreeMap<(String, String, String, String, String), UsageRow> =
+            BTreeMap::new();
         for f in &facts {
             let deployment = f.deployment.clone().unwrap_or_default();
             let model = f.model.clone().unwrap_or_default();
-            // Keyed in the report's order: day, consumer, deployment, model.
+            let backend = f.backend.clone().unwrap_or_default();
+            // Keyed in the report's order: day, consumer, deployment, model, backend.
             let key = (
                 f.day.clone(),
                 f.consumer.clone(),
                 deployment.clone(),
                 model.clone(),
+                backend.clone(),
             );
             let row = rows.entry(key).or_insert_with(|| UsageRow {
                 consumer: f.consumer.clone(),
                 deployment,
                 model,
+                backend,
                 day: f.day.clone(),
                 requests: 0,
                 errors: 0,

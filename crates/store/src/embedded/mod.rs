@@ -665,10 +665,11 @@ impl RequestStore for EmbeddedStore {
                         SUM(json_extract(doc, '$.usageQuality.quality') = 'unknown'),
                         SUM(COALESCE(json_extract(doc, '$.usage.reasoningTokens'), 0)),
                         -- each row's cost as whole nano-units, so the sum is exact
-                        SUM(CAST(ROUND(cost * 1000000000.0) AS INTEGER)), SUM(unpriced)
+                        SUM(CAST(ROUND(cost * 1000000000.0) AS INTEGER)), SUM(unpriced),
+                        COALESCE(json_extract(doc, '$.backend'), '') AS backend
                  FROM requests WHERE {clause}
-                 GROUP BY consumer, deployment, model, day
-                 ORDER BY day, consumer, deployment, model"
+                 GROUP BY consumer, deployment, model, backend, day
+                 ORDER BY day, consumer, deployment, model, backend"
             );
             let mut stmt = conn.prepare(&sql).map_err(io)?;
             let rows = stmt
@@ -691,6 +692,7 @@ impl RequestStore for EmbeddedStore {
                         reasoning_tokens: r.get::<_, i64>(14)? as u64,
                         cost: Money::from_nanos(r.get(15)?),
                         unpriced_requests: r.get::<_, i64>(16)? as u64,
+                        backend: r.get(17)?,
                     })
                 })
                 .map_err(io)?

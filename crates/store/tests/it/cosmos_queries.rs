@@ -180,6 +180,28 @@ async fn every_cosmos_query_answers_its_question_on_seeded_records() {
     b2.cost = Some(sample_cost(5));
     b2.usage_quality = quality(UsageQuality::LowerBound);
     b2.client_disconnected = true;
+    // The pool behind `d`: alice's first and bob's first on the PTU backend; alice's
+    // throttled stream tried the PTU first, then pay-as-you-go; bob's failure on `e` too.
+    let attempt = |backend: &str, status| tollgate_records::Attempt {
+        backend: backend.into(),
+        status: Some(status),
+        duration_ms: 1.0,
+        retry_after_ms: None,
+        error: None,
+    };
+    for (r, backend, attempts) in [
+        (&mut a1, "ptu", vec![attempt("ptu", 200)]),
+        (
+            &mut a2,
+            "paygo",
+            vec![attempt("ptu", 429), attempt("paygo", 429)],
+        ),
+        (&mut b1, "ptu", vec![attempt("ptu", 200)]),
+        (&mut b2, "paygo", vec![attempt("paygo", 500)]),
+    ] {
+        r.backend = Some(backend.into());
+        r.attempts = attempts;
+    }
     // Outside the window: counted by none of the windowed queries.
     let late = sample_consolidated("late", "alice", 5, 1);
     store
@@ -245,6 +267,24 @@ async fn every_cosmos_query_answers_its_question_on_seeded_records() {
     );
     assert_eq!(gpt["totalTokens"], 1180);
     assert_eq!(gpt["costNanos"], 300_000_005);
+
+    checked.push("usage_by_backend.sql");
+    let q = "usage_by_backend.sql";
+    let ptu = run_group(&requests, q, &window, &[json!("d"), json!("ptu")]).await;
+    assert_eq!(
+        [&ptu["requests"], &ptu["attempts"], &ptu["errors"]],
+        [&json!(2), &json!(2), &json!(0)]
+    );
+    assert_eq!(
+        ptu["costNanos"], 100_000_000,
+        "bob's unpriced request adds none"
+    );
+    let paygo = run_group(&requests, q, &window, &[json!("d"), json!("paygo")]).await;
+    assert_eq!(
+        [&paygo["requests"], &paygo["attempts"], &paygo["errors"]],
+        [&json!(1), &json!(2), &json!(1)]
+    );
+    assert_eq!(paygo["costNanos"], 200_000_000);
 
     checked.push("errors_by_status.sql");
     let q = "errors_by_status.sql";
