@@ -21,6 +21,11 @@ impl AoaiError {
         }
     }
 
+    /// An error with its status and body as given.
+    pub(crate) fn status_body(status: StatusCode, body: Value) -> Self {
+        Self::new(status, body)
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,

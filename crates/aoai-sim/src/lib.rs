@@ -79,6 +79,7 @@ struct Inner {
     requests: HashMap<String, AtomicU64>,
     total_requests: AtomicU64,
     prompt_cache: respond::PromptCache,
+    files: respond::Files,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,7 @@ impl Simulator {
                 requests,
                 total_requests: AtomicU64::new(0),
                 prompt_cache: respond::PromptCache::default(),
+                files: respond::Files::default(),
             }),
         })
     }

@@ -67,6 +67,11 @@ pub struct BackendConfig {
     /// it wins over the parser's `deployment_price_multipliers`.
     #[serde(default)]
     pub price_multiplier: Option<f64>,
+    /// The backend for calls that keep state on it (files, batches, fine-tuning, assistants,
+    /// threads, vector stores, stored responses): they are never balanced, so a later call on
+    /// an id reaches the backend that made it. At most one; the first backend when none is.
+    #[serde(default)]
+    pub stateful: bool,
 }
 
 impl Default for BackendConfig {
@@ -85,6 +90,7 @@ impl Default for BackendConfig {
             max_concurrent_requests: None,
             include_usage: true,
             price_multiplier: None,
+            stateful: false,
         }
     }
 }
@@ -348,6 +354,8 @@ pub(crate) struct LiveConfig {
     /// Deployment → its pool: indices into `backends`.
     pub routes: HashMap<String, Vec<usize>>,
     pub stream_usage: StreamUsageConfig,
+    /// Index of the backend for calls that keep state.
+    pub stateful: Option<usize>,
 }
 
 /// The backend's key from the one place the configuration names (the file, an environment
@@ -633,6 +641,11 @@ impl ProxyConfig {
             },
             None => None,
         };
+        if self.backends.iter().filter(|b| b.stateful).count() > 1 {
+            problems.push(
+                "proxy.backends: at most one backend may be `stateful` (files, batches and stored responses live on one)".to_owned(),
+            );
+        }
         for d in &self.stream_usage.skip_deployments {
             // A misspelt name would leave the switch silently off for the real one.
             if !routes.contains_key(d) {
@@ -653,6 +666,11 @@ impl ProxyConfig {
             },
             live: LiveConfig {
                 consumers,
+                stateful: self
+                    .backends
+                    .iter()
+                    .position(|b| b.stateful)
+                    .or((!backends.is_empty()).then_some(0)),
                 backends,
                 routes,
                 stream_usage: self.stream_usage.clone(),

@@ -17,6 +17,8 @@ pub(crate) struct Live {
     /// Deployment → its pool: indices into `backends`.
     pub routes: HashMap<String, Vec<usize>>,
     pub stream_usage: StreamUsageConfig,
+    /// The backend that keeps state (`stateful = true`, else the first): see the route phase.
+    pub stateful: Option<usize>,
     /// Each backend's state, index for index with `backends`.
     pub state: Vec<Arc<BackendState>>,
 }
@@ -46,6 +48,7 @@ impl Live {
             backends: config.backends,
             routes: config.routes,
             stream_usage: config.stream_usage,
+            stateful: config.stateful,
             state,
         }
     }

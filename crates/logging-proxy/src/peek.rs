@@ -9,6 +9,10 @@
 pub(crate) struct Peeked {
     pub stream: bool,
     pub model: Option<String>,
+    /// `store` as sent (chat completions store when true; the Responses API unless false).
+    pub store: Option<bool>,
+    /// The Responses API continues a stored response.
+    pub continues: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -17,6 +21,10 @@ struct JsonPeek<'a> {
     stream: Option<bool>,
     #[serde(default, borrow)]
     model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    store: Option<bool>,
+    #[serde(default, borrow)]
+    previous_response_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Longest model name taken from a multipart field; AOAI deployment names are far shorter.
@@ -30,8 +38,8 @@ pub(crate) fn peek(content_type: Option<&str>, bytes: &[u8], max_json_depth: usi
     });
     if multipart {
         return Peeked {
-            stream: false,
             model: content_type.and_then(|c| multipart_field(c, bytes, "model")),
+            ..Peeked::default()
         };
     }
     // Deeper than the bound, serde's own recursion limit could refuse it midway; such a body
@@ -43,6 +51,8 @@ pub(crate) fn peek(content_type: Option<&str>, bytes: &[u8], max_json_depth: usi
         Ok(p) => Peeked {
             stream: p.stream.unwrap_or(false),
             model: p.model.map(|m| m.into_owned()),
+            store: p.store,
+            continues: p.previous_response_id.is_some(),
         },
         Err(_) => Peeked::default(),
     }

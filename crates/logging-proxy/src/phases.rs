@@ -53,7 +53,7 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
         }
     };
     let mut described = describe(&app, &ctx, &bytes);
-    let plan = match route(&app, &ctx, described.model.clone()) {
+    let plan = match route(&app, &ctx, described.model.clone(), described.stateful) {
         Ok(plan) => plan,
         Err(error) => {
             let end_seq = described.next_seq();
@@ -169,6 +169,9 @@ pub(crate) struct Described {
     pub record: RequestRecord,
     pub parts: Vec<RawRecord>,
     pub model: Option<String>,
+    /// The call creates or continues state a backend keeps (a stored response or chat
+    /// completion): it goes to the stateful backend, where later calls on its id go.
+    pub stateful: bool,
 }
 
 impl Described {
@@ -196,6 +199,13 @@ fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
     let body = RecordBody::from_bytes_bounded(content_type, bytes, depth);
     let peeked = peek::peek(content_type, bytes, depth);
     record.stream = peeked.stream;
+    // Stored unless `store: false` on the Responses API (AOAI's default), only with
+    // `store: true` on chat completions.
+    let stateful = peeked.continues
+        || match ctx.route.operation.as_str() {
+            "responses" => peeked.store != Some(false),
+            _ => peeked.store == Some(true),
+        };
     let model = peeked.model;
     if ctx.route.body_names_deployment() {
         record.deployment.clone_from(&model);
@@ -217,12 +227,21 @@ fn describe(app: &AppState, ctx: &Ctx, bytes: &[u8]) -> Described {
         record,
         parts,
         model,
+        stateful,
     }
 }
 
 /// The route phase: the backends to try, in order: the deployment's pool in the live
-/// configuration, as `pool.rs` plans it. The plan keeps that configuration for the request.
-fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Plan, ProxyError> {
+/// configuration, as `pool.rs` plans it. Calls that keep state on a backend (files, batches,
+/// fine-tuning, assistants, threads, vector stores, stored responses and whatever names their
+/// ids) go to the stateful backend alone, never balanced, so a later call on an id reaches the
+/// backend that made it. The plan keeps the configuration for the request.
+fn route(
+    app: &AppState,
+    ctx: &Ctx,
+    model: Option<String>,
+    stateful: bool,
+) -> Result<Plan, ProxyError> {
     let live = app.live.load_full();
     let deployment = if ctx.route.body_names_deployment() {
         model
@@ -232,6 +251,12 @@ fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Plan, Proxy
     let order = match deployment {
         Some(d) => {
             let pool = live.routes.get(&d).ok_or(ProxyError::DeploymentNotFound)?;
+            // A stored response or completion stays on the stateful backend when it serves
+            // the deployment; otherwise the pool is all there is.
+            let pinned = live.stateful.filter(|i| stateful && pool.contains(i));
+            let pool = pinned
+                .as_ref()
+                .map_or(pool.as_slice(), std::slice::from_ref);
             app.pools.plan(&live, pool).map_err(|u| match u.throttled {
                 true => ProxyError::AllBackendsResting {
                     retry_after: u.retry_after,
@@ -244,9 +269,11 @@ fn route(app: &AppState, ctx: &Ctx, model: Option<String>) -> Result<Plan, Proxy
         // A call that names its deployment in the body must name one; it never falls through
         // to a default backend.
         None if ctx.route.body_names_deployment() => return Err(ProxyError::ModelMissing),
-        // Paths without a deployment (files, batches, …) go to the first backend.
-        None if !live.backends.is_empty() => vec![0],
-        None => return Err(ProxyError::RouteNotFound),
+        // Paths without a deployment (files, batches, …, a stored response by id).
+        None => match live.stateful {
+            Some(i) => vec![i],
+            None => return Err(ProxyError::RouteNotFound),
+        },
     };
     Ok(Plan { live, order })
 }

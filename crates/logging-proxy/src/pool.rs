@@ -394,6 +394,7 @@ mod tests {
                 backends,
                 routes,
                 stream_usage: Default::default(),
+                stateful: Some(0),
             },
             None,
         )
@@ -496,6 +497,7 @@ mod tests {
             backends: vec![moved, backend("kept", 0, 1)],
             routes: [("d".to_owned(), vec![0, 1])].into(),
             stream_usage: Default::default(),
+            stateful: Some(0),
         };
         let new = Live::new(config, Some(&old));
         assert!(Arc::ptr_eq(&new.state[1], &old.state[0]));

@@ -22,6 +22,7 @@ mod chat;
 mod completions;
 mod delivery;
 mod embeddings;
+mod files;
 mod frames;
 mod params;
 mod responses;
@@ -29,6 +30,7 @@ mod routing;
 pub(crate) mod windows;
 
 pub(crate) use cache::PromptCache;
+pub(crate) use files::Files;
 
 use routing::Operation;
 
@@ -46,6 +48,23 @@ pub(crate) enum Reply {
 }
 
 pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Response, AoaiError> {
+    if let Some((v1, tail)) = files::is_files_path(request.uri().path()) {
+        auth::check(
+            sim.inner.config.api_key.as_deref(),
+            sim.inner.config.local_auth_disabled,
+            request.headers(),
+        )?;
+        let tail: Vec<String> = tail.into_iter().map(str::to_owned).collect();
+        let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
+        return files::handle(
+            &sim.inner.files,
+            sim.inner.config.max_body_bytes,
+            v1,
+            &tail,
+            request,
+        )
+        .await;
+    }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query();

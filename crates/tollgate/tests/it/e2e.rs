@@ -201,6 +201,153 @@ async fn sdk_roundtrip(store: &str) {
     assert!(status.success(), "tollgate up exited with {status}");
 }
 
+/// The `openai` SDK on the `/openai/v1` surface (`OpenAI(base_url=...)`) through a pool of two
+/// simulators: answers identical to a simulator's own, calls balanced over both backends, and
+/// a file uploaded through the pool found by every later call on its id (files pinned to the
+/// stateful backend). The records, read back with `tollgate report --by-backend`, say which
+/// backend served what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_sdk_v1_through_a_pool_balances_and_pins_files() {
+    let python = python();
+    let mut sims = Vec::new();
+    for _ in 0..2 {
+        let sim = tollgate_aoai_sim::Simulator::new(tollgate_aoai_sim::SimConfig {
+            api_key: Some(SIM_KEY.into()),
+            ..tollgate_aoai_sim::SimConfig::default()
+        })
+        .expect("sim");
+        sims.push(format!(
+            "http://{}",
+            crate::harness::serve(sim.router()).await
+        ));
+    }
+    let deployments = r#"["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]"#;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[proxy]
+admin_key_sha256 = "{admin}"
+[[proxy.consumers]]
+id = "e2e"
+key_sha256 = ["{key}"]
+[[proxy.backends]]
+name = "keeper"
+endpoint = "{a}"
+api_key = "{SIM_KEY}"
+deployments = {deployments}
+stateful = true
+[[proxy.backends]]
+name = "other"
+endpoint = "{b}"
+api_key = "{SIM_KEY}"
+deployments = {deployments}
+"#,
+            admin = sha(ADMIN_KEY),
+            key = sha(KEY),
+            a = sims[0],
+            b = sims[1],
+        ),
+    )
+    .expect("write config");
+    let bin = env!("CARGO_BIN_EXE_tollgate");
+    let mut child = Command::new(bin)
+        .args(["up", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tollgate up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut up = Up {
+        child,
+        lines: BufReader::new(stdout).lines(),
+    };
+    let proxy = up.wait_for("listening on ");
+
+    let script = workspace_root().join("tests/e2e/sdk_pool.py");
+    let (proxy_base, sim) = (proxy.clone(), sims[0].clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args([
+                "--proxy",
+                &proxy,
+                "--sim",
+                &sim,
+                "--key",
+                KEY,
+                "--sim-key",
+                SIM_KEY,
+            ])
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: Value =
+        serde_json::from_str(stdout.lines().last().expect("counts line")).expect("counts JSON");
+    let flush = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{proxy_base}/tollgate/admin/flush"))
+        .header("api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("flush");
+    assert_eq!(flush.status(), 200);
+
+    let report = Command::new(bin)
+        .args(["report", "--by-backend", "--format", "json", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("run report");
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report: Value = serde_json::from_slice(&report.stdout).expect("report JSON");
+    let rows = report["rows"].as_array().expect("rows");
+    let count = |keep: &dyn Fn(&Value) -> bool| -> u64 {
+        rows.iter()
+            .filter(|r| keep(r))
+            .map(|r| r["requests"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // Files calls name no deployment: every one on the stateful backend.
+    let files = count(&|r| r["deployment"] == "");
+    assert_eq!(files, expected["pinned"].as_u64().unwrap());
+    assert_eq!(
+        count(&|r| r["deployment"] == "" && r["backend"] == "keeper"),
+        files
+    );
+    // The rest spread over both (48 calls at 1:1; one backend taking all is 2^-47).
+    let model_calls = count(&|r| r["deployment"] != "");
+    assert_eq!(model_calls, expected["balanced"].as_u64().unwrap());
+    for backend in ["keeper", "other"] {
+        assert!(
+            count(&|r| r["deployment"] != "" && r["backend"] == backend) > 0,
+            "{backend} served none: {rows:#?}"
+        );
+    }
+    assert_eq!(report["totals"]["errors"], 0);
+}
+
 #[test]
 fn check_lists_every_problem_and_env_overrides_the_file() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -547,3 +547,97 @@ async fn no_retry_starts_past_the_retry_deadline() {
         assert_eq!(r.attempts.len(), attempts, "{:?}", r.attempts);
     }
 }
+
+/// A multipart upload of `content` as the Files API takes it.
+fn file_upload(content: &str) -> (String, Vec<u8>) {
+    let boundary = "tollgate-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        body.into_bytes(),
+    )
+}
+
+/// Calls that keep state on a backend are never balanced: a file uploaded through a pool of
+/// two resources is on the stateful one, and every later call on its id reaches it (balanced,
+/// half would meet the other resource's 404). Stored responses go there too; a response
+/// with `store: false` is balanced as any call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateful_calls_stay_on_the_stateful_backend() {
+    let (a, b) = (sim(None).await, sim(None).await);
+    let mut keeper = backend("keeper", &b, 0, 1);
+    keeper.stateful = true;
+    let s = stack(vec![backend("other", &a, 0, 1), keeper]).await;
+    let files = format!("{}/openai/files?{}", s.base, harness::API);
+    let (content_type, body) = file_upload("{\"custom_id\": \"1\"}");
+    let resp = s
+        .http
+        .post(&files)
+        .header("api-key", harness::KEY)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let uploaded: serde_json::Value = resp.json().await.unwrap();
+    let id = uploaded["id"].as_str().expect("file id").to_owned();
+    let one = format!("{}/openai/files/{id}?{}", s.base, harness::API);
+    for _ in 0..10 {
+        let got = s
+            .http
+            .get(&one)
+            .header("api-key", harness::KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            got.status(),
+            200,
+            "every retrieval reaches the file's backend"
+        );
+        let meta: serde_json::Value = got.json().await.unwrap();
+        assert_eq!(meta["bytes"], 18);
+    }
+    let deleted = s
+        .http
+        .delete(&one)
+        .header("api-key", harness::KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+
+    let responses = format!("{}/openai/v1/responses", s.base);
+    let mut ids = Vec::new();
+    for (i, store) in [None, Some(false)].into_iter().enumerate() {
+        for n in 0..20 {
+            let mut body = json!({"model": "gpt-4o", "input": format!("r{i}-{n}")});
+            if let Some(store) = store {
+                body["store"] = json!(store);
+            }
+            let resp = s.post(&responses, &body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            ids.push((store, request_id(&resp)));
+            resp.text().await.unwrap();
+        }
+    }
+    s.settle().await;
+    let mut stored = BTreeMap::new();
+    let mut unstored = BTreeMap::new();
+    for (store, id) in &ids {
+        let r = s.record(id).await;
+        let by = if store.is_none() {
+            &mut stored
+        } else {
+            &mut unstored
+        };
+        *by.entry(r.backend.unwrap_or_default()).or_insert(0) += 1;
+    }
+    assert_eq!(stored, BTreeMap::from([("keeper".to_owned(), 20)]));
+    assert_eq!(unstored.len(), 2, "balanced: {unstored:?}");
+}
