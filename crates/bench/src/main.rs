@@ -73,6 +73,10 @@ struct Cli {
     /// rounds, then the Cosmos cost of one logged request and the parser's rate on each store.
     #[arg(long)]
     cosmos: bool,
+    /// Also a proxy whose deployment is a pool of three simulators (equal weights, logging
+    /// on): what pool selection adds against the single-backend proxy, in the same rounds.
+    #[arg(long)]
+    pool: bool,
 }
 
 #[derive(Subcommand)]
@@ -159,20 +163,29 @@ async fn serve_proxy(
     serve_child(proxy).await
 }
 
-/// The proxy every target runs: one consumer, the simulator as its backend.
-pub(crate) fn proxy_config(backend: &str) -> ProxyConfig {
+/// The proxy every target runs: one consumer, the simulator as its backend (several,
+/// comma-separated: one pool of equal weights).
+pub(crate) fn proxy_config(backends: &str) -> ProxyConfig {
     ProxyConfig {
         consumers: vec![ConsumerConfig {
             id: "bench".into(),
             key_sha256: vec![key_sha256()],
         }],
-        backends: vec![BackendConfig {
-            name: "sim".into(),
-            endpoint: backend.to_owned(),
-            api_key: Some("sim".to_owned().into()),
-            deployments: vec!["gpt-4o".into()],
-            ..Default::default()
-        }],
+        backends: backends
+            .split(',')
+            .enumerate()
+            .map(|(i, endpoint)| BackendConfig {
+                name: if i == 0 {
+                    "sim".into()
+                } else {
+                    format!("sim{i}")
+                },
+                endpoint: endpoint.to_owned(),
+                api_key: Some("sim".to_owned().into()),
+                deployments: vec!["gpt-4o".into()],
+                ..Default::default()
+            })
+            .collect(),
         ..ProxyConfig::default()
     }
 }
@@ -397,12 +410,13 @@ async fn load(base: &str, key: &str, stream: bool, seconds: u64, concurrency: us
     all
 }
 
-async fn bench(cli: Cli) -> anyhow::Result<()> {
+/// A simulator served from this process; its base URL and its server task.
+async fn start_sim() -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let sim = Simulator::new(SimConfig::default())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim_addr = listener.local_addr()?;
     let router = sim.router();
-    let sim_task = tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         axum::serve(
             listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
@@ -411,7 +425,11 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         )
         .await
     });
-    let sim_base = format!("http://{sim_addr}");
+    Ok((format!("http://{sim_addr}"), task))
+}
+
+async fn bench(cli: Cli) -> anyhow::Result<()> {
+    let (sim_base, sim_task) = start_sim().await?;
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let null = ChildProxy::start(
@@ -456,6 +474,25 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             )
         })
         .transpose()?;
+    let mut pool_sims = Vec::new();
+    let pooled = if cli.pool {
+        let mut bases = vec![sim_base.clone()];
+        for _ in 0..2 {
+            let (base, task) = start_sim().await?;
+            bases.push(base);
+            pool_sims.push(task);
+        }
+        Some(ChildProxy::start(
+            &exe,
+            &bases.join(","),
+            false,
+            &dir.path().join("pool"),
+            cli.proxy_workers,
+            None,
+        )?)
+    } else {
+        None
+    };
     let idle_rss = logged.rss_mb();
 
     println!(
@@ -495,6 +532,15 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     let cosmos_at = targets.len() - 1;
+    if let Some(p) = &pooled {
+        targets.push((
+            "proxy, pool of 3",
+            format!("http://{}", p.addr),
+            KEY,
+            Some(p),
+        ));
+    }
+    let pool_at = targets.len() - 1;
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -583,6 +629,18 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                     median(rounds.iter().map(|r| r[2].p99).collect()),
                 );
             }
+            if pooled.is_some() {
+                let t = pool_at;
+                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
+                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
+                println!(
+                    "  pool of 3 vs one backend (logging on): throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds)",
+                    median(rps),
+                    median(cpu),
+                    median(rounds.iter().map(|r| r[t].p50 - r[2].p50).collect()),
+                    median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
+                );
+            }
             if baseline.is_some() {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();
                 let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[3].cpu_ms).collect();
@@ -602,6 +660,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         println!();
     }
 
+    if let Some(p) = pooled {
+        p.stop();
+    }
+    for t in pool_sims {
+        t.abort();
+    }
     if cli.open_streams == 0 {
         null.stop();
         logged.stop();

@@ -641,3 +641,149 @@ async fn stateful_calls_stay_on_the_stateful_backend() {
     assert_eq!(stored, BTreeMap::from([("keeper".to_owned(), 20)]));
     assert_eq!(unstored.len(), 2, "balanced: {unstored:?}");
 }
+
+/// A backend that throttles its first request (`retry-after-ms: 200`) and then answers as the
+/// simulator behind it does: the PTU that is full for a moment.
+async fn throttles_once(upstream: String) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let first = std::sync::Arc::new(AtomicBool::new(true));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (first, http, upstream) = (first.clone(), http.clone(), upstream.clone());
+        async move {
+            use axum::response::IntoResponse;
+            if first.swap(false, Ordering::SeqCst) {
+                return (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after-ms", "200")],
+                    r#"{"error":{"code":"429","message":"Rate limit exceeded."}}"#,
+                )
+                    .into_response();
+            }
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let url = format!("{upstream}{}", parts.uri);
+            let resp = http
+                .post(url)
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let mut out =
+                axum::response::Response::new(axum::body::Body::from(resp.bytes().await.unwrap()));
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            out
+        }
+    });
+    format!("http://{}", serve(app).await)
+}
+
+/// Priority fallback and return: the PTU backend's 429 sends the request to pay-as-you-go,
+/// and once its rest is over (seen on the admin API, not waited for blindly) the PTU takes
+/// requests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_returns_to_the_lower_priority_once_its_rest_is_over() {
+    let ptu = throttles_once(sim(None).await).await;
+    let paygo = sim(None).await;
+    let s = harness::start(|c| {
+        c.backends = vec![backend("ptu", &ptu, 0, 1), backend("paygo", &paygo, 1, 1)];
+        c.admin_key_sha256 = Some(harness::sha("admin"));
+    })
+    .await;
+    let first = send(&s, 1).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let b: serde_json::Value = s
+            .http
+            .get(format!("{}/tollgate/admin/backends", s.base))
+            .header("api-key", "admin")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if b["backends"][0]["state"] == "healthy" {
+            break;
+        }
+        assert_eq!(b["backends"][0]["state"], "resting", "{b}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rest never ended"
+        );
+        tokio::task::yield_now().await;
+    }
+    let second = send(&s, 1).await;
+    assert_eq!(
+        served_by(&s, &first).await,
+        BTreeMap::from([("paygo".into(), 1)])
+    );
+    assert_eq!(
+        served_by(&s, &second).await,
+        BTreeMap::from([("ptu".into(), 1)])
+    );
+}
+
+/// A v1 audio transcription (multipart, binary audio) is routed by its `model` form field to
+/// that deployment's pool and passed through; its body is recorded byte for byte as base64
+/// with its content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_call_is_routed_by_its_model_field_and_recorded_as_sent() {
+    let (a, b) = (sim(None).await, sim(None).await);
+    let mut whisper = backend("whisper-backend", &b, 0, 1);
+    whisper.deployments = vec!["whisper".into()];
+    let s = stack(vec![backend("chat-backend", &a, 0, 1), whisper]).await;
+    let boundary = "audio-boundary";
+    let audio: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+         Content-Type: audio/wav\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&audio);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let resp = s
+        .http
+        .post(format!("{}/openai/v1/audio/transcriptions", s.base))
+        .header("api-key", harness::KEY)
+        .header("content-type", &content_type)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.deployment.as_deref(), Some("whisper"));
+    assert_eq!(r.backend.as_deref(), Some("whisper-backend"));
+    let request = s
+        .raw(&id)
+        .await
+        .into_iter()
+        .find_map(|r| match r {
+            tollgate_records::RawRecord::Request(q) => Some(q),
+            _ => None,
+        })
+        .expect("request record");
+    match request.body {
+        tollgate_records::Body::Base64 {
+            content_type: recorded,
+            data,
+        } => {
+            use base64::Engine as _;
+            assert_eq!(recorded, content_type);
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap();
+            assert_eq!(decoded, body, "recorded byte for byte");
+        }
+        other => panic!("binary multipart recorded as {other:?}"),
+    }
+}
