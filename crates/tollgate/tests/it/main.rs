@@ -21,5 +21,6 @@ mod otlp;
 mod pipeline;
 mod pools;
 mod readonly;
+mod reload;
 mod scale;
 mod up;
