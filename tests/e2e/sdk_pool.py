@@ -10,15 +10,8 @@ import json
 import os
 import tempfile
 
+from common import strip
 from openai import OpenAI
-
-
-def strip(obj):
-    """The SDK object as a dict, without wall-clock fields (not content)."""
-    d = obj.model_dump()
-    for k in ("created", "created_at"):
-        d.pop(k, None)
-    return d
 
 
 def main():

@@ -5,16 +5,10 @@ on the last line. Any difference fails with an AssertionError (non-zero exit).""
 import argparse
 import json
 
+from common import strip
 from openai import AzureOpenAI
 
 API_VERSION = "2024-10-21"
-
-
-def strip(obj):
-    """The SDK object as a dict, without `created` (a wall-clock second, not content)."""
-    d = obj.model_dump()
-    d.pop("created", None)
-    return d
 
 
 def main():

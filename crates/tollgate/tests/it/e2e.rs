@@ -62,6 +62,95 @@ impl Drop for Up {
     }
 }
 
+impl Up {
+    /// `tollgate up` on `config` with `data` as its data directory, read up to the line saying
+    /// where it listens; that address.
+    fn start(config: &Path, data: &Path) -> (Up, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["up", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start tollgate up");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut up = Up {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        };
+        let proxy = up.wait_for("listening on ");
+        (up, proxy)
+    }
+}
+
+/// Runs `tests/e2e/{script}` against `proxy` and `sim` with the SDK; the JSON of its last line
+/// (what Tollgate must have recorded). Its output is shown when it fails.
+async fn sdk_script(script: &str, proxy: &str, sim: &str) -> Value {
+    let (python, script) = (python(), workspace_root().join("tests/e2e").join(script));
+    let args = [
+        "--proxy",
+        proxy,
+        "--sim",
+        sim,
+        "--key",
+        KEY,
+        "--sim-key",
+        SIM_KEY,
+    ]
+    .map(str::to_owned);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().expect("last line")).expect("last line is JSON")
+}
+
+/// Waits until every request so far is recorded and consolidated (`tollgate up`'s flush).
+async fn flush(proxy: &str) {
+    let flush = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{proxy}/tollgate/admin/flush"))
+        .header("api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("flush");
+    assert_eq!(flush.status(), 200);
+}
+
+/// `tollgate report --format json` on the same configuration and data, with `extra` flags.
+fn report(config: &Path, data: &Path, extra: &[&str]) -> Value {
+    let report = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["report", "--format", "json", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .output()
+        .expect("run report");
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    serde_json::from_slice(&report.stdout).expect("report JSON")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_sdk_through_tollgate_up_matches_the_simulator_and_report_is_exact() {
     sdk_roundtrip("").await;
@@ -79,7 +168,6 @@ async fn openai_sdk_through_tollgate_up_on_cosmos_matches_and_report_is_exact() 
 /// The `openai` SDK's checks through `tollgate up` with `store` (TOML, empty for the embedded
 /// default), then `tollgate report` on the same configuration.
 async fn sdk_roundtrip(store: &str) {
-    let python = python();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let config = dir.path().join("tollgate.toml");
@@ -92,83 +180,12 @@ async fn sdk_roundtrip(store: &str) {
         ),
     )
     .expect("write config");
-    let bin = env!("CARGO_BIN_EXE_tollgate");
-    let mut child = Command::new(bin)
-        .args(["up", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start tollgate up");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut up = Up {
-        child,
-        lines: BufReader::new(stdout).lines(),
-    };
-    let proxy = up.wait_for("listening on ");
+    let (mut up, proxy) = Up::start(&config, &data);
     let sim = up.wait_for("simulator on ");
-    let sim = sim
-        .split_whitespace()
-        .next()
-        .expect("simulator url")
-        .to_owned();
-
-    let script = workspace_root().join("tests/e2e/sdk_roundtrip.py");
-    let proxy_base = proxy.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .args([
-                "--proxy",
-                &proxy,
-                "--sim",
-                &sim,
-                "--key",
-                KEY,
-                "--sim-key",
-                SIM_KEY,
-            ])
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expected: Value =
-        serde_json::from_str(stdout.lines().last().expect("totals line")).expect("totals JSON");
-
-    let flush = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("{}/tollgate/admin/flush", proxy_base))
-        .header("api-key", ADMIN_KEY)
-        .send()
-        .await
-        .expect("flush");
-    assert_eq!(flush.status(), 200);
-
-    let report = Command::new(bin)
-        .args(["report", "--format", "json", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .expect("run report");
-    assert!(
-        report.status.success(),
-        "{}",
-        String::from_utf8_lossy(&report.stderr)
-    );
-    let report: Value = serde_json::from_slice(&report.stdout).expect("report JSON");
+    let sim = sim.split_whitespace().next().expect("simulator url");
+    let expected = sdk_script("sdk_roundtrip.py", &proxy, sim).await;
+    flush(&proxy).await;
+    let report = report(&config, &data, &[]);
     let totals = &report["totals"];
     for key in ["requests", "inputTokens", "outputTokens", "totalTokens"] {
         assert_eq!(totals[key], expected[key], "report {key}");
@@ -208,7 +225,6 @@ async fn sdk_roundtrip(store: &str) {
 /// backend served what.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_sdk_v1_through_a_pool_balances_and_pins_files() {
-    let python = python();
     let mut sims = Vec::new();
     for _ in 0..2 {
         let sim = tollgate_aoai_sim::Simulator::new(tollgate_aoai_sim::SimConfig {
@@ -252,76 +268,10 @@ deployments = {deployments}
         ),
     )
     .expect("write config");
-    let bin = env!("CARGO_BIN_EXE_tollgate");
-    let mut child = Command::new(bin)
-        .args(["up", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start tollgate up");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut up = Up {
-        child,
-        lines: BufReader::new(stdout).lines(),
-    };
-    let proxy = up.wait_for("listening on ");
-
-    let script = workspace_root().join("tests/e2e/sdk_pool.py");
-    let (proxy_base, sim) = (proxy.clone(), sims[0].clone());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .args([
-                "--proxy",
-                &proxy,
-                "--sim",
-                &sim,
-                "--key",
-                KEY,
-                "--sim-key",
-                SIM_KEY,
-            ])
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expected: Value =
-        serde_json::from_str(stdout.lines().last().expect("counts line")).expect("counts JSON");
-    let flush = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("{proxy_base}/tollgate/admin/flush"))
-        .header("api-key", ADMIN_KEY)
-        .send()
-        .await
-        .expect("flush");
-    assert_eq!(flush.status(), 200);
-
-    let report = Command::new(bin)
-        .args(["report", "--by-backend", "--format", "json", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .expect("run report");
-    assert!(
-        report.status.success(),
-        "{}",
-        String::from_utf8_lossy(&report.stderr)
-    );
-    let report: Value = serde_json::from_slice(&report.stdout).expect("report JSON");
+    let (_up, proxy) = Up::start(&config, &data);
+    let expected = sdk_script("sdk_pool.py", &proxy, &sims[0]).await;
+    flush(&proxy).await;
+    let report = report(&config, &data, &["--by-backend"]);
     let rows = report["rows"].as_array().expect("rows");
     let count = |keep: &dyn Fn(&Value) -> bool| -> u64 {
         rows.iter()

@@ -189,15 +189,8 @@ impl Rig {
     }
 
     async fn backends(&self) -> serde_json::Value {
-        self.http
-            .get(format!("{}/tollgate/admin/backends", self.up.base()))
-            .header("api-key", ADMIN_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let url = format!("{}/tollgate/admin/backends", self.up.base());
+        crate::harness::get_json(&self.http, &url, ADMIN_KEY).await
     }
 }
 

@@ -225,6 +225,18 @@ impl Stack {
     }
 }
 
+/// GET `url` with `key` as the `api-key`; the JSON answer (admin views).
+pub(crate) async fn get_json(http: &reqwest::Client, url: &str, key: &str) -> serde_json::Value {
+    http.get(url)
+        .header("api-key", key)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 pub(crate) fn request_id(resp: &reqwest::Response) -> String {
     resp.headers()[tollgate_logging_proxy::REQUEST_ID_HEADER]
         .to_str()

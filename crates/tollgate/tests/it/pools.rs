@@ -697,16 +697,8 @@ async fn traffic_returns_to_the_lower_priority_once_its_rest_is_over() {
     let first = send(&s, 1).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let b: serde_json::Value = s
-            .http
-            .get(format!("{}/tollgate/admin/backends", s.base))
-            .header("api-key", "admin")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("{}/tollgate/admin/backends", s.base);
+        let b = harness::get_json(&s.http, &url, "admin").await;
         if b["backends"][0]["state"] == "healthy" {
             break;
         }

@@ -52,16 +52,8 @@ impl Rig {
     }
 
     async fn backends(&self) -> Vec<String> {
-        let b: Value = self
-            .http
-            .get(format!("{}/tollgate/admin/backends", self.up.base()))
-            .header("api-key", ADMIN_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = format!("{}/tollgate/admin/backends", self.up.base());
+        let b = crate::harness::get_json(&self.http, &url, ADMIN_KEY).await;
         b["backends"]
             .as_array()
             .expect("backends")
