@@ -81,24 +81,28 @@ async fn weights_split_a_priority_three_to_one() {
 }
 
 /// A backend answering 429 rests for its retry-after: the request that met it is sent to the
-/// next backend without the client seeing the 429, and the throttled one gets nothing more
-/// while it rests.
+/// next backend without the client seeing the 429, the throttled one gets nothing more while
+/// it rests, and its share goes to the two others of the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_backend_rests_and_its_requests_move_on() {
     let throttled = sim(Some("429;retry-after-ms=600000")).await;
-    let healthy = sim(None).await;
+    let (one, two) = (sim(None).await, sim(None).await);
     let s = stack(vec![
         backend("throttled", &throttled, 0, 1),
-        backend("healthy", &healthy, 0, 1),
+        backend("one", &one, 0, 1),
+        backend("two", &two, 0, 1),
     ])
     .await;
-    let answers = send(&s, 40).await;
+    let answers = send(&s, 60).await;
     assert!(answers.iter().all(|(st, _)| *st == 200), "{answers:?}");
     s.settle().await;
     let mut throttled_attempts = 0;
+    let mut served = BTreeMap::new();
     for (_, id) in &answers {
         let r = s.record(id).await;
-        assert_eq!(r.backend.as_deref(), Some("healthy"));
+        *served
+            .entry(r.backend.clone().unwrap_or_default())
+            .or_insert(0) += 1;
         for a in &r.attempts {
             if a.backend == "throttled" {
                 assert_eq!(a.status, Some(429));
@@ -108,6 +112,13 @@ async fn a_throttled_backend_rests_and_its_requests_move_on() {
         }
     }
     assert_eq!(throttled_attempts, 1, "one 429, then it rests");
+    // The storm moves to the other two, shared between them (60 at 1:1; either taking all
+    // is 2^-58).
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        ["one", "two"],
+        "{served:?}"
+    );
 }
 
 /// The lower priority (PTU) first; a backend that cannot be reached is passed over to the next
