@@ -122,7 +122,14 @@ impl Simulator {
 
     /// The HTTP surface.
     pub fn router(&self) -> Router {
-        Router::new().fallback(handle).with_state(self.clone())
+        // Multipart uploads (the Files API) are read whole; axum's default 2 MB cap would
+        // refuse files AOAI takes.
+        Router::new()
+            .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::max(
+                self.inner.config.max_body_bytes,
+            ))
+            .with_state(self.clone())
     }
 
     /// Requests that reached `deployment` (including those answered with an injected fault),

@@ -7,9 +7,9 @@
 //! token nears expiry. A token is refreshed once less than [`REFRESH_AHEAD`] of it is left, by
 //! the one request that finds it so (the others go on with the current token, which is still
 //! good); requests wait only when there is no usable token at all (the first request, or after
-//! refreshes failed until it expired). A failed fetch is not retried for
-//! [`RETRY_AFTER_FAILURE`], so an identity endpoint that is down is not hammered by every
-//! request.
+//! refreshes failed until it expired). No fetch follows another within [`REFETCH_AFTER`],
+//! failed or not, so an identity endpoint that is down, or one that hands out tokens already
+//! near expiry, is not hammered by every request.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,8 +37,9 @@ pub(crate) const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 /// A token with less than this left is not sent: it could expire before AOAI checks it.
 const USABLE_MARGIN: Duration = Duration::from_secs(15);
 
-/// After a failed fetch, requests go on with the current token (or fail fast) for this long.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// After a fetch, requests go on with the token they have (or fail fast after a failure) for
+/// this long before another fetch.
+const REFETCH_AFTER: Duration = Duration::from_secs(5);
 
 /// Longest a token fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -127,9 +128,21 @@ pub(crate) struct EntraToken {
     credential: Arc<dyn TokenCredential>,
     scope: String,
     current: RwLock<Option<Cached>>,
-    /// Held by the one request fetching; holds when the last fetch failed and why.
-    fetching: tokio::sync::Mutex<Option<(SystemTime, String)>>,
+    /// Held by the one request fetching; holds the last fetch's time and, when it failed, why.
+    fetching: tokio::sync::Mutex<Option<LastFetch>>,
     fetches: AtomicU64,
+    config: Option<EntraConfig>,
+}
+
+struct LastFetch {
+    at: SystemTime,
+    failure: Option<String>,
+}
+
+impl LastFetch {
+    fn recent(&self, now: SystemTime) -> bool {
+        now.duration_since(self.at).unwrap_or(Duration::ZERO) < REFETCH_AFTER
+    }
 }
 
 #[derive(Clone)]
@@ -146,7 +159,21 @@ impl EntraToken {
             current: RwLock::new(None),
             fetching: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
+            config: None,
         }
+    }
+
+    /// Moves the last fetch `by` into the past, as if that much time had gone by.
+    #[cfg(test)]
+    async fn age_last_fetch(&self, by: Duration) {
+        if let Some(last) = self.fetching.lock().await.as_mut() {
+            last.at -= by;
+        }
+    }
+
+    /// The identity it was built for (a reload keeps the token of an unchanged identity).
+    pub(crate) fn config(&self) -> Option<&EntraConfig> {
+        self.config.as_ref()
     }
 
     /// Tokens fetched so far (for the admin metrics and tests).
@@ -174,7 +201,7 @@ impl EntraToken {
                 let Ok(mut fetching) = self.fetching.try_lock() else {
                     return Ok(c.value);
                 };
-                if recently_failed(fetching.as_ref(), now).is_some() {
+                if fetching.as_ref().is_some_and(|f| f.recent(now)) {
                     return Ok(c.value);
                 }
                 return Ok(match self.fetch(&mut fetching).await {
@@ -190,16 +217,22 @@ impl EntraToken {
         {
             return Ok(c.value);
         }
-        if let Some(why) = recently_failed(fetching.as_ref(), SystemTime::now()) {
-            return Err(why);
+        let now = SystemTime::now();
+        if let Some(last) = fetching.as_ref().filter(|f| f.recent(now)) {
+            // Fetched a moment ago: its failure stands, or the token it gave (short-lived as
+            // it is) is sent while it has not expired.
+            if let Some(why) = &last.failure {
+                return Err(why.clone());
+            }
+            if let Some(c) = self.current().filter(|c| c.expires > now) {
+                return Ok(c.value);
+            }
+            return Err("Entra ID token: the identity gave an expired token".to_owned());
         }
         self.fetch(&mut fetching).await
     }
 
-    async fn fetch(
-        &self,
-        failed: &mut Option<(SystemTime, String)>,
-    ) -> Result<HeaderValue, String> {
+    async fn fetch(&self, last: &mut Option<LastFetch>) -> Result<HeaderValue, String> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let got = tokio::time::timeout(
             FETCH_TIMEOUT,
@@ -208,10 +241,10 @@ impl EntraToken {
         .await;
         let token = match got {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(self.failed(failed, e.to_string())),
+            Ok(Err(e)) => return Err(self.failed(last, e.to_string())),
             Err(_) => {
                 return Err(self.failed(
-                    failed,
+                    last,
                     format!("no token within {} s", FETCH_TIMEOUT.as_secs()),
                 ));
             }
@@ -221,10 +254,13 @@ impl EntraToken {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", token.token.secret()))
         else {
-            return Err(self.failed(failed, "the token is not a valid header value".into()));
+            return Err(self.failed(last, "the token is not a valid header value".into()));
         };
         value.set_sensitive(true);
-        *failed = None;
+        *last = Some(LastFetch {
+            at: SystemTime::now(),
+            failure: None,
+        });
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(Cached {
             value: value.clone(),
             expires,
@@ -232,19 +268,15 @@ impl EntraToken {
         Ok(value)
     }
 
-    fn failed(&self, failed: &mut Option<(SystemTime, String)>, why: String) -> String {
+    fn failed(&self, last: &mut Option<LastFetch>, why: String) -> String {
         tracing::warn!(scope = %self.scope, error = %why, "Entra ID token for a backend could not be fetched.");
         let why = format!("Entra ID token: {why}");
-        *failed = Some((SystemTime::now(), why.clone()));
+        *last = Some(LastFetch {
+            at: SystemTime::now(),
+            failure: Some(why.clone()),
+        });
         why
     }
-}
-
-/// The last failure, while it is recent enough to stand for the next fetch.
-fn recently_failed(failed: Option<&(SystemTime, String)>, now: SystemTime) -> Option<String> {
-    let (at, why) = failed?;
-    let since = now.duration_since(*at).unwrap_or(Duration::ZERO);
-    (since < RETRY_AFTER_FAILURE).then(|| why.clone())
 }
 
 /// Builds the credentials the configuration names, one per distinct identity, so backends
@@ -261,7 +293,9 @@ impl Identities {
             return Ok(t.clone());
         }
         let credential = credential(config)?;
-        let token = Arc::new(EntraToken::new(credential, config.scope.clone()));
+        let mut token = EntraToken::new(credential, config.scope.clone());
+        token.config = Some(config.clone());
+        let token = Arc::new(token);
         self.built.insert(config.clone(), token.clone());
         Ok(token)
     }
@@ -428,6 +462,7 @@ mod tests {
         let fake = Fake::new(&[200, 3600]);
         let t = token(&fake);
         assert_eq!(bearer(&t).await, "Bearer t1");
+        t.age_last_fetch(REFETCH_AFTER).await;
         assert_eq!(bearer(&t).await, "Bearer t2", "refreshed ahead of expiry");
         for _ in 0..10 {
             assert_eq!(bearer(&t).await, "Bearer t2");
@@ -441,6 +476,7 @@ mod tests {
         let t = token(&fake);
         assert_eq!(bearer(&t).await, "Bearer t1");
         fake.down.store(true, Ordering::SeqCst);
+        t.age_last_fetch(REFETCH_AFTER).await;
         for _ in 0..10 {
             assert_eq!(
                 bearer(&t).await,
@@ -461,15 +497,34 @@ mod tests {
             assert!(err.contains("identity endpoint down"), "{err}");
         }
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
-        // An expired token is never sent.
+        // A token about to expire is not sent once it could be replaced.
         let fake = Fake::new(&[5]);
         let t = token(&fake);
         assert_eq!(bearer(&t).await, "Bearer t1");
+        t.age_last_fetch(REFETCH_AFTER).await;
         assert_eq!(
             bearer(&t).await,
             "Bearer t2",
             "5 s left is too little to send"
         );
+    }
+
+    /// Found in review: a source handing out tokens already inside the refresh window was asked
+    /// again by every request. Within the refetch bound the token it gave is sent.
+    #[tokio::test]
+    async fn a_source_of_short_lived_tokens_is_not_asked_on_every_request() {
+        let fake = Fake::new(&[200, 200, 200]);
+        let t = token(&fake);
+        for _ in 0..20 {
+            assert_eq!(bearer(&t).await, "Bearer t1");
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        let fake = Fake::new(&[10, 10]);
+        let t = token(&fake);
+        for _ in 0..20 {
+            assert_eq!(bearer(&t).await, "Bearer t1", "still valid: sent");
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -82,6 +82,7 @@ async fn run(
         body: outgoing.body,
         client_body: outgoing.client_body,
         usage_injected,
+        withheld: false,
         attempts: Vec::new(),
     };
     let max_attempts = app.config.limits.max_attempts as usize;
@@ -97,12 +98,10 @@ async fn run(
             .next()
             .and_then(|i| Some((live.backends.get(i)?, live.state.get(i)?)))
         else {
-            let error = if sending.attempts.is_empty() {
-                ProxyError::AllBackendsResting {
-                    retry_after: pool::DEFAULT_REST,
-                }
-            } else {
-                ProxyError::Internal
+            // Every backend left filled up since the plan was made (an attempt is never
+            // dropped for one: see `last`): throttled here, as a full backend is.
+            let error = ProxyError::AllBackendsResting {
+                retry_after: pool::DEFAULT_REST,
             };
             let r = end(error, sending.attempts, accepted);
             let _ = answer.send(r);
@@ -112,9 +111,16 @@ async fn run(
             continue;
         };
         let attempt = sending.attempt(&app, &ctx, b).await;
-        // Decided once the attempt is over: no new attempt starts past the retry deadline,
-        // counted from the request's arrival.
-        let last = order.peek().is_none()
+        // Decided once the attempt is over: the last when no backend left has room (its answer
+        // is then the client's, not dropped for a backend that cannot take the request), when
+        // the attempts are used up, or past the retry deadline counted from the arrival.
+        let room_left = order.clone().any(|i| {
+            live.backends
+                .get(i)
+                .zip(live.state.get(i))
+                .is_some_and(|(b, s)| !s.full(b.max_concurrent_requests))
+        });
+        let last = !room_left
             || sending.attempts.len() + 1 >= max_attempts
             || ctx.info.started.elapsed() >= retry_deadline;
         match attempt {
@@ -162,6 +168,7 @@ async fn run(
     };
     let Sending {
         usage_injected,
+        withheld,
         mut attempts,
         ..
     } = sending;
@@ -172,7 +179,8 @@ async fn run(
         status: Some(status.as_u16()),
         duration_ms: millis(attempt_started.elapsed()),
         retry_after_ms: retry_after_ms(&response_headers),
-        error: None,
+        // The parser's reason for an estimated stream: this backend was not asked.
+        error: withheld.then(|| tollgate_records::STREAM_OPTIONS_NOT_SENT.to_owned()),
     });
     let exchange = Exchange {
         request_id: ctx.info.request_id.to_string(),
@@ -236,7 +244,11 @@ async fn run(
 struct Sending {
     body: Bytes,
     client_body: Option<Bytes>,
+    /// The body sent last carried the usage phase's addition.
     usage_injected: bool,
+    /// The body sent last was the client's own because its backend has `include_usage`
+    /// off, though the usage phase had asked.
+    withheld: bool,
     attempts: Vec<Attempt>,
 }
 
@@ -282,6 +294,8 @@ impl Sending {
                 (Some(original), false) => (original.clone(), false),
                 _ => (self.body.clone(), self.client_body.is_some()),
             };
+            self.usage_injected = injected;
+            self.withheld = self.client_body.is_some() && !b.include_usage;
             let request = app
                 .client
                 .request(ctx.method.clone(), url.clone())

@@ -110,6 +110,9 @@ pub(crate) struct AppState {
     pub live: arc_swap::ArcSwap<live::Live>,
     /// Re-reads the configuration for the admin reload call; `None`: reload is not offered.
     pub reload: Option<ReloadHook>,
+    /// Held through a reload: two at once (SIGHUP and the admin call) would both build on the
+    /// same old configuration and the second would drop the first's new backends' state.
+    pub reloading: std::sync::Mutex<()>,
     pub client: reqwest::Client,
     pub recorder: Recorder,
     /// Exchanges with backends and the drains after client disconnects; shutdown waits for
@@ -189,6 +192,7 @@ impl Proxy {
             ),
             live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
             reload: deps.reload,
+            reloading: std::sync::Mutex::new(()),
             config: validated,
             client,
             recorder,
@@ -287,6 +291,10 @@ pub(crate) fn reload(state: &AppState, config: &ProxyConfig) -> Result<Reloaded,
     if validated.fixed != state.config {
         return Err(ProxyBuildError::NeedsRestart);
     }
+    let _one_at_a_time = state
+        .reloading
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let old = state.live.load_full();
     let new = live::Live::new(validated.live, Some(&old));
     let names = |l: &live::Live| -> std::collections::BTreeSet<String> {

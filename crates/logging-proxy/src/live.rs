@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::backend_auth::BackendAuth;
 use crate::config::{Backend, LiveConfig, StreamUsageConfig};
 use crate::pool::BackendState;
 
@@ -26,8 +27,23 @@ pub(crate) struct Live {
 impl Live {
     /// The live configuration, each backend's state carried over from `previous` when a
     /// backend of the same name and endpoint was there (its rest, breaker and requests in
-    /// flight go on counting); a new or moved backend starts fresh.
-    pub(crate) fn new(config: LiveConfig, previous: Option<&Live>) -> Live {
+    /// flight go on counting); a new or moved backend starts fresh. An Entra ID identity the
+    /// previous configuration had keeps its cached token.
+    pub(crate) fn new(mut config: LiveConfig, previous: Option<&Live>) -> Live {
+        if let Some(p) = previous {
+            for b in &mut config.backends {
+                let BackendAuth::Entra(token) = &b.auth else {
+                    continue;
+                };
+                let kept = p.backends.iter().find_map(|old| match &old.auth {
+                    BackendAuth::Entra(t) if t.config() == token.config() => Some(t.clone()),
+                    _ => None,
+                });
+                if let Some(kept) = kept {
+                    b.auth = BackendAuth::Entra(kept);
+                }
+            }
+        }
         let state = config
             .backends
             .iter()

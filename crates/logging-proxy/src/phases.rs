@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tollgate_records::{Body as RecordBody, RawRecord, RequestRecord};
@@ -267,8 +268,13 @@ fn route(
             })?
         }
         // A call that names its deployment in the body must name one; it never falls through
-        // to a default backend.
-        None if ctx.route.body_names_deployment() => return Err(ProxyError::ModelMissing),
+        // to a default backend. A body-less GET or DELETE there reads or removes what a
+        // backend stored (`GET /openai/v1/chat/completions` lists stored completions).
+        None if ctx.route.body_names_deployment()
+            && !matches!(ctx.method, Method::GET | Method::DELETE) =>
+        {
+            return Err(ProxyError::ModelMissing);
+        }
         // Paths without a deployment (files, batches, …, a stored response by id).
         None => match live.stateful {
             Some(i) => vec![i],

@@ -1,13 +1,16 @@
 //! Backend pools: the backends serving one deployment, tried in order of priority (lowest
 //! first; PTU before pay-as-you-go), weighted at random within a priority, leaving out the ones
 //! resting after a 429 for as long as they asked (`retry-after-ms`, `x-ms-retry-after-ms`,
-//! `Retry-After`) and the ones whose circuit breaker is open: `breaker_failures` consecutive
-//! 5xx answers, connect errors or timeouts open it for `breaker_cooldown_ms`, then one request
-//! is let through as a trial (half-open) and its outcome closes or reopens it.
+//! `Retry-After`), the ones at their `max_concurrent_requests`, and the ones whose circuit
+//! breaker is open: `breaker_failures` consecutive 5xx answers, connect errors or timeouts open
+//! it for `breaker_cooldown_ms`, then one request is let through as a trial (half-open) and its
+//! outcome closes or reopens it.
 //!
 //! The route phase turns a pool into a plan (the order of attempts); the forward phase walks
 //! it, moving to the next backend on a 429, a 5xx, a connect error or a first-byte timeout,
-//! only while nothing has gone to the client.
+//! only while nothing has gone to the client, and passing over a backend that filled up since
+//! the plan was made. Each backend's state ([`BackendState`]) is shared by every request and
+//! kept across reloads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -61,7 +64,8 @@ impl BackendState {
         entered.then(|| Slot(Some(self.clone())))
     }
 
-    fn full(&self, max: Option<usize>) -> bool {
+    /// Whether the backend is at its `max_concurrent_requests`.
+    pub(crate) fn full(&self, max: Option<usize>) -> bool {
         max.is_some_and(|m| self.in_flight.load(Ordering::Acquire) >= m)
     }
 

@@ -7,9 +7,11 @@
 //! keeps the body as the client sent it.
 //!
 //! Off for a deployment listed in `proxy.stream_usage.skip_deployments` (a backend that rejects
-//! the option), and when `proxy.stream_usage.inject` is false. A backend that answers the option
-//! with a 400 naming it gets the request again as the client sent it (both attempts are in the
-//! `end` record), so asking never costs the client its answer.
+//! the option), and when `proxy.stream_usage.inject` is false; a backend configured with
+//! `include_usage = false` gets the client's own body (its attempt in the `end` record says
+//! so). A backend that answers the option with a 400 naming it gets the request again as the
+//! client sent it (both attempts are in the `end` record), so asking never costs the client its
+//! answer.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

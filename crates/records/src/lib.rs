@@ -601,6 +601,12 @@ pub enum UsageSource {
 pub const STREAM_OPTIONS_REJECTED: &str =
     "the backend does not know stream_options; sent again as the client sent it";
 
+/// The note on the serving attempt when its backend is configured without `include_usage`:
+/// the usage phase had asked, but the backend got the request as the client sent it, so the
+/// stream has no usage.
+pub const STREAM_OPTIONS_NOT_SENT: &str =
+    "the backend is configured without include_usage; sent as the client sent it";
+
 /// How exact a record's usage is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

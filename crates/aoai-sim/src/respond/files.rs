@@ -88,9 +88,10 @@ pub(crate) async fn handle(
     }
 }
 
-/// A cursor page, as the v1 surface lists: ids in order (time-ordered ids, so upload order),
-/// from after `after`, at most `limit`, `has_more` when more follow. The SDK pages on
-/// `has_more` and `after`; a list without them would be fetched again for ever.
+/// A cursor page, as the v1 surface lists: newest first unless `order=asc` (ids are
+/// time-ordered, so id order is upload order), only `purpose` when given, from after `after`,
+/// at most `limit`, `has_more` when more follow. The SDK pages on `has_more` and `after`; a
+/// list without them would be fetched again for ever.
 fn list(files: &Files, query: Option<&str>) -> Value {
     let param = |name: &str| {
         query?
@@ -102,10 +103,21 @@ fn list(files: &Files, query: Option<&str>) -> Value {
         .unwrap_or(MAX_FILES)
         .clamp(1, MAX_FILES);
     let after = param("after");
+    let ascending = param("order") == Some("asc");
+    let purpose = param("purpose");
     let all = files.lock();
-    let mut page: Vec<Value> = all
-        .iter()
-        .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a))
+    let ordered: Box<dyn Iterator<Item = (&String, &(Value, Bytes))>> = if ascending {
+        Box::new(all.iter())
+    } else {
+        Box::new(all.iter().rev())
+    };
+    let mut page: Vec<Value> = ordered
+        .filter(|(id, _)| match after {
+            Some(a) if ascending => id.as_str() > a,
+            Some(a) => id.as_str() < a,
+            None => true,
+        })
+        .filter(|(_, (meta, _))| purpose.is_none_or(|p| meta["purpose"] == p))
         .map(|(_, (meta, _))| meta.clone())
         .take(limit + 1)
         .collect();

@@ -438,13 +438,14 @@ fn usage_quality(
 /// Why a complete answer had to be counted.
 fn estimate_reason(request: Option<&RequestRecord>, end: Option<&EndRecord>) -> String {
     let stream = request.is_some_and(|r| r.stream);
-    let rejected = end.is_some_and(|e| {
-        e.attempts
-            .iter()
-            .any(|a| a.error.as_deref() == Some(tollgate_records::STREAM_OPTIONS_REJECTED))
-    });
+    let noted = |note: &str| {
+        end.is_some_and(|e| e.attempts.iter().any(|a| a.error.as_deref() == Some(note)))
+    };
+    let rejected = noted(tollgate_records::STREAM_OPTIONS_REJECTED);
     if !stream {
         "AOAI's answer carried no usage".to_owned()
+    } else if noted(tollgate_records::STREAM_OPTIONS_NOT_SENT) {
+        "the backend is configured without include_usage, so the stream carried no usage".to_owned()
     } else if rejected {
         "the backend rejected stream_options, so the stream carried no usage".to_owned()
     } else if request.is_some_and(|r| r.stream_usage_injected) {

@@ -441,6 +441,52 @@ async fn a_backend_without_include_usage_gets_the_clients_own_stream_request() {
     let r = s.record(&id).await;
     assert_eq!(r.attempts.len(), 1, "{:?}", r.attempts);
     assert_eq!(r.attempts[0].status, Some(200));
+    let reason = r.usage_quality.and_then(|q| q.reason).unwrap_or_default();
+    assert!(reason.contains("without include_usage"), "{reason}");
+}
+
+/// Defect found in review: a backend's answer was dropped for a retry when the only backend
+/// left had filled up meanwhile, and the client got a 500 for nothing. The throttled answer
+/// (slow to come, so the spare fills first) is now the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_is_not_dropped_for_a_backend_that_filled_up() {
+    let slow_throttled = sim(Some("429;retry-after-ms=0;slow-first-byte=3000")).await;
+    let spare = sim(None).await;
+    let mut small = backend("small", &spare, 1, 1);
+    small.deployments = vec!["gpt-4o".into(), "gpt-4o-mini".into()];
+    small.max_concurrent_requests = Some(1);
+    let s = stack(vec![backend("slow", &slow_throttled, 0, 1), small]).await;
+    let main = {
+        let (url, http) = (s.chat_url("gpt-4o"), s.http.clone());
+        tokio::spawn(async move {
+            http.post(url)
+                .header("api-key", harness::KEY)
+                .json(&json!({"messages": [{"role": "user", "content": "q"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    // Another deployment only `small` serves takes its one slot while `slow` thinks.
+    let mut filler = s
+        .post(
+            &s.chat_url("gpt-4o-mini"),
+            &json!({"messages": [{"role": "user", "content": "hold"}], "stream": true}),
+        )
+        .header("x-sim-inter-token-ms", "200")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(filler.status(), 200);
+    assert!(filler.chunk().await.unwrap().is_some());
+    assert_eq!(
+        main.await.unwrap(),
+        429,
+        "the backend's own answer, not a 500"
+    );
+    drop(filler);
 }
 
 /// A backend's price multiplier (PTU charged at an internal rate) is recorded with the
@@ -622,6 +668,24 @@ async fn stateful_calls_stay_on_the_stateful_backend() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), 200);
+
+    // Found in review: listing stored chat completions (no body, no model) was refused as a
+    // call missing its model; it reaches the stateful backend.
+    let listed = s
+        .http
+        .get(format!("{}/openai/v1/chat/completions", s.base))
+        .header("api-key", harness::KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(listed.status(), 400, "not refused for want of a model");
+    let listed_id = request_id(&listed);
+    listed.text().await.unwrap();
+    s.settle().await;
+    assert_eq!(
+        s.record(&listed_id).await.backend.as_deref(),
+        Some("keeper")
+    );
 
     let responses = format!("{}/openai/v1/responses", s.base);
     let mut ids = Vec::new();
