@@ -170,6 +170,7 @@ pub(crate) fn proxy_config(backends: &str) -> ProxyConfig {
         consumers: vec![ConsumerConfig {
             id: "bench".into(),
             key_sha256: vec![key_sha256()],
+            ..Default::default()
         }],
         backends: backends
             .split(',')

@@ -9,12 +9,18 @@ use serde::Deserialize;
 
 /// A consumer: who may call, identified by the SHA-256 of its key. Keys themselves are never in
 /// the configuration; `tollgate keys new` prints a key and the hash to put here.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub id: String,
     /// Hex SHA-256 digests of the consumer's keys (several, so keys can be rotated).
     pub key_sha256: Vec<String>,
+    /// Requests and tokens per minute, token quotas per day and month (`quota.rs`).
+    #[serde(default)]
+    pub limits: crate::quota::ConsumerLimits,
+    /// The same, for one deployment: both the consumer's and these apply.
+    #[serde(default)]
+    pub deployment_limits: std::collections::BTreeMap<String, crate::quota::ConsumerLimits>,
 }
 
 /// An AOAI resource (or the simulator) and the deployments it serves.
@@ -313,6 +319,7 @@ pub struct ProxyConfig {
     /// Use `HTTP(S)_PROXY` from the environment for backend connections.
     pub use_env_proxy: bool,
     pub stream_usage: StreamUsageConfig,
+    pub quotas: crate::quota::QuotasConfig,
 }
 
 /// A validated backend.
@@ -356,6 +363,9 @@ pub(crate) struct LiveConfig {
     pub stream_usage: StreamUsageConfig,
     /// Index of the backend for calls that keep state.
     pub stateful: Option<usize>,
+    /// Consumer id → its limits (consumers without any are absent).
+    pub limits: HashMap<String, crate::quota::Limits>,
+    pub quotas: crate::quota::QuotasConfig,
 }
 
 /// The backend's key from the one place the configuration names (the file, an environment
@@ -437,7 +447,30 @@ impl ProxyConfig {
     pub(crate) fn validate(&self) -> Result<Validated, Vec<String>> {
         let mut problems = Vec::new();
         let mut consumers = Vec::new();
+        let mut limits = HashMap::new();
         for c in &self.consumers {
+            for (scope, l) in std::iter::once((String::new(), &c.limits)).chain(
+                c.deployment_limits
+                    .iter()
+                    .map(|(d, l)| (format!(".deployment_limits.{d}"), l)),
+            ) {
+                for zero in l.zeros() {
+                    problems.push(format!(
+                        "proxy.consumers `{}`{scope}: {zero} must be greater than 0 (leave it out for no limit)",
+                        c.id
+                    ));
+                }
+            }
+            let none = crate::quota::ConsumerLimits::default();
+            if c.limits != none || c.deployment_limits.values().any(|l| *l != none) {
+                limits.insert(
+                    c.id.clone(),
+                    crate::quota::Limits {
+                        all: c.limits.clone(),
+                        per_deployment: c.deployment_limits.clone(),
+                    },
+                );
+            }
             if c.key_sha256.is_empty() {
                 problems.push(format!("proxy.consumers `{}` has no key_sha256", c.id));
             }
@@ -674,6 +707,8 @@ impl ProxyConfig {
                 backends,
                 routes,
                 stream_usage: self.stream_usage.clone(),
+                limits,
+                quotas: self.quotas.clone(),
             },
         })
     }
@@ -689,6 +724,7 @@ mod tests {
             consumers: vec![ConsumerConfig {
                 id: "a".into(),
                 key_sha256: vec!["zz".into()],
+                ..Default::default()
             }],
             backends: vec![
                 BackendConfig {
@@ -764,10 +800,12 @@ mod tests {
                 ConsumerConfig {
                     id: "a".into(),
                     key_sha256: vec![digest.clone()],
+                    ..Default::default()
                 },
                 ConsumerConfig {
                     id: "b".into(),
                     key_sha256: vec![digest],
+                    ..Default::default()
                 },
             ],
             ..Default::default()

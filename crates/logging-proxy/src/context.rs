@@ -57,6 +57,8 @@ pub(crate) struct Ctx {
     pub route: Route,
     pub consumer: Consumer,
     pub slot: Option<Slot>,
+    /// What the limits phase reserved, settled at the request's end.
+    pub quota: Option<crate::quota::Hold>,
 }
 
 impl Ctx {
@@ -163,6 +165,7 @@ pub(crate) fn from_parts(parts: &mut Parts) -> Option<Ctx> {
         route,
         consumer,
         slot: slot.lock().ok()?.take(),
+        quota: None,
     })
 }
 

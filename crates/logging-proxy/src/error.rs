@@ -60,6 +60,22 @@ pub enum ProxyError {
         retry_after.as_millis()
     )]
     AllBackendsTripped { retry_after: std::time::Duration },
+    #[error(
+        "The consumer's limit of {limit} is reached; retry after {} seconds.",
+        retry_after.as_secs().max(1)
+    )]
+    ConsumerRateLimited {
+        limit: String,
+        retry_after: std::time::Duration,
+    },
+    #[error(
+        "Out of quota: the consumer's quota of {limit} is used up; it is replenished in {} seconds.",
+        retry_after.as_secs().max(1)
+    )]
+    ConsumerQuotaExceeded {
+        limit: String,
+        retry_after: std::time::Duration,
+    },
     #[error("Tollgate cannot record more requests right now; retry later.")]
     RecorderFull,
     #[error("The request could not be recorded.")]
@@ -123,6 +139,14 @@ impl ProxyError {
                 "BackendsUnavailable",
                 Upstream,
             ),
+            // AOAI's own code for a throttled request, so clients back off as they would.
+            ProxyError::ConsumerRateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "429", Downstream)
+            }
+            // As APIM's quota-by-key answers a spent quota.
+            ProxyError::ConsumerQuotaExceeded { .. } => {
+                (StatusCode::FORBIDDEN, "QuotaExceeded", Downstream)
+            }
             ProxyError::RecorderFull => (StatusCode::SERVICE_UNAVAILABLE, "RecorderFull", Internal),
             ProxyError::RecorderFailed { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "RecorderFailed", Internal)
@@ -159,7 +183,9 @@ impl IntoResponse for ProxyError {
         let body = json!({"error": {"code": code, "message": self.to_string()}});
         let rest = match &self {
             ProxyError::AllBackendsResting { retry_after }
-            | ProxyError::AllBackendsTripped { retry_after } => Some(*retry_after),
+            | ProxyError::AllBackendsTripped { retry_after }
+            | ProxyError::ConsumerRateLimited { retry_after, .. }
+            | ProxyError::ConsumerQuotaExceeded { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
         let mut response = (status, Json(body)).into_response();

@@ -53,7 +53,7 @@ pub(crate) async fn start(
 
 async fn run(
     app: Arc<AppState>,
-    ctx: Ctx,
+    mut ctx: Ctx,
     described: Described,
     outgoing: Outgoing,
     plan: Plan,
@@ -67,7 +67,17 @@ async fn run(
     }
     let mut accepted = accepted;
     accepted.recorded(&app.recorder, &ctx.info, next_seq);
+    // The limits phase's reservation: settled by the tee with AOAI's usage, or given back
+    // whole when no backend answered the request.
+    let quota = std::sync::Mutex::new(ctx.quota.take());
     let end = |error: ProxyError, attempts: Vec<Attempt>, accepted: Accepted| {
+        if let Some(q) = quota
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            q.release();
+        }
         end_accepted(
             &app,
             &ctx.info,
@@ -195,7 +205,11 @@ async fn run(
         accepted,
         price_multiplier: b.price_multiplier,
         backend_slot: slot,
+        quota: quota
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
     };
+    let remaining = exchange.quota.as_ref().map(|q| q.remaining);
     let mut body = tee::TeeBody::new(
         upstream,
         exchange,
@@ -228,6 +242,9 @@ async fn run(
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     // `x-tollgate-request-id` is added by the context layer on the way out.
     headers::downstream(&response_headers, response.headers_mut());
+    if let Some(remaining) = remaining {
+        headers::tighten_remaining(response.headers_mut(), remaining);
+    }
     if filter {
         // Fewer bytes than AOAI sent: a length would be wrong (streams are chunked anyway).
         response

@@ -45,6 +45,23 @@ const SUMMARY_HEADERS: usize = 16;
 const SUMMARY_VALUE_BYTES: usize = 256;
 const SUMMARY_NAME_BYTES: usize = 64;
 
+/// Sets `x-ratelimit-remaining-requests` and `-tokens` to the stricter of AOAI's figure (already
+/// copied from the backend's answer) and the consumer's own minute limits.
+pub(crate) fn tighten_remaining(headers: &mut HeaderMap, ours: crate::quota::Remaining) {
+    for (name, ours) in [
+        ("x-ratelimit-remaining-requests", ours.requests),
+        ("x-ratelimit-remaining-tokens", ours.tokens),
+    ] {
+        let Some(ours) = ours else { continue };
+        let theirs = headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let value = theirs.map_or(ours, |t| t.min(ours));
+        headers.insert(HeaderName::from_static(name), value.into());
+    }
+}
+
 pub(crate) fn is_secret(name: &str) -> bool {
     SECRET.contains(&name)
 }

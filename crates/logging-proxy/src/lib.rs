@@ -21,6 +21,7 @@ mod peek;
 mod phases;
 mod pool;
 mod probe;
+pub mod quota;
 pub mod recorder;
 mod reject;
 mod server;
@@ -127,6 +128,8 @@ pub(crate) struct AppState {
     pub after_flush: Option<FlushHook>,
     /// The clock and breaker settings backends' states are read against.
     pub pools: pool::Pools,
+    /// Every consumer's limit counters (`quota.rs`); kept across reloads.
+    pub counters: Arc<quota::Counters>,
 }
 
 /// A built proxy: its router plus handles to flush and shut down the recorder.
@@ -193,6 +196,7 @@ impl Proxy {
             live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
             reload: deps.reload,
             reloading: std::sync::Mutex::new(()),
+            counters: Arc::new(quota::Counters::default()),
             config: validated,
             client,
             recorder,

@@ -20,6 +20,9 @@ pub(crate) struct Live {
     pub stream_usage: StreamUsageConfig,
     /// The backend that keeps state (`stateful = true`, else the first): see the route phase.
     pub stateful: Option<usize>,
+    /// Consumer id → its limits (`quota.rs`); the counters themselves outlive a reload.
+    pub limits: HashMap<String, crate::quota::Limits>,
+    pub quotas: crate::quota::QuotasConfig,
     /// Each backend's state, index for index with `backends`.
     pub state: Vec<Arc<BackendState>>,
 }
@@ -65,6 +68,8 @@ impl Live {
             routes: config.routes,
             stream_usage: config.stream_usage,
             stateful: config.stateful,
+            limits: config.limits,
+            quotas: config.quotas,
             state,
         }
     }

@@ -8,11 +8,14 @@
 //!    `max_json_depth`, stream flag and (on `/openai/v1/`) the model peeked from the body; a
 //!    body over `max_body_part_bytes` goes into `part` records;
 //! 4. **route** — deployment → backend (404 `DeploymentNotFound`; 400 on v1 without a model);
-//! 5. **usage** — `stream_usage.rs`: a chat or completions stream that does not ask for its
+//! 5. **limits** — `quota.rs`: the consumer's requests and tokens per minute and token quotas
+//!    (429 or 403, recorded, naming the limit); tokens are reserved from an estimate and
+//!    settled at the end with AOAI's usage;
+//! 6. **usage** — `stream_usage.rs`: a chat or completions stream that does not ask for its
 //!    usage is sent asking for it, so its bill is AOAI's figure rather than an estimate;
-//! 6. **forward** — `exchange.rs`: the exchange with the backend runs in a tracked task that does
+//! 7. **forward** — `exchange.rs`: the exchange with the backend runs in a tracked task that does
 //!    not depend on the client's connection;
-//! 7. **tee** — `tee.rs`: the response streams to the client and into the records.
+//! 8. **tee** — `tee.rs`: the response streams to the client and into the records.
 //!
 //! Each phase returns a result. An accepted request Tollgate answers itself (413, 408, 404, a
 //! backend it could not reach) ends through `reject.rs::end_accepted`; the one refusal here
@@ -34,6 +37,7 @@ use crate::error::ProxyError;
 use crate::exchange;
 use crate::peek;
 use crate::pool::Plan;
+use crate::quota;
 use crate::reject::{Accepted, end_accepted};
 use crate::stream_usage;
 
@@ -54,7 +58,11 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
         }
     };
     let mut described = describe(&app, &ctx, &bytes);
-    let plan = match route(&app, &ctx, described.model.clone(), described.stateful) {
+    let routed = route(&app, &ctx, described.model.clone(), described.stateful).and_then(|plan| {
+        limit(&app, &mut ctx, &plan, &described, &bytes)?;
+        Ok(plan)
+    });
+    let plan = match routed {
         Ok(plan) => plan,
         Err(error) => {
             let end_seq = described.next_seq();
@@ -72,6 +80,59 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
     };
     let outgoing = ask_for_usage(&plan, &ctx, &mut described, bytes);
     exchange::start(app, ctx, described, outgoing, plan, accepted).await
+}
+
+/// Operations whose tokens a limit counts (the ones AOAI bills by token).
+const TOKEN_OPERATIONS: &[&str] = &["chat.completions", "completions", "embeddings", "responses"];
+
+/// The limits phase (`quota.rs`): the consumer's counters, checked and taken at once; the
+/// reservation rides in the context to the request's end.
+fn limit(
+    app: &AppState,
+    ctx: &mut Ctx,
+    plan: &Plan,
+    described: &Described,
+    bytes: &[u8],
+) -> Result<(), ProxyError> {
+    let Some(limits) = plan.live.limits.get(&ctx.consumer.id) else {
+        return Ok(());
+    };
+    let deployment = described.record.deployment.as_deref();
+    let billed =
+        ctx.method == Method::POST && TOKEN_OPERATIONS.contains(&ctx.route.operation.as_str());
+    let tokens = if billed && quota::counts_tokens(limits, deployment) {
+        // A body serde cannot read (too deep, not JSON) is reserved at the default maximum.
+        let body: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+        quota::estimate(
+            deployment.unwrap_or_default(),
+            &ctx.route.operation,
+            &body,
+            plan.live.quotas.default_max_tokens,
+        )
+    } else {
+        0
+    };
+    match app
+        .counters
+        .reserve(&ctx.consumer.id, deployment, limits, tokens)
+    {
+        Ok((reservation, remaining)) => {
+            ctx.quota = Some(quota::Hold::new(
+                reservation,
+                remaining,
+                app.counters.clone(),
+            ));
+            Ok(())
+        }
+        Err(r) if r.quota => Err(ProxyError::ConsumerQuotaExceeded {
+            limit: r.limit,
+            retry_after: r.retry_after,
+        }),
+        Err(r) => Err(ProxyError::ConsumerRateLimited {
+            limit: r.limit,
+            retry_after: r.retry_after,
+        }),
+    }
 }
 
 /// The usage phase: the body to send AOAI, with `stream_options.include_usage` added when the

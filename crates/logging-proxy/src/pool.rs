@@ -399,6 +399,8 @@ mod tests {
                 routes,
                 stream_usage: Default::default(),
                 stateful: Some(0),
+                limits: Default::default(),
+                quotas: Default::default(),
             },
             None,
         )
@@ -502,6 +504,8 @@ mod tests {
             routes: [("d".to_owned(), vec![0, 1])].into(),
             stream_usage: Default::default(),
             stateful: Some(0),
+            limits: Default::default(),
+            quotas: Default::default(),
         };
         let new = Live::new(config, Some(&old));
         assert!(Arc::ptr_eq(&new.state[1], &old.state[0]));

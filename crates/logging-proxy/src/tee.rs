@@ -184,6 +184,8 @@ pub(crate) struct Exchange {
     /// The request's place on its backend (`max_concurrent_requests`), left at its end.
     #[expect(dead_code, reason = "held for its Drop, at the request's end")]
     pub backend_slot: crate::pool::Slot,
+    /// The consumer's token reservation, settled at the end with the usage seen passing.
+    pub quota: Option<crate::quota::Hold>,
 }
 
 pub(crate) fn micros_since(start: Instant) -> u64 {
@@ -231,6 +233,9 @@ impl Tee {
     /// Records a chunk; whether it arrived past the total timeout.
     fn on_chunk(&mut self, chunk: &[u8]) -> bool {
         self.sent += chunk.len() as u64;
+        if let Some(q) = self.ex.quota.as_mut() {
+            q.push(chunk);
+        }
         let at = micros_since(self.ex.started);
         for segment in self.segmenter.push(chunk, at) {
             self.recorder.record(segment);
@@ -326,6 +331,9 @@ impl Tee {
             response_bytes,
         };
         let ticket = recorder.record(RawRecord::End(end));
+        if let Some(q) = ex.quota {
+            q.settle();
+        }
         // Released after the end record is handed over: that is what `flush` waits for.
         ex.accepted.release();
         ticket
@@ -728,6 +736,7 @@ mod tests {
                 accepted: Accepted::new(self.recorder.begin(), None),
                 price_multiplier: None,
                 backend_slot: Default::default(),
+                quota: None,
             };
             TeeBody::new(
                 reqwest::Response::from(upstream),

@@ -202,6 +202,7 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             config.proxy.consumers.push(ConsumerConfig {
                 id: "demo".into(),
                 key_sha256: vec![keys::hash(DEMO_KEY)],
+                ..Default::default()
             });
             demo_key = Some(DEMO_KEY);
         }

@@ -127,6 +127,7 @@ impl Stack {
             consumers: vec![ConsumerConfig {
                 id: "tester".into(),
                 key_sha256: vec![sha(KEY)],
+                ..Default::default()
             }],
             backends: vec![BackendConfig {
                 name: "sim".into(),

@@ -101,6 +101,7 @@ pub(crate) async fn start_on(
         consumers: vec![ConsumerConfig {
             id: "tester".into(),
             key_sha256: vec![sha(KEY)],
+            ..Default::default()
         }],
         backends: vec![BackendConfig {
             name: "sim".into(),

@@ -17,6 +17,7 @@ mod entra;
 mod harness;
 mod hostile;
 mod kill;
+mod limits;
 mod otlp;
 mod pipeline;
 mod pools;

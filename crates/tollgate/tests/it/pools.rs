@@ -347,6 +347,7 @@ fn config_with(backends: Vec<BackendConfig>) -> tollgate_logging_proxy::ProxyCon
         consumers: vec![tollgate_logging_proxy::config::ConsumerConfig {
             id: "tester".into(),
             key_sha256: vec![harness::sha(harness::KEY)],
+            ..Default::default()
         }],
         backends,
         ..Default::default()

@@ -1,0 +1,500 @@
+//! The limits phase: each consumer's (and each consumer × deployment's) requests per minute,
+//! tokens per minute, and token quotas per UTC day and calendar month, so one team's runaway
+//! loop never takes the others' capacity.
+//!
+//! - **Windows** are fixed and aligned to UTC: the minute, the day, the month. A counter holds
+//!   the window it counts and starts again at zero in the next one. (AOAI's own TPM is a
+//!   sliding estimate; a fixed window admits at most the limit per window, which is what a
+//!   charge-back budget states.)
+//! - **Tokens are reserved before forwarding** from an estimate: the prompt counted with the
+//!   tokens crate plus the completion the request allows (`max_tokens`,
+//!   `max_completion_tokens`, `max_output_tokens`, else `quotas.default_max_tokens`), times
+//!   `n`. Only consumers with a token limit pay for the count.
+//! - **Reconciled at the end** ([`Reservation::settle`]) with the `total_tokens` AOAI reported
+//!   (the usage frame the usage phase asks for is in every stream): unused reserved tokens go
+//!   back to the windows still current; an answer without usage keeps its reservation.
+//! - **Refused**: a minute limit answers 429 with `Retry-After` / `retry-after-ms` until the
+//!   window ends; a day or month quota answers 403 (as APIM's `quota-by-key`), its retry time
+//!   the start of the next day or month. Either is recorded, naming the limit.
+//! - All counters a request touches are checked and taken under one lock: a burst admits
+//!   exactly the limit. State is this process's memory: one replica, or limits per replica.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{Datelike, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A consumer's limits (`[proxy.consumers.limits]`, and per deployment in
+/// `[proxy.consumers.deployment_limits.NAME]`); an absent field is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+}
+
+impl ConsumerLimits {
+    fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some()
+            || self.tokens_per_day.is_some()
+            || self.tokens_per_month.is_some()
+    }
+
+    /// The zero limits, by name, for validation.
+    pub(crate) fn zeros(&self) -> Vec<&'static str> {
+        [
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("tokens_per_day", self.tokens_per_day),
+            ("tokens_per_month", self.tokens_per_month),
+        ]
+        .into_iter()
+        .filter(|(_, v)| *v == Some(0))
+        .map(|(n, _)| n)
+        .collect()
+    }
+}
+
+/// `[proxy.quotas]`: how limits are counted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasConfig {
+    /// Completion tokens reserved for a request that sets no maximum.
+    pub default_max_tokens: u64,
+}
+
+impl Default for QuotasConfig {
+    fn default() -> Self {
+        QuotasConfig {
+            default_max_tokens: 4_096,
+        }
+    }
+}
+
+/// A consumer's limits, and its per-deployment ones.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Limits {
+    pub all: ConsumerLimits,
+    pub per_deployment: BTreeMap<String, ConsumerLimits>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Span {
+    Minute,
+    Day,
+    Month,
+}
+
+impl Span {
+    /// The window `now` falls in, and when it ends.
+    fn window(self, now: SystemTime) -> (i64, SystemTime) {
+        let secs = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let at = |s: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        match self {
+            Span::Minute => (secs / 60, at((secs / 60 + 1) * 60)),
+            Span::Day => (secs / 86_400, at((secs / 86_400 + 1) * 86_400)),
+            Span::Month => {
+                let t = Utc.timestamp_opt(secs, 0).single().unwrap_or_default();
+                let (y, m) = (t.year(), t.month());
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let next = Utc
+                    .with_ymd_and_hms(ny, nm, 1, 0, 0, 0)
+                    .single()
+                    .map_or(secs, |n| n.timestamp());
+                (i64::from(y) * 12 + i64::from(m), at(next))
+            }
+        }
+    }
+}
+
+/// One counter a request is checked against.
+#[derive(Debug, Clone)]
+struct Check {
+    key: String,
+    span: Span,
+    tokens: bool,
+    limit: u64,
+    /// For the refusal: "tokens per minute", scoped to a deployment when it is.
+    name: String,
+}
+
+/// Why a request was refused, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub limit: String,
+    pub quota: bool,
+    pub retry_after: Duration,
+}
+
+/// What a request took; given back in part by [`Reservation::settle`].
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    tokens: u64,
+    /// The token counters taken, with the window each was taken in.
+    taken: Vec<(String, i64)>,
+}
+
+impl Reservation {
+    /// The request ended having used `used` tokens (AOAI's `total_tokens`), or unknown: the
+    /// difference from the reservation goes back to (or is added to) the windows still
+    /// current. Unknown keeps the reservation (charged at the estimate, never at zero), as
+    /// does a reservation dropped unsettled.
+    pub(crate) fn settle(self, counters: &Counters, used: Option<u64>) {
+        let Some(used) = used else { return };
+        if self.taken.is_empty() || used == self.tokens {
+            return;
+        }
+        let mut map = counters.lock();
+        for (key, window) in &self.taken {
+            if let Some(c) = map.get_mut(key)
+                && c.window == *window
+            {
+                c.used = (c.used + used).saturating_sub(self.tokens);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    window: i64,
+    used: u64,
+}
+
+/// Every consumer's counters in this process.
+#[derive(Default)]
+pub(crate) struct Counters {
+    map: Mutex<HashMap<String, Counter>>,
+}
+
+/// Remaining requests and tokens of the consumer's tightest minute limits after a request,
+/// for `x-ratelimit-remaining-*`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Remaining {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+impl Counters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Counter>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks every counter `limits` names for `consumer` on `deployment` and, if all have
+    /// room, takes one request and `tokens` from each at once.
+    pub(crate) fn reserve(
+        &self,
+        consumer: &str,
+        deployment: Option<&str>,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<(Reservation, Remaining), Refusal> {
+        let checks = checks(consumer, deployment, limits);
+        let now = SystemTime::now();
+        let mut map = self.lock();
+        let mut remaining = Remaining::default();
+        for c in &checks {
+            let (window, ends) = c.span.window(now);
+            let used = map
+                .get(&c.key)
+                .filter(|k| k.window == window)
+                .map_or(0, |k| k.used);
+            let amount = if c.tokens { tokens } else { 1 };
+            if used.saturating_add(amount) > c.limit {
+                return Err(Refusal {
+                    limit: c.name.clone(),
+                    quota: c.span != Span::Minute,
+                    retry_after: ends.duration_since(now).unwrap_or(Duration::ZERO),
+                });
+            }
+            if c.span == Span::Minute {
+                let left = c.limit - used - amount;
+                let slot = if c.tokens {
+                    &mut remaining.tokens
+                } else {
+                    &mut remaining.requests
+                };
+                *slot = Some(slot.map_or(left, |s| s.min(left)));
+            }
+        }
+        let mut taken = Vec::new();
+        for c in &checks {
+            let (window, _) = c.span.window(now);
+            let amount = if c.tokens { tokens } else { 1 };
+            let k = map
+                .entry(c.key.clone())
+                .or_insert(Counter { window, used: 0 });
+            if k.window != window {
+                *k = Counter { window, used: 0 };
+            }
+            k.used += amount;
+            if c.tokens {
+                taken.push((c.key.clone(), window));
+            }
+        }
+        Ok((Reservation { tokens, taken }, remaining))
+    }
+}
+
+/// The counters a request on `deployment` is checked against: the consumer's, then the
+/// consumer × deployment ones.
+fn checks(consumer: &str, deployment: Option<&str>, limits: &Limits) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut add = |scope: String, label: &str, l: &ConsumerLimits| {
+        for (field, span, tokens, what) in [
+            (
+                l.requests_per_minute,
+                Span::Minute,
+                false,
+                "requests per minute",
+            ),
+            (l.tokens_per_minute, Span::Minute, true, "tokens per minute"),
+            (l.tokens_per_day, Span::Day, true, "tokens per day"),
+            (l.tokens_per_month, Span::Month, true, "tokens per month"),
+        ] {
+            if let Some(limit) = field {
+                out.push(Check {
+                    key: format!("{scope}|{what}"),
+                    span,
+                    tokens,
+                    limit,
+                    name: format!("{limit} {what}{label}"),
+                });
+            }
+        }
+    };
+    add(consumer.to_owned(), "", &limits.all);
+    if let Some(d) = deployment
+        && let Some(l) = limits.per_deployment.get(d)
+    {
+        add(format!("{consumer}|{d}"), &format!(" on {d}"), l);
+    }
+    out
+}
+
+/// Whether any limit of `limits` for `deployment` counts tokens (then the request's tokens are
+/// estimated; otherwise nothing is counted).
+pub(crate) fn counts_tokens(limits: &Limits, deployment: Option<&str>) -> bool {
+    limits.all.counts_tokens()
+        || deployment
+            .and_then(|d| limits.per_deployment.get(d))
+            .is_some_and(ConsumerLimits::counts_tokens)
+}
+
+/// The tokens a request may use at most, as far as can be told before it runs: the prompt
+/// (chat messages, a completions prompt, embeddings input, a Responses input) counted with
+/// `model`'s encoding, plus the completion it allows times `n`.
+pub(crate) fn estimate(model: &str, operation: &str, body: &Value, default_max: u64) -> u64 {
+    let prompt = match operation {
+        "chat.completions" => tollgate_tokens::count_chat_prompt(model, body),
+        "completions" => body
+            .get("prompt")
+            .map_or(0, |p| tollgate_tokens::count_completions_prompt(model, p)),
+        "embeddings" => body
+            .get("input")
+            .map_or(0, |i| tollgate_tokens::count_embeddings_input(model, i)),
+        _ => body.get("input").map_or(0, |i| {
+            tollgate_tokens::Encoding::for_model(model).count(&i.to_string())
+        }),
+    };
+    if operation == "embeddings" {
+        return prompt;
+    }
+    let completion = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .unwrap_or(default_max);
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    prompt.saturating_add(completion.saturating_mul(n))
+}
+
+/// A request's reservation, held from the limits phase to the request's end, where the usage
+/// seen in the response settles it.
+pub(crate) struct Hold {
+    reservation: Reservation,
+    counters: std::sync::Arc<Counters>,
+    scan: UsageScan,
+    pub remaining: Remaining,
+}
+
+impl Hold {
+    pub(crate) fn new(
+        reservation: Reservation,
+        remaining: Remaining,
+        counters: std::sync::Arc<Counters>,
+    ) -> Hold {
+        Hold {
+            reservation,
+            counters,
+            scan: UsageScan::default(),
+            remaining,
+        }
+    }
+
+    /// A response chunk passing to the client.
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        if !self.reservation.taken.is_empty() {
+            self.scan.push(chunk);
+        }
+    }
+
+    /// The request ended: its usage, when AOAI reported one, replaces the estimate.
+    pub(crate) fn settle(self) {
+        self.reservation.settle(&self.counters, self.scan.total);
+    }
+
+    /// The request ended without an answer from a backend that bills (every attempt failed,
+    /// or refused): none of its reserved tokens were used.
+    pub(crate) fn release(self) {
+        self.reservation.settle(&self.counters, Some(0));
+    }
+}
+
+/// Scans a response's bytes as they pass for the last `"total_tokens":N` AOAI wrote (in the
+/// `usage` of a body, or of a stream's usage frame), without parsing the response. A
+/// `"total_tokens"` inside generated text is escaped (`\"`) in the JSON and is not taken.
+#[derive(Debug, Default)]
+pub(crate) struct UsageScan {
+    /// The end of the previous chunk, so a key cut between two chunks is still found.
+    tail: Vec<u8>,
+    pub total: Option<u64>,
+}
+
+const KEY: &[u8] = b"\"total_tokens\":";
+
+impl UsageScan {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        // Enough of the previous chunk for the key and a number cut across the boundary.
+        let keep = KEY.len() + 24;
+        let mut joined = std::mem::take(&mut self.tail);
+        joined.extend_from_slice(chunk);
+        for at in memchr::memmem::find_iter(&joined, KEY) {
+            if at > 0 && joined[at - 1] == b'\\' {
+                continue;
+            }
+            let digits: Vec<u8> = joined[at + KEY.len()..]
+                .iter()
+                .skip_while(|b| b.is_ascii_whitespace())
+                .take_while(|b| b.is_ascii_digit())
+                .copied()
+                .collect();
+            let ends_in_chunk = at + KEY.len() + digits.len() < joined.len();
+            if !digits.is_empty()
+                && ends_in_chunk
+                && let Ok(n) = std::str::from_utf8(&digits).unwrap_or("").parse()
+            {
+                self.total = Some(n);
+            }
+        }
+        let start = joined.len().saturating_sub(keep);
+        self.tail = joined.split_off(start);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Limits {
+        Limits {
+            all: ConsumerLimits {
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                ..ConsumerLimits::default()
+            },
+            per_deployment: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_minute_limit_admits_exactly_its_count_and_names_itself() {
+        let c = Counters::default();
+        let l = limits(Some(3), None);
+        for left in [2, 1, 0] {
+            let (_, remaining) = c.reserve("a", None, &l, 0).unwrap();
+            assert_eq!(remaining.requests, Some(left));
+        }
+        let refused = c.reserve("a", None, &l, 0).unwrap_err();
+        assert_eq!(refused.limit, "3 requests per minute");
+        assert!(!refused.quota);
+        assert!(refused.retry_after <= Duration::from_secs(60));
+        assert!(
+            c.reserve("b", None, &l, 0).is_ok(),
+            "another consumer is apart"
+        );
+    }
+
+    #[test]
+    fn tokens_are_reserved_then_the_unused_part_given_back() {
+        let c = Counters::default();
+        let l = limits(None, Some(1000));
+        let (r, remaining) = c.reserve("a", None, &l, 800).unwrap();
+        assert_eq!(remaining.tokens, Some(200));
+        assert!(c.reserve("a", None, &l, 300).is_err(), "800 + 300 > 1000");
+        r.settle(&c, Some(100));
+        assert!(c.reserve("a", None, &l, 900).is_ok(), "100 + 900 fits");
+        assert!(c.reserve("a", None, &l, 1).is_err());
+    }
+
+    #[test]
+    fn a_refused_request_takes_nothing_from_the_other_counters() {
+        let c = Counters::default();
+        let mut l = limits(Some(10), Some(100));
+        l.per_deployment.insert(
+            "d".into(),
+            ConsumerLimits {
+                tokens_per_day: Some(50),
+                ..ConsumerLimits::default()
+            },
+        );
+        let refused = c.reserve("a", Some("d"), &l, 60).unwrap_err();
+        assert_eq!(refused.limit, "50 tokens per day on d");
+        assert!(refused.quota);
+        // Nothing was taken: the full minute budget is still there elsewhere.
+        assert!(c.reserve("a", Some("e"), &l, 100).is_ok());
+    }
+
+    #[test]
+    fn windows_end_at_the_next_minute_day_and_month() {
+        // 2026-12-31T23:59:30Z
+        let t = UNIX_EPOCH + Duration::from_secs(1_798_761_570);
+        let left = |s: Span| s.window(t).1.duration_since(t).unwrap().as_secs();
+        assert_eq!(left(Span::Minute), 30);
+        assert_eq!(left(Span::Day), 30);
+        assert_eq!(left(Span::Month), 30, "December rolls into the next year");
+    }
+
+    #[test]
+    fn the_estimate_is_the_prompt_plus_the_allowed_completion() {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 100, "n": 2});
+        let prompt = tollgate_tokens::count_chat_prompt("gpt-4o", &body);
+        assert_eq!(
+            estimate("gpt-4o", "chat.completions", &body, 4096),
+            prompt + 200
+        );
+        let open = serde_json::json!({"messages": [{"role": "user", "content": "hello"}]});
+        assert_eq!(
+            estimate("gpt-4o", "chat.completions", &open, 4096),
+            prompt + 4096
+        );
+    }
+
+    #[test]
+    fn the_scan_finds_the_last_usage_however_the_bytes_are_cut() {
+        let body = br#"{"choices":[{"message":{"content":"say \"total_tokens\":999"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        for cut in 1..body.len() {
+            let mut scan = UsageScan::default();
+            scan.push(&body[..cut]);
+            scan.push(&body[cut..]);
+            assert_eq!(scan.total, Some(12), "cut at {cut}");
+        }
+    }
+}
