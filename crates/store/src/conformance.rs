@@ -458,10 +458,12 @@ async fn upsert_is_idempotent_and_usage_groups(store: &dyn Store) {
     assert_eq!(rows[0].input_tokens, 160);
     assert_eq!(rows[0].total_tokens, 180);
     assert_eq!(rows[0].errors, 1);
+    assert_eq!(rows[0].throttled_requests, 1, "r2's 429");
     assert_eq!(rows[0].unpriced_requests, 1);
     assert_eq!(rows[1].consumer, "bob");
     assert_eq!(rows[1].unpriced_requests, 0);
     assert_eq!((rows[1].requests, rows[1].errors), (3, 2));
+    assert_eq!(rows[1].throttled_requests, 0, "errors, none a 429");
     assert_eq!(rows[1].cost, Money::from_nanos(300_000_000));
     assert_eq!(rows[1].cost.to_string(), "0.300000000");
     assert_eq!(

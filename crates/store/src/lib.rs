@@ -205,6 +205,10 @@ pub struct UsageRow {
     /// Requests that failed, never ended, or whose answer was cut (a 200 whose stream the
     /// backend or a limit cut short is not a success).
     pub errors: u64,
+    /// Of `errors`, the requests answered 429: refused by the consumer's limits or throttled
+    /// by every backend.
+    #[serde(default)]
+    pub throttled_requests: u64,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub output_tokens: u64,

@@ -24,6 +24,7 @@ pub(crate) enum Format {
 pub(crate) struct Totals {
     pub(crate) requests: u64,
     pub(crate) errors: u64,
+    pub(crate) throttled_requests: u64,
     pub(crate) input_tokens: u64,
     pub(crate) cached_input_tokens: u64,
     pub(crate) output_tokens: u64,
@@ -71,6 +72,7 @@ struct CsvRow<'a> {
     day: &'a str,
     requests: u64,
     errors: u64,
+    throttled_requests: u64,
     input_tokens: u64,
     cached_input_tokens: u64,
     output_tokens: u64,
@@ -94,6 +96,7 @@ impl<'a> From<&'a UsageRow> for CsvRow<'a> {
             day: &r.day,
             requests: r.requests,
             errors: r.errors,
+            throttled_requests: r.throttled_requests,
             input_tokens: r.input_tokens,
             cached_input_tokens: r.cached_input_tokens,
             output_tokens: r.output_tokens,
@@ -137,6 +140,7 @@ pub(crate) fn parse_time(s: &str) -> anyhow::Result<DateTime<Utc>> {
 fn add(into: &mut UsageRow, r: &UsageRow) {
     into.requests += r.requests;
     into.errors += r.errors;
+    into.throttled_requests += r.throttled_requests;
     into.input_tokens += r.input_tokens;
     into.cached_input_tokens += r.cached_input_tokens;
     into.output_tokens += r.output_tokens;
@@ -187,6 +191,7 @@ pub(crate) async fn build(
     for r in &rows {
         totals.requests += r.requests;
         totals.errors += r.errors;
+        totals.throttled_requests += r.throttled_requests;
         totals.input_tokens += r.input_tokens;
         totals.cached_input_tokens += r.cached_input_tokens;
         totals.output_tokens += r.output_tokens;
@@ -255,6 +260,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
             header.extend([
                 "requests",
                 "errors",
+                "of which 429",
                 "input",
                 "cached",
                 "output",
@@ -281,6 +287,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
                 row.extend([
                     r.requests.to_string(),
                     r.errors.to_string(),
+                    r.throttled_requests.to_string(),
                     r.input_tokens.to_string(),
                     r.cached_input_tokens.to_string(),
                     r.output_tokens.to_string(),
@@ -308,6 +315,7 @@ pub(crate) fn print(report: &Report, format: Format) -> anyhow::Result<()> {
             total.extend([
                 x.requests.to_string(),
                 x.errors.to_string(),
+                x.throttled_requests.to_string(),
                 x.input_tokens.to_string(),
                 x.cached_input_tokens.to_string(),
                 x.output_tokens.to_string(),

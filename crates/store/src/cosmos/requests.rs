@@ -102,6 +102,7 @@ fn add(row: &mut UsageRow, f: &Facts) {
     row.requests += 1;
     let failed = f.status.is_none_or(|s| s >= 400) || f.truncated || !f.complete;
     row.errors += u64::from(failed);
+    row.throttled_requests += u64::from(f.status == Some(429));
     if let Some(u) = &f.usage {
         row.input_tokens += u.input_tokens;
         row.cached_input_tokens += u.cached_input_tokens;
@@ -212,6 +213,7 @@ impl RequestStore for CosmosStore {
                 day: f.day.clone(),
                 requests: 0,
                 errors: 0,
+                throttled_requests: 0,
                 input_tokens: 0,
                 cached_input_tokens: 0,
                 output_tokens: 0,

@@ -666,7 +666,8 @@ impl RequestStore for EmbeddedStore {
                         SUM(COALESCE(json_extract(doc, '$.usage.reasoningTokens'), 0)),
                         -- each row's cost as whole nano-units, so the sum is exact
                         SUM(CAST(ROUND(cost * 1000000000.0) AS INTEGER)), SUM(unpriced),
-                        COALESCE(json_extract(doc, '$.backend'), '') AS backend
+                        COALESCE(json_extract(doc, '$.backend'), '') AS backend,
+                        SUM(CASE WHEN status = 429 THEN 1 ELSE 0 END)
                  FROM requests WHERE {clause}
                  GROUP BY consumer, deployment, model, backend, day
                  ORDER BY day, consumer, deployment, model, backend"
@@ -693,6 +694,7 @@ impl RequestStore for EmbeddedStore {
                         cost: Money::from_nanos(r.get(15)?),
                         unpriced_requests: r.get::<_, i64>(16)? as u64,
                         backend: r.get(17)?,
+                        throttled_requests: r.get::<_, i64>(18)? as u64,
                     })
                 })
                 .map_err(io)?

@@ -109,6 +109,19 @@ async fn requests_past_the_minute_limit_get_429_and_other_consumers_do_not() {
     assert!(r.attempts.is_empty());
     let raw = serde_json::to_string(&s.raw(&id).await).unwrap();
     assert!(raw.contains("5 requests per minute"));
+    // The report counts it as throttled, for this consumer only.
+    let rows = s
+        .store
+        .usage(&tollgate_store::RecordQuery::default())
+        .await
+        .unwrap();
+    let throttled = |consumer: &str| -> u64 {
+        rows.iter()
+            .filter(|r| r.consumer == consumer)
+            .map(|r| r.throttled_requests)
+            .sum()
+    };
+    assert_eq!((throttled("tester"), throttled("other")), (1, 0));
 }
 
 /// A burst at once admits exactly the limit: every counter is checked and taken under one
