@@ -73,6 +73,10 @@ struct Cli {
     /// rounds, then the Cosmos cost of one logged request and the parser's rate on each store.
     #[arg(long)]
     cosmos: bool,
+    /// Also a proxy whose consumer has request and token limits it never reaches: what
+    /// counting them (the token estimate included) adds, in the same rounds.
+    #[arg(long)]
+    limits: bool,
     /// Also a proxy whose deployment is a pool of three simulators (equal weights, logging
     /// on): what pool selection adds against the single-backend proxy, in the same rounds.
     #[arg(long)]
@@ -92,6 +96,9 @@ enum Cmd {
         /// A Cosmos store configuration (JSON) instead of the embedded store.
         #[arg(long)]
         cosmos_config: Option<String>,
+        /// The consumer has limits (never reached): requests and tokens counted per request.
+        #[arg(long)]
+        limits: bool,
     },
 }
 
@@ -127,7 +134,14 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             null_store,
             cosmos_config,
-        }) => runtime.block_on(serve_proxy(backend, data_dir, null_store, cosmos_config)),
+            limits,
+        }) => runtime.block_on(serve_proxy(
+            backend,
+            data_dir,
+            null_store,
+            cosmos_config,
+            limits,
+        )),
         None => runtime.block_on(bench(cli)),
     }
 }
@@ -137,6 +151,7 @@ async fn serve_proxy(
     data_dir: PathBuf,
     null_store: bool,
     cosmos_config: Option<String>,
+    limits: bool,
 ) -> anyhow::Result<()> {
     let store: Arc<dyn RawWriter> = match (null_store, cosmos_config) {
         (true, _) => Arc::new(NullWriter),
@@ -150,7 +165,16 @@ async fn serve_proxy(
                 as Arc<dyn RawWriter>
         }
     };
-    let config = proxy_config(&backend);
+    let mut config = proxy_config(&backend);
+    if limits {
+        // Far above what a run sends: every request is counted, none refused.
+        config.consumers[0].limits = tollgate_logging_proxy::quota::ConsumerLimits {
+            requests_per_minute: Some(u64::MAX / 4),
+            tokens_per_minute: Some(u64::MAX / 4),
+            tokens_per_day: Some(u64::MAX / 4),
+            ..Default::default()
+        };
+    }
     let proxy = Proxy::build(
         &config,
         ProxyDeps {
@@ -231,6 +255,7 @@ impl ChildProxy {
         dir: &std::path::Path,
         workers: Option<usize>,
         cosmos: Option<&tollgate_store::CosmosConfig>,
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(exe);
         if let Some(n) = workers {
@@ -245,6 +270,7 @@ impl ChildProxy {
         if let Some(c) = cosmos {
             cmd.arg("--cosmos-config").arg(serde_json::to_string(c)?);
         }
+        cmd.args(extra);
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut line = String::new();
@@ -440,6 +466,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         &dir.path().join("null"),
         cli.proxy_workers,
         None,
+        &[],
     )?;
     let logged = ChildProxy::start(
         &exe,
@@ -448,6 +475,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         &dir.path().join("logged"),
         cli.proxy_workers,
         None,
+        &[],
     )?;
     let on_cosmos = if cli.cosmos {
         Some(ChildProxy::start(
@@ -457,6 +485,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             &dir.path().join("cosmos"),
             cli.proxy_workers,
             Some(&cosmos::config("load")),
+            &[],
         )?)
     } else {
         None
@@ -472,6 +501,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 &dir.path().join("baseline"),
                 cli.proxy_workers,
                 None,
+                &[],
             )
         })
         .transpose()?;
@@ -490,6 +520,20 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             &dir.path().join("pool"),
             cli.proxy_workers,
             None,
+            &[],
+        )?)
+    } else {
+        None
+    };
+    let limited = if cli.limits {
+        Some(ChildProxy::start(
+            &exe,
+            &sim_base,
+            false,
+            &dir.path().join("limits"),
+            cli.proxy_workers,
+            None,
+            &["--limits"],
         )?)
     } else {
         None
@@ -542,6 +586,15 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     let pool_at = targets.len() - 1;
+    if let Some(l) = &limited {
+        targets.push((
+            "proxy, consumer limits",
+            format!("http://{}", l.addr),
+            KEY,
+            Some(l),
+        ));
+    }
+    let limits_at = targets.len() - 1;
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -642,6 +695,18 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                     median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
                 );
             }
+            if limited.is_some() {
+                let t = limits_at;
+                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
+                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
+                println!(
+                    "  consumer limits vs none (logging on, in-memory counters): throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds)",
+                    median(rps),
+                    median(cpu),
+                    median(rounds.iter().map(|r| r[t].p50 - r[2].p50).collect()),
+                    median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
+                );
+            }
             if baseline.is_some() {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();
                 let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[3].cpu_ms).collect();
@@ -663,6 +728,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
 
     if let Some(p) = pooled {
         p.stop();
+    }
+    if let Some(l) = limited {
+        l.stop();
     }
     for t in pool_sims {
         t.abort();

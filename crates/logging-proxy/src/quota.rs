@@ -10,9 +10,10 @@
 //!   tokens crate plus the completion the request allows (`max_tokens`,
 //!   `max_completion_tokens`, `max_output_tokens`, else `quotas.default_max_tokens`), times
 //!   `n`. Only consumers with a token limit pay for the count.
-//! - **Reconciled at the end** ([`Reservation::settle`]) with the `total_tokens` AOAI reported
-//!   (the usage frame the usage phase asks for is in every stream): unused reserved tokens go
-//!   back to the windows still current; an answer without usage keeps its reservation.
+//! - **Reconciled at the end** ([`Hold::settle`]) with the `total_tokens` AOAI reported (the
+//!   usage frame the usage phase asks for is in every stream): unused reserved tokens go back to
+//!   the windows still current; an error answer, or no answer, gives back everything; a success
+//!   without usage keeps its reservation.
 //! - **Refused**: a minute limit answers 429 with `Retry-After` / `retry-after-ms` until the
 //!   window ends; a day or month quota answers 403 (as APIM's `quota-by-key`), its retry time
 //!   the start of the next day or month. Either is recorded, naming the limit.
@@ -345,9 +346,17 @@ impl Hold {
         }
     }
 
-    /// The request ended: its usage, when AOAI reported one, replaces the estimate.
-    pub(crate) fn settle(self) {
-        self.reservation.settle(&self.counters, self.scan.total);
+    /// The request ended with `status`: its usage, when AOAI reported one, replaces the
+    /// estimate. Without one, an error answer used nothing (AOAI bills no error but a prompt
+    /// its content filter refused, which the estimate would overstate anyway), and a success
+    /// keeps the estimate: charged high rather than free.
+    pub(crate) fn settle(self, status: u16) {
+        let used = match self.scan.total {
+            Some(total) => Some(total),
+            None if status >= 400 => Some(0),
+            None => None,
+        };
+        self.reservation.settle(&self.counters, used);
     }
 
     /// The request ended without an answer from a backend that bills (every attempt failed,

@@ -332,7 +332,7 @@ impl Tee {
         };
         let ticket = recorder.record(RawRecord::End(end));
         if let Some(q) = ex.quota {
-            q.settle();
+            q.settle(ex.status);
         }
         // Released after the end record is handed over: that is what `flush` waits for.
         ex.accepted.release();

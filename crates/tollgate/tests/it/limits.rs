@@ -231,3 +231,32 @@ async fn a_spent_daily_quota_on_one_deployment_answers_403() {
     let elsewhere = chat(&s, "gpt-4o", harness::KEY, hi(50)).await;
     assert_eq!(elsewhere.status(), 200, "the quota is the deployment's");
 }
+
+/// An answer AOAI does not bill (an error) gives its whole reservation back: two failing
+/// requests, each reserving most of the minute's tokens, one after the other, are both sent
+/// (the second is not refused for the first's reservation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_gives_its_reservation_back() {
+    let s = stack(
+        ConsumerLimits {
+            tokens_per_minute: Some(1_100),
+            ..ConsumerLimits::default()
+        },
+        &[],
+    )
+    .await;
+    whole_minute_ahead(Duration::from_secs(10)).await;
+    for _ in 0..2 {
+        let resp = s
+            .post_with_fault(&s.chat_url("gpt-4o"), &hi(1_000), "500")
+            .await;
+        assert_eq!(
+            resp.status(),
+            500,
+            "AOAI's failure, not the consumer's limit"
+        );
+        resp.text().await.unwrap();
+    }
+    let ok = chat(&s, "gpt-4o", harness::KEY, hi(1_000)).await;
+    assert_eq!(ok.status(), 200);
+}
