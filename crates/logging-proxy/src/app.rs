@@ -72,14 +72,23 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when requests can be recorded and every deployment has a backend that may take one
-/// now (not resting after a 429, its breaker not open): a load balancer then sends traffic to
-/// replicas that can serve it.
+/// Ready when requests can be recorded, the shared limits store answers (when limits fail
+/// closed), and every deployment has a backend that may take one now (not resting after a
+/// 429, its breaker not open): a load balancer then sends traffic to replicas that can serve
+/// it.
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if !app.recorder.can_accept() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "recorder full"})),
+        )
+            .into_response();
+    }
+    // Limits that fail closed refuse every limited consumer while their store is down.
+    if let Some((true, true, _)) = app.counters.store_state() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "limits store unavailable"})),
         )
             .into_response();
     }
@@ -260,6 +269,17 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    if let Some((down, _, errors)) = app.counters.store_state() {
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_limits_store_up 1 while the shared limits store (Redis) answers.\n# TYPE tollgate_limits_store_up gauge\ntollgate_limits_store_up {}",
+            u8::from(!down)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_limits_store_errors_total Calls to the shared limits store that failed or timed out.\n# TYPE tollgate_limits_store_errors_total counter\ntollgate_limits_store_errors_total {errors}"
         );
     }
     app.pools.write_metrics(&app.live.load(), &mut out);

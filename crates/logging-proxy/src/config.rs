@@ -320,6 +320,8 @@ pub struct ProxyConfig {
     pub use_env_proxy: bool,
     pub stream_usage: StreamUsageConfig,
     pub quotas: crate::quota::QuotasConfig,
+    /// Where limit counters live: this process, or a Redis every replica shares.
+    pub limits_store: crate::quota::LimitsStoreConfig,
 }
 
 /// A validated backend.
@@ -347,6 +349,7 @@ pub(crate) struct Validated {
 /// What sizes the proxy at start; a reload may not change it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Fixed {
+    pub limits_store: crate::quota::LimitsStoreConfig,
     pub limits: LimitsConfig,
     pub recorder: RecorderConfig,
     pub admin_key: Option<[u8; 32]>,
@@ -674,6 +677,13 @@ impl ProxyConfig {
             },
             None => None,
         };
+        let _ = self.limits_store.url(&mut problems);
+        if self.limits_store.timeout_ms == 0 || self.limits_store.timeout_ms > MAX_DURATION_MS {
+            problems.push(
+                "proxy.limits_store.timeout_ms must be greater than 0 and at most a week"
+                    .to_owned(),
+            );
+        }
         if self.backends.iter().filter(|b| b.stateful).count() > 1 {
             problems.push(
                 "proxy.backends: at most one backend may be `stateful` (files, batches and stored responses live on one)".to_owned(),
@@ -692,6 +702,7 @@ impl ProxyConfig {
         }
         Ok(Validated {
             fixed: Fixed {
+                limits_store: self.limits_store.clone(),
                 limits: self.limits.clone(),
                 recorder: self.recorder.clone(),
                 admin_key,

@@ -76,6 +76,8 @@ pub enum ProxyError {
         limit: String,
         retry_after: std::time::Duration,
     },
+    #[error("Tollgate cannot check the consumer's limits right now; retry later.")]
+    LimitsUnavailable,
     #[error("Tollgate cannot record more requests right now; retry later.")]
     RecorderFull,
     #[error("The request could not be recorded.")]
@@ -147,6 +149,11 @@ impl ProxyError {
             ProxyError::ConsumerQuotaExceeded { .. } => {
                 (StatusCode::FORBIDDEN, "QuotaExceeded", Downstream)
             }
+            ProxyError::LimitsUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "LimitsUnavailable",
+                Internal,
+            ),
             ProxyError::RecorderFull => (StatusCode::SERVICE_UNAVAILABLE, "RecorderFull", Internal),
             ProxyError::RecorderFailed { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "RecorderFailed", Internal)

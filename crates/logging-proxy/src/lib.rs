@@ -183,6 +183,12 @@ impl Proxy {
         let client = client
             .build()
             .map_err(|e| ProxyBuildError::Client(e.to_string()))?;
+        let mut problems = Vec::new();
+        let url = config.limits_store.url(&mut problems);
+        let counters = Arc::new(
+            quota::Counters::new(&config.limits_store, url.as_deref())
+                .map_err(|e| ProxyBuildError::Config(vec![e]))?,
+        );
         let writer = TaskTracker::new();
         let cancel = CancellationToken::new();
         let recorder = Recorder::start(settings, deps.store, &writer, cancel.clone())
@@ -196,7 +202,7 @@ impl Proxy {
             live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
             reload: deps.reload,
             reloading: std::sync::Mutex::new(()),
-            counters: Arc::new(quota::Counters::default()),
+            counters,
             config: validated,
             client,
             recorder,

@@ -58,10 +58,12 @@ pub(crate) async fn handle(State(app): State<Arc<AppState>>, request: Request) -
         }
     };
     let mut described = describe(&app, &ctx, &bytes);
-    let routed = route(&app, &ctx, described.model.clone(), described.stateful).and_then(|plan| {
-        limit(&app, &mut ctx, &plan, &described, &bytes)?;
-        Ok(plan)
-    });
+    let routed = match route(&app, &ctx, described.model.clone(), described.stateful) {
+        Ok(plan) => limit(&app, &mut ctx, &plan, &described, &bytes)
+            .await
+            .map(|()| plan),
+        Err(error) => Err(error),
+    };
     let plan = match routed {
         Ok(plan) => plan,
         Err(error) => {
@@ -87,7 +89,7 @@ const TOKEN_OPERATIONS: &[&str] = &["chat.completions", "completions", "embeddin
 
 /// The limits phase (`quota.rs`): the consumer's counters, checked and taken at once; the
 /// reservation rides in the context to the request's end.
-fn limit(
+async fn limit(
     app: &AppState,
     ctx: &mut Ctx,
     plan: &Plan,
@@ -115,23 +117,26 @@ fn limit(
     match app
         .counters
         .reserve(&ctx.consumer.id, deployment, limits, tokens)
+        .await
     {
         Ok((reservation, remaining)) => {
             ctx.quota = Some(quota::Hold::new(
                 reservation,
                 remaining,
                 app.counters.clone(),
+                app.requests.clone(),
             ));
             Ok(())
         }
-        Err(r) if r.quota => Err(ProxyError::ConsumerQuotaExceeded {
+        Err(quota::Refused::Limit(r)) if r.quota => Err(ProxyError::ConsumerQuotaExceeded {
             limit: r.limit,
             retry_after: r.retry_after,
         }),
-        Err(r) => Err(ProxyError::ConsumerRateLimited {
+        Err(quota::Refused::Limit(r)) => Err(ProxyError::ConsumerRateLimited {
             limit: r.limit,
             retry_after: r.retry_after,
         }),
+        Err(quota::Refused::Unavailable) => Err(ProxyError::LimitsUnavailable),
     }
 }
 

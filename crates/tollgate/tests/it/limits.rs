@@ -18,7 +18,7 @@ use crate::harness::{self, Stack, request_id};
 const OTHER_KEY: &str = "other-consumer-key";
 
 /// Waits, when less than `need` of the current UTC minute is left, for the next one.
-async fn whole_minute_ahead(need: Duration) {
+pub(crate) async fn whole_minute_ahead(need: Duration) {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let into = Duration::from_millis(u64::try_from(now.as_millis() % 60_000).unwrap());
     let left = Duration::from_secs(60) - into;

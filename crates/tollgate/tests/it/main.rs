@@ -18,6 +18,7 @@ mod harness;
 mod hostile;
 mod kill;
 mod limits;
+mod limits_redis;
 mod otlp;
 mod pipeline;
 mod pools;

@@ -17,12 +17,23 @@
 //! - **Refused**: a minute limit answers 429 with `Retry-After` / `retry-after-ms` until the
 //!   window ends; a day or month quota answers 403 (as APIM's `quota-by-key`), its retry time
 //!   the start of the next day or month. Either is recorded, naming the limit.
-//! - All counters a request touches are checked and taken under one lock: a burst admits
-//!   exactly the limit. State is this process's memory: one replica, or limits per replica.
+//! - All counters a request touches are checked and taken at once (one lock in memory, one
+//!   script in Redis): a burst admits exactly the limit. Counters live in this process
+//!   (`memory.rs`) or, with `[proxy.limits_store]` naming a Redis, shared by every replica
+//!   (`shared.rs`).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, PoisonError};
+mod memory;
+mod scan;
+mod shared;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::task::TaskTracker;
+
+use self::scan::UsageScan;
+pub use self::shared::{LimitsStoreConfig, OnUnavailable};
 
 use chrono::{Datelike, TimeZone, Utc};
 use serde::Deserialize;
@@ -117,13 +128,30 @@ impl Span {
 
 /// One counter a request is checked against.
 #[derive(Debug, Clone)]
-struct Check {
+pub(crate) struct Check {
+    consumer: String,
+    /// The consumer, the deployment if scoped, and what is counted.
     key: String,
     span: Span,
     tokens: bool,
     limit: u64,
     /// For the refusal: "tokens per minute", scoped to a deployment when it is.
     name: String,
+}
+
+impl Check {
+    /// What a request takes from this counter.
+    fn amount(&self, tokens: u64) -> u64 {
+        if self.tokens { tokens } else { 1 }
+    }
+
+    fn refusal(&self, retry_after: Duration) -> Refusal {
+        Refusal {
+            limit: self.name.clone(),
+            quota: self.span.is_quota(),
+            retry_after,
+        }
+    }
 }
 
 /// Why a request was refused, and until when.
@@ -134,45 +162,112 @@ pub(crate) struct Refusal {
     pub retry_after: Duration,
 }
 
-/// What a request took; given back in part by [`Reservation::settle`].
+/// A token counter a reservation took from, in the window it took from.
+#[derive(Debug, Clone)]
+pub(crate) struct Taken {
+    key: String,
+    consumer: String,
+    window: i64,
+    #[expect(dead_code, reason = "kept for the log line of a failed settle")]
+    span: Span,
+}
+
+/// What a request took, and where; given back in part when it ends.
 #[derive(Debug)]
 pub(crate) struct Reservation {
     tokens: u64,
-    /// The token counters taken, with the window each was taken in.
-    taken: Vec<(String, i64)>,
+    taken: Vec<Taken>,
+    /// Taken in the shared store (else in this process's memory).
+    shared: bool,
 }
 
-impl Reservation {
-    /// The request ended having used `used` tokens (AOAI's `total_tokens`), or unknown: the
-    /// difference from the reservation goes back to (or is added to) the windows still
-    /// current. Unknown keeps the reservation (charged at the estimate, never at zero), as
-    /// does a reservation dropped unsettled.
-    pub(crate) fn settle(self, counters: &Counters, used: Option<u64>) {
-        let Some(used) = used else { return };
-        if self.taken.is_empty() || used == self.tokens {
-            return;
-        }
-        let mut map = counters.lock();
-        for (key, window) in &self.taken {
-            if let Some(c) = map.get_mut(key)
-                && c.window == *window
-            {
-                c.used = (c.used + used).saturating_sub(self.tokens);
-            }
-        }
-    }
+/// Why the limits phase refused.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    Limit(Refusal),
+    /// The shared store cannot be asked and `on_unavailable = "deny"`.
+    Unavailable,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Counter {
-    window: i64,
-    used: u64,
-}
-
-/// Every consumer's counters in this process.
+/// Every consumer's counters: this process's, and the shared store's when one is configured.
 #[derive(Default)]
 pub(crate) struct Counters {
-    map: Mutex<HashMap<String, Counter>>,
+    memory: memory::Memory,
+    shared: Option<shared::Shared>,
+}
+
+impl Counters {
+    pub(crate) fn new(config: &LimitsStoreConfig, url: Option<&str>) -> Result<Counters, String> {
+        Ok(Counters {
+            memory: memory::Memory::default(),
+            shared: url.map(|u| shared::Shared::new(u, config)).transpose()?,
+        })
+    }
+
+    /// Checks every counter `limits` names for `consumer` on `deployment` and, if all have
+    /// room, takes one request and `tokens` from each at once.
+    pub(crate) async fn reserve(
+        &self,
+        consumer: &str,
+        deployment: Option<&str>,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<(Reservation, Remaining), Refused> {
+        let checks = checks(consumer, deployment, limits);
+        let now = SystemTime::now();
+        let (outcome, shared) = match &self.shared {
+            Some(s) => match s.reserve(&checks, tokens, now).await {
+                Ok(outcome) => (outcome, true),
+                Err(_) if s.on_unavailable == OnUnavailable::Deny => {
+                    return Err(Refused::Unavailable);
+                }
+                Err(_) => (self.memory.reserve(&checks, tokens, now), false),
+            },
+            None => (self.memory.reserve(&checks, tokens, now), false),
+        };
+        let (taken, remaining) = outcome.map_err(Refused::Limit)?;
+        Ok((
+            Reservation {
+                tokens,
+                taken,
+                shared,
+            },
+            remaining,
+        ))
+    }
+
+    /// The request used `used` tokens of its reservation (`None`: unknown, the reservation
+    /// stands): the difference goes back to the windows still current.
+    async fn settle(&self, reservation: Reservation, used: Option<u64>) {
+        let Some(used) = used else { return };
+        if reservation.taken.is_empty() || used == reservation.tokens {
+            return;
+        }
+        let delta = i64::try_from(used)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(reservation.tokens).unwrap_or(i64::MAX));
+        match (&self.shared, reservation.shared) {
+            (Some(s), true) => {
+                // A give-back lost to an outage leaves the estimate counted: high, not free.
+                if let Err(e) = s.adjust(&reservation.taken, delta).await {
+                    tracing::warn!(error = %e, delta, "A reservation could not be settled in the limits store.");
+                }
+            }
+            _ => self.memory.adjust(&reservation.taken, delta),
+        }
+    }
+
+    /// The shared store's state for readiness and metrics: whether one is configured, whether
+    /// its last call failed, whether that refuses requests, and its failed calls so far.
+    pub(crate) fn store_state(&self) -> Option<(bool, bool, u64)> {
+        self.shared.as_ref().map(|s| {
+            (
+                s.is_down(),
+                s.on_unavailable == OnUnavailable::Deny,
+                s.errors.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
 }
 
 /// Remaining requests and tokens of the consumer's tightest minute limits after a request,
@@ -183,64 +278,18 @@ pub(crate) struct Remaining {
     pub tokens: Option<u64>,
 }
 
-impl Counters {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Counter>> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Checks every counter `limits` names for `consumer` on `deployment` and, if all have
-    /// room, takes one request and `tokens` from each at once.
-    pub(crate) fn reserve(
-        &self,
-        consumer: &str,
-        deployment: Option<&str>,
-        limits: &Limits,
-        tokens: u64,
-    ) -> Result<(Reservation, Remaining), Refusal> {
-        let checks = checks(consumer, deployment, limits);
-        let now = SystemTime::now();
-        let mut map = self.lock();
-        let mut remaining = Remaining::default();
-        for c in &checks {
-            let (window, ends) = c.span.window(now);
-            let used = map
-                .get(&c.key)
-                .filter(|k| k.window == window)
-                .map_or(0, |k| k.used);
-            let amount = if c.tokens { tokens } else { 1 };
-            if used.saturating_add(amount) > c.limit {
-                return Err(Refusal {
-                    limit: c.name.clone(),
-                    quota: c.span != Span::Minute,
-                    retry_after: ends.duration_since(now).unwrap_or(Duration::ZERO),
-                });
-            }
-            if c.span == Span::Minute {
-                let left = c.limit - used - amount;
-                let slot = if c.tokens {
-                    &mut remaining.tokens
-                } else {
-                    &mut remaining.requests
-                };
-                *slot = Some(slot.map_or(left, |s| s.min(left)));
-            }
+impl Remaining {
+    /// `left` of counter `c` after the request, if it is a minute limit.
+    fn note(&mut self, c: &Check, left: u64) {
+        if c.span != Span::Minute {
+            return;
         }
-        let mut taken = Vec::new();
-        for c in &checks {
-            let (window, _) = c.span.window(now);
-            let amount = if c.tokens { tokens } else { 1 };
-            let k = map
-                .entry(c.key.clone())
-                .or_insert(Counter { window, used: 0 });
-            if k.window != window {
-                *k = Counter { window, used: 0 };
-            }
-            k.used += amount;
-            if c.tokens {
-                taken.push((c.key.clone(), window));
-            }
-        }
-        Ok((Reservation { tokens, taken }, remaining))
+        let slot = if c.tokens {
+            &mut self.tokens
+        } else {
+            &mut self.requests
+        };
+        *slot = Some(slot.map_or(left, |s| s.min(left)));
     }
 }
 
@@ -262,6 +311,7 @@ fn checks(consumer: &str, deployment: Option<&str>, limits: &Limits) -> Vec<Chec
         ] {
             if let Some(limit) = field {
                 out.push(Check {
+                    consumer: consumer.to_owned(),
                     key: format!("{scope}|{what}"),
                     span,
                     tokens,
@@ -320,8 +370,10 @@ pub(crate) fn estimate(model: &str, operation: &str, body: &Value, default_max: 
 /// seen in the response settles it.
 pub(crate) struct Hold {
     reservation: Reservation,
-    counters: std::sync::Arc<Counters>,
+    counters: Arc<Counters>,
     scan: UsageScan,
+    /// Where a settle that waits on the shared store runs.
+    tracker: TaskTracker,
     pub remaining: Remaining,
 }
 
@@ -329,13 +381,31 @@ impl Hold {
     pub(crate) fn new(
         reservation: Reservation,
         remaining: Remaining,
-        counters: std::sync::Arc<Counters>,
+        counters: Arc<Counters>,
+        tracker: TaskTracker,
     ) -> Hold {
         Hold {
             reservation,
             counters,
             scan: UsageScan::default(),
+            tracker,
             remaining,
+        }
+    }
+
+    /// Settles with `used`: at once in memory, in a tracked task when it waits on Redis.
+    fn settle_with(self, used: Option<u64>) {
+        let Hold {
+            reservation,
+            counters,
+            tracker,
+            ..
+        } = self;
+        if reservation.shared {
+            tracker.spawn(async move { counters.settle(reservation, used).await });
+        } else {
+            // In memory nothing is awaited: the future completes on its first poll.
+            futures_util::FutureExt::now_or_never(counters.settle(reservation, used));
         }
     }
 
@@ -356,60 +426,39 @@ impl Hold {
             None if status >= 400 => Some(0),
             None => None,
         };
-        self.reservation.settle(&self.counters, used);
+        self.settle_with(used);
     }
 
     /// The request ended without an answer from a backend that bills (every attempt failed,
     /// or refused): none of its reserved tokens were used.
     pub(crate) fn release(self) {
-        self.reservation.settle(&self.counters, Some(0));
-    }
-}
-
-/// Scans a response's bytes as they pass for the last `"total_tokens":N` AOAI wrote (in the
-/// `usage` of a body, or of a stream's usage frame), without parsing the response. A
-/// `"total_tokens"` inside generated text is escaped (`\"`) in the JSON and is not taken.
-#[derive(Debug, Default)]
-pub(crate) struct UsageScan {
-    /// The end of the previous chunk, so a key cut between two chunks is still found.
-    tail: Vec<u8>,
-    pub total: Option<u64>,
-}
-
-const KEY: &[u8] = b"\"total_tokens\":";
-
-impl UsageScan {
-    pub(crate) fn push(&mut self, chunk: &[u8]) {
-        // Enough of the previous chunk for the key and a number cut across the boundary.
-        let keep = KEY.len() + 24;
-        let mut joined = std::mem::take(&mut self.tail);
-        joined.extend_from_slice(chunk);
-        for at in memchr::memmem::find_iter(&joined, KEY) {
-            if at > 0 && joined[at - 1] == b'\\' {
-                continue;
-            }
-            let digits: Vec<u8> = joined[at + KEY.len()..]
-                .iter()
-                .skip_while(|b| b.is_ascii_whitespace())
-                .take_while(|b| b.is_ascii_digit())
-                .copied()
-                .collect();
-            let ends_in_chunk = at + KEY.len() + digits.len() < joined.len();
-            if !digits.is_empty()
-                && ends_in_chunk
-                && let Ok(n) = std::str::from_utf8(&digits).unwrap_or("").parse()
-            {
-                self.total = Some(n);
-            }
-        }
-        let start = joined.len().saturating_sub(keep);
-        self.tail = joined.split_off(start);
+        self.settle_with(Some(0));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The memory counters, as the facade calls them.
+    struct C(memory::Memory);
+
+    impl C {
+        fn new() -> C {
+            C(memory::Memory::default())
+        }
+
+        fn reserve(
+            &self,
+            consumer: &str,
+            deployment: Option<&str>,
+            l: &Limits,
+            tokens: u64,
+        ) -> Result<(Vec<Taken>, Remaining), Refusal> {
+            self.0
+                .reserve(&checks(consumer, deployment, l), tokens, SystemTime::now())
+        }
+    }
 
     fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Limits {
         Limits {
@@ -424,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_minute_limit_admits_exactly_its_count_and_names_itself() {
-        let c = Counters::default();
+        let c = C::new();
         let l = limits(Some(3), None);
         for left in [2, 1, 0] {
             let (_, remaining) = c.reserve("a", None, &l, 0).unwrap();
@@ -442,19 +491,20 @@ mod tests {
 
     #[test]
     fn tokens_are_reserved_then_the_unused_part_given_back() {
-        let c = Counters::default();
+        let c = C::new();
         let l = limits(None, Some(1000));
-        let (r, remaining) = c.reserve("a", None, &l, 800).unwrap();
+        let (taken, remaining) = c.reserve("a", None, &l, 800).unwrap();
         assert_eq!(remaining.tokens, Some(200));
         assert!(c.reserve("a", None, &l, 300).is_err(), "800 + 300 > 1000");
-        r.settle(&c, Some(100));
+        // Used 100 of the 800.
+        c.0.adjust(&taken, -700);
         assert!(c.reserve("a", None, &l, 900).is_ok(), "100 + 900 fits");
         assert!(c.reserve("a", None, &l, 1).is_err());
     }
 
     #[test]
     fn a_refused_request_takes_nothing_from_the_other_counters() {
-        let c = Counters::default();
+        let c = C::new();
         let mut l = limits(Some(10), Some(100));
         l.per_deployment.insert(
             "d".into(),
@@ -494,16 +544,5 @@ mod tests {
             estimate("gpt-4o", "chat.completions", &open, 4096),
             prompt + 4096
         );
-    }
-
-    #[test]
-    fn the_scan_finds_the_last_usage_however_the_bytes_are_cut() {
-        let body = br#"{"choices":[{"message":{"content":"say \"total_tokens\":999"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
-        for cut in 1..body.len() {
-            let mut scan = UsageScan::default();
-            scan.push(&body[..cut]);
-            scan.push(&body[cut..]);
-            assert_eq!(scan.total, Some(12), "cut at {cut}");
-        }
     }
 }
