@@ -77,6 +77,10 @@ struct Cli {
     /// counting them (the token estimate included) adds, in the same rounds.
     #[arg(long)]
     limits: bool,
+    /// With --limits: also a proxy counting the same limits in a Redis (a `redis-server`
+    /// started here on a free port), shared state's round trip included.
+    #[arg(long)]
+    redis: bool,
     /// Also a proxy whose deployment is a pool of three simulators (equal weights, logging
     /// on): what pool selection adds against the single-backend proxy, in the same rounds.
     #[arg(long)]
@@ -99,6 +103,9 @@ enum Cmd {
         /// The consumer has limits (never reached): requests and tokens counted per request.
         #[arg(long)]
         limits: bool,
+        /// Count the limits in this Redis instead of the proxy's memory.
+        #[arg(long)]
+        redis_url: Option<String>,
     },
 }
 
@@ -135,12 +142,14 @@ fn main() -> anyhow::Result<()> {
             null_store,
             cosmos_config,
             limits,
+            redis_url,
         }) => runtime.block_on(serve_proxy(
             backend,
             data_dir,
             null_store,
             cosmos_config,
             limits,
+            redis_url,
         )),
         None => runtime.block_on(bench(cli)),
     }
@@ -152,6 +161,7 @@ async fn serve_proxy(
     null_store: bool,
     cosmos_config: Option<String>,
     limits: bool,
+    redis_url: Option<String>,
 ) -> anyhow::Result<()> {
     let store: Arc<dyn RawWriter> = match (null_store, cosmos_config) {
         (true, _) => Arc::new(NullWriter),
@@ -175,6 +185,7 @@ async fn serve_proxy(
             ..Default::default()
         };
     }
+    config.limits_store.redis_url = redis_url;
     let proxy = Proxy::build(
         &config,
         ProxyDeps {
@@ -538,6 +549,52 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     } else {
         None
     };
+    // A redis-server of the benchmark's own, for the shared-limits target.
+    let redis = if cli.limits && cli.redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("redis-server")?;
+        // Accepting connections: bounded wait for the server to listen.
+        let mut up = false;
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        if !up {
+            bail!("redis-server did not listen on {port}");
+        }
+        Some((child, format!("redis://127.0.0.1:{port}/")))
+    } else {
+        None
+    };
+    let shared = match &redis {
+        Some((_, url)) => Some(ChildProxy::start(
+            &exe,
+            &sim_base,
+            false,
+            &dir.path().join("limits-redis"),
+            cli.proxy_workers,
+            None,
+            &["--limits", "--redis-url", url],
+        )?),
+        None => None,
+    };
     let idle_rss = logged.rss_mb();
 
     println!(
@@ -595,6 +652,15 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         ));
     }
     let limits_at = targets.len() - 1;
+    if let Some(l) = &shared {
+        targets.push((
+            "proxy, limits in Redis",
+            format!("http://{}", l.addr),
+            KEY,
+            Some(l),
+        ));
+    }
+    let shared_at = targets.len() - 1;
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -707,6 +773,18 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                     median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
                 );
             }
+            if shared.is_some() {
+                let t = shared_at;
+                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
+                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
+                println!(
+                    "  limits in Redis vs none (logging on): throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds; redis-server shares the cores)",
+                    median(rps),
+                    median(cpu),
+                    median(rounds.iter().map(|r| r[t].p50 - r[2].p50).collect()),
+                    median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
+                );
+            }
             if baseline.is_some() {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();
                 let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[3].cpu_ms).collect();
@@ -731,6 +809,13 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(l) = limited {
         l.stop();
+    }
+    if let Some(l) = shared {
+        l.stop();
+    }
+    if let Some((mut child, _)) = redis {
+        let _ = child.kill();
+        let _ = child.wait();
     }
     for t in pool_sims {
         t.abort();

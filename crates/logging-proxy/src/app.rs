@@ -84,8 +84,11 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    // Limits that fail closed refuse every limited consumer while their store is down.
-    if let Some((true, true, _)) = app.counters.store_state() {
+    // Limits that fail closed refuse every limited consumer while their store is down; the
+    // probe asks again, so a replica taken out of rotation sees the store come back.
+    if let Some((true, true, _)) = app.counters.store_state()
+        && !app.counters.probe().await
+    {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "limits store unavailable"})),

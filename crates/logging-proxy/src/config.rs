@@ -452,6 +452,13 @@ impl ProxyConfig {
         let mut consumers = Vec::new();
         let mut limits = HashMap::new();
         for c in &self.consumers {
+            // Ids name limit counters (`{consumer}|…`) and Redis hash tags (`{consumer}`).
+            if c.id.is_empty() || c.id.contains(['|', '{', '}']) {
+                problems.push(format!(
+                    "proxy.consumers: the id `{}` must be non-empty, without `|`, `{{` or `}}`",
+                    c.id
+                ));
+            }
             for (scope, l) in std::iter::once((String::new(), &c.limits)).chain(
                 c.deployment_limits
                     .iter()

@@ -205,8 +205,8 @@ pub struct UsageRow {
     /// Requests that failed, never ended, or whose answer was cut (a 200 whose stream the
     /// backend or a limit cut short is not a success).
     pub errors: u64,
-    /// Of `errors`, the requests answered 429: refused by the consumer's limits or throttled
-    /// by every backend.
+    /// Of `errors`, the requests answered 429: over a consumer's minute limit, or every backend
+    /// throttled (a spent day or month quota answers 403 and is among the other errors).
     #[serde(default)]
     pub throttled_requests: u64,
     pub input_tokens: u64,

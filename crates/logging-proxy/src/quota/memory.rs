@@ -41,10 +41,10 @@ impl Memory {
                 .filter(|k| k.window == window)
                 .map_or(0, |k| k.used);
             let amount = c.amount(tokens);
-            if used.saturating_add(amount) > c.limit {
+            if used > 0 && used.saturating_add(amount) > c.limit {
                 return Err(c.refusal(ends.duration_since(now).unwrap_or(Duration::ZERO)));
             }
-            remaining.note(c, c.limit - used - amount);
+            remaining.note(c, c.limit.saturating_sub(used + amount));
         }
         let mut taken = Vec::new();
         for c in checks {
@@ -56,7 +56,7 @@ impl Memory {
                 *k = Counter { window, used: 0 };
             }
             k.used += c.amount(tokens);
-            if c.tokens {
+            if c.tokens && tokens > 0 {
                 taken.push(Taken {
                     key: c.key.clone(),
                     consumer: c.consumer.clone(),

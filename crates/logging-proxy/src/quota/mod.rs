@@ -21,6 +21,8 @@
 //!   script in Redis): a burst admits exactly the limit. Counters live in this process
 //!   (`memory.rs`) or, with `[proxy.limits_store]` naming a Redis, shared by every replica
 //!   (`shared.rs`).
+//! - A request whose estimate alone exceeds a limit (a long prompt with no `max_tokens`) is
+//!   admitted when that window is still empty, rather than refused for ever.
 
 mod memory;
 mod scan;
@@ -213,8 +215,25 @@ impl Counters {
         limits: &Limits,
         tokens: u64,
     ) -> Result<(Reservation, Remaining), Refused> {
-        let checks = checks(consumer, deployment, limits);
+        // A request that bills no tokens (a file, a stored response read back) is not checked
+        // against token limits: a quota spent to the last token refuses only what would use
+        // more.
+        let checks: Vec<Check> = checks(consumer, deployment, limits)
+            .into_iter()
+            .filter(|c| !c.tokens || tokens > 0)
+            .collect();
         let now = SystemTime::now();
+        if checks.is_empty() {
+            // Nothing to count (only another deployment's limits apply): no store is asked.
+            return Ok((
+                Reservation {
+                    tokens,
+                    taken: Vec::new(),
+                    shared: false,
+                },
+                Remaining::default(),
+            ));
+        }
         let (outcome, shared) = match &self.shared {
             Some(s) => match s.reserve(&checks, tokens, now).await {
                 Ok(outcome) => (outcome, true),
@@ -254,6 +273,15 @@ impl Counters {
                 }
             }
             _ => self.memory.adjust(&reservation.taken, delta),
+        }
+    }
+
+    /// Asks the shared store whether it answers (readiness: a replica that stopped taking
+    /// traffic because the store was down must still see it come back).
+    pub(crate) async fn probe(&self) -> bool {
+        match &self.shared {
+            Some(s) => s.ping().await,
+            None => true,
         }
     }
 
@@ -369,7 +397,9 @@ pub(crate) fn estimate(model: &str, operation: &str, body: &Value, default_max: 
 /// A request's reservation, held from the limits phase to the request's end, where the usage
 /// seen in the response settles it.
 pub(crate) struct Hold {
-    reservation: Reservation,
+    /// Taken by the settle; still here on drop means the request ended on a path that did
+    /// not settle (a panic): its reservation is given back as unused then.
+    reservation: Option<Reservation>,
     counters: Arc<Counters>,
     scan: UsageScan,
     /// Where a settle that waits on the shared store runs.
@@ -385,7 +415,7 @@ impl Hold {
         tracker: TaskTracker,
     ) -> Hold {
         Hold {
-            reservation,
+            reservation: Some(reservation),
             counters,
             scan: UsageScan::default(),
             tracker,
@@ -394,15 +424,17 @@ impl Hold {
     }
 
     /// Settles with `used`: at once in memory, in a tracked task when it waits on Redis.
-    fn settle_with(self, used: Option<u64>) {
-        let Hold {
-            reservation,
-            counters,
-            tracker,
-            ..
-        } = self;
+    fn settle_with(&mut self, used: Option<u64>) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let (counters, tracker) = (self.counters.clone(), self.tracker.clone());
         if reservation.shared {
-            tracker.spawn(async move { counters.settle(reservation, used).await });
+            // A tee dropped after its runtime is gone (shutdown) cannot reach Redis: the
+            // reservation stays counted, high rather than free.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                tracker.spawn(async move { counters.settle(reservation, used).await });
+            }
         } else {
             // In memory nothing is awaited: the future completes on its first poll.
             futures_util::FutureExt::now_or_never(counters.settle(reservation, used));
@@ -411,7 +443,11 @@ impl Hold {
 
     /// A response chunk passing to the client.
     pub(crate) fn push(&mut self, chunk: &[u8]) {
-        if !self.reservation.taken.is_empty() {
+        if self
+            .reservation
+            .as_ref()
+            .is_some_and(|r| !r.taken.is_empty())
+        {
             self.scan.push(chunk);
         }
     }
@@ -420,7 +456,7 @@ impl Hold {
     /// estimate. Without one, an error answer used nothing (AOAI bills no error but a prompt
     /// its content filter refused, which the estimate would overstate anyway), and a success
     /// keeps the estimate: charged high rather than free.
-    pub(crate) fn settle(self, status: u16) {
+    pub(crate) fn settle(mut self, status: u16) {
         let used = match self.scan.total {
             Some(total) => Some(total),
             None if status >= 400 => Some(0),
@@ -431,7 +467,13 @@ impl Hold {
 
     /// The request ended without an answer from a backend that bills (every attempt failed,
     /// or refused): none of its reserved tokens were used.
-    pub(crate) fn release(self) {
+    pub(crate) fn release(mut self) {
+        self.settle_with(Some(0));
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
         self.settle_with(Some(0));
     }
 }
@@ -513,11 +555,22 @@ mod tests {
                 ..ConsumerLimits::default()
             },
         );
+        assert!(c.reserve("a", Some("d"), &l, 10).is_ok());
         let refused = c.reserve("a", Some("d"), &l, 60).unwrap_err();
         assert_eq!(refused.limit, "50 tokens per day on d");
         assert!(refused.quota);
-        // Nothing was taken: the full minute budget is still there elsewhere.
-        assert!(c.reserve("a", Some("e"), &l, 100).is_ok());
+        // Nothing was taken by the refused one: 90 of the minute's 100 are still there.
+        assert!(c.reserve("a", Some("e"), &l, 90).is_ok());
+    }
+
+    /// Found in review: an estimate above a limit (a long prompt with no `max_tokens`) could
+    /// never fit and was refused for ever; it is admitted into an empty window.
+    #[test]
+    fn an_estimate_over_the_limit_fits_an_empty_window_only() {
+        let c = C::new();
+        let l = limits(None, Some(1000));
+        assert!(c.reserve("a", None, &l, 5000).is_ok());
+        assert!(c.reserve("a", None, &l, 1).is_err(), "the window is spent");
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Limit counters shared by every proxy replica, in Redis: one key per counter and window
-//! (`{prefix}{consumer}…:{window}`, the consumer as the hash tag so a request's keys share a
-//! cluster slot), checked and taken by one Lua script, so a burst spread over replicas admits
-//! exactly the limit. Keys expire a minute after their window ends.
+//! (`{prefix}{consumer}…:{window}`), checked and taken by one Lua script, so a burst spread
+//! over replicas admits exactly the limit. Keys expire a minute after their window ends. One
+//! Redis node (or a proxy in front of a cluster, as Azure Managed Redis's OSS-cluster-off
+//! policy gives): the client is not a cluster client. The consumer is the keys' hash tag, so a
+//! cluster-aware proxy keeps a request's keys in one slot.
+//!
+//! A reservation Redis made after the timeout had given up on it stays counted for its window
+//! (charged high, never free).
 //!
 //! Redis unreachable (or slower than `timeout_ms`): `on_unavailable = "local"` counts in this
 //! process instead (fail open on local limits), `"deny"` refuses with 503 (fail closed). Either
@@ -20,8 +25,8 @@ use super::{Check, Refusal, Remaining, Taken};
 /// every amount and answers 0 then each key's new count.
 const RESERVE: &str = r"
 for i, key in ipairs(KEYS) do
-  local used = tonumber(redis.call('GET', key) or '0')
-  if used + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i - 2]) then
+  local used = math.max(0, tonumber(redis.call('GET', key) or '0'))
+  if used > 0 and used + tonumber(ARGV[3 * i - 1]) > tonumber(ARGV[3 * i - 2]) then
     return {i, used}
   end
 end
@@ -33,17 +38,22 @@ end
 return out
 ";
 
-/// Adds ARGV[1] to each key that still exists (its window not over), never below zero.
+/// Adds ARGV[1] to each key that still exists (its window not over), never below zero
+/// (INCRBY keeps a key's expiry; a second INCRBY brings a negative count back to zero).
 const ADJUST: &str = r"
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
-    if redis.call('INCRBY', key, ARGV[1]) < 0 then
-      redis.call('SET', key, 0, 'KEEPTTL')
+    local v = redis.call('INCRBY', key, ARGV[1])
+    if v < 0 then
+      redis.call('INCRBY', key, -v)
     end
   end
 end
 return 0
 ";
+
+/// After a failed call, how long requests skip Redis before one tries again.
+const RETRY_AFTER_MS: u64 = 1_000;
 
 /// What to do when the shared store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -120,6 +130,9 @@ pub(crate) struct Shared {
     adjust: redis::Script,
     /// The last call failed; cleared by the next that succeeds.
     down: AtomicBool,
+    /// While down, no call is tried before this (ms since the epoch): requests do not each
+    /// wait the whole timeout on a Redis that is gone.
+    retry_at: AtomicU64,
     pub(crate) errors: AtomicU64,
 }
 
@@ -142,6 +155,7 @@ impl Shared {
             reserve: redis::Script::new(RESERVE),
             adjust: redis::Script::new(ADJUST),
             down: AtomicBool::new(false),
+            retry_at: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         })
     }
@@ -160,6 +174,14 @@ impl Shared {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
+        let now_ms = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        };
+        if self.is_down() && now_ms() < self.retry_at.load(Ordering::Relaxed) {
+            return Err("backing off after a failure".to_owned());
+        }
         let outcome = tokio::time::timeout(self.timeout, async {
             let conn = self
                 .conn
@@ -182,12 +204,23 @@ impl Shared {
             }
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
+                self.retry_at
+                    .store(now_ms().saturating_add(RETRY_AFTER_MS), Ordering::Relaxed);
                 if !self.down.swap(true, Ordering::Relaxed) {
                     tracing::error!(error = %e, on_unavailable = ?self.on_unavailable, "The limits store (Redis) is unavailable.");
                 }
             }
         }
         outcome
+    }
+
+    /// Whether Redis answers a PING (past the backoff).
+    pub(crate) async fn ping(&self) -> bool {
+        self.run(
+            |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
+        )
+        .await
+        .is_ok()
     }
 
     /// As [`super::memory::Memory::reserve`], in Redis; `Err` when Redis could not be asked.
@@ -231,7 +264,7 @@ impl Shared {
                 .and_then(|v| u64::try_from(*v).ok())
                 .unwrap_or(c.limit);
             remaining.note(c, c.limit.saturating_sub(count));
-            if c.tokens {
+            if c.tokens && tokens > 0 {
                 taken.push(Taken {
                     key: c.key.clone(),
                     consumer: c.consumer.clone(),

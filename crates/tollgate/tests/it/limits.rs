@@ -260,3 +260,72 @@ async fn an_error_answer_gives_its_reservation_back() {
     let ok = chat(&s, "gpt-4o", harness::KEY, hi(1_000)).await;
     assert_eq!(ok.status(), 200);
 }
+
+/// Found in review: a call that bills no tokens (a file read back) was charged whatever
+/// `total_tokens` its bytes held, and a spent token quota refused it. It reserves nothing, is
+/// not scanned, and passes a spent quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_bill_no_tokens_are_neither_charged_nor_refused_by_token_limits() {
+    let s = stack(
+        ConsumerLimits {
+            tokens_per_minute: Some(100_000),
+            tokens_per_day: Some(4_000),
+            ..ConsumerLimits::default()
+        },
+        &[],
+    )
+    .await;
+    // A batch output file whose lines carry usage, as AOAI's do.
+    let boundary = "limits-file";
+    let content = r#"{"response":{"body":{"usage":{"total_tokens":3990}}}}"#;
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"o.jsonl\"\r\n\r\n\
+         {content}\r\n--{boundary}--\r\n"
+    );
+    let uploaded: Value = s
+        .http
+        .post(format!("{}/openai/files?{}", s.base, harness::API))
+        .header("api-key", harness::KEY)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file = uploaded["id"].as_str().expect("file id");
+    let read = |s: &Stack| {
+        s.http
+            .get(format!(
+                "{}/openai/files/{file}/content?{}",
+                s.base,
+                harness::API
+            ))
+            .header("api-key", harness::KEY)
+            .send()
+    };
+    let got = read(&s).await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert!(got.text().await.unwrap().contains("3990"));
+    let chat_ok = chat(&s, "gpt-4o", harness::KEY, hi(100)).await;
+    assert_eq!(chat_ok.status(), 200, "the file's 3,990 were not charged");
+    chat_ok.text().await.unwrap();
+    // Spend the day's quota, then read the file again.
+    let mut spent = false;
+    for _ in 0..200 {
+        let resp = chat(&s, "gpt-4o", harness::KEY, hi(60)).await;
+        let status = resp.status();
+        resp.text().await.unwrap();
+        if status == 403 {
+            spent = true;
+            break;
+        }
+    }
+    assert!(spent, "the day's 4,000 tokens ran out");
+    assert_eq!(read(&s).await.unwrap().status(), 200, "no tokens, no quota");
+}
