@@ -50,6 +50,7 @@ pub(crate) fn authenticate(
         id: id.to_owned(),
         key_id: Some(hex::encode(&digest[..4])),
         auth_kind: AuthKind::ApiKey,
+        ..Default::default()
     })
 }
 

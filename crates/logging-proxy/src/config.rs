@@ -322,6 +322,8 @@ pub struct ProxyConfig {
     pub quotas: crate::quota::QuotasConfig,
     /// Where limit counters live: this process, or a Redis every replica shares.
     pub limits_store: crate::quota::LimitsStoreConfig,
+    /// Entra ID access tokens accepted from callers, mapped to consumers.
+    pub entra_callers: crate::entra_callers::EntraCallersConfig,
 }
 
 /// A validated backend.
@@ -349,6 +351,7 @@ pub(crate) struct Validated {
 /// What sizes the proxy at start; a reload may not change it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Fixed {
+    pub entra_callers: crate::entra_callers::EntraCallersConfig,
     pub limits_store: crate::quota::LimitsStoreConfig,
     pub limits: LimitsConfig,
     pub recorder: RecorderConfig,
@@ -685,6 +688,8 @@ impl ProxyConfig {
             None => None,
         };
         let _ = self.limits_store.url(&mut problems);
+        let ids: Vec<&str> = self.consumers.iter().map(|c| c.id.as_str()).collect();
+        problems.extend(self.entra_callers.problems(&ids));
         if self.limits_store.timeout_ms == 0 || self.limits_store.timeout_ms > MAX_DURATION_MS {
             problems.push(
                 "proxy.limits_store.timeout_ms must be greater than 0 and at most a week"
@@ -709,6 +714,7 @@ impl ProxyConfig {
         }
         Ok(Validated {
             fixed: Fixed {
+                entra_callers: self.entra_callers.clone(),
                 limits_store: self.limits_store.clone(),
                 limits: self.limits.clone(),
                 recorder: self.recorder.clone(),

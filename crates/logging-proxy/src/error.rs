@@ -13,6 +13,12 @@ pub enum ProxyError {
         "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."
     )]
     ConsumerKeyInvalid,
+    /// A bearer JWT that is not a valid Entra ID token for this gateway; the reason is for the
+    /// record only.
+    #[error("Access token is missing, invalid, audience is incorrect, or have expired.")]
+    CallerTokenInvalid { reason: String },
+    #[error("The caller's identity is valid but is not allowed to call this gateway.")]
+    CallerNotMapped,
     #[error("Resource not found")]
     RouteNotFound,
     #[error(
@@ -91,6 +97,9 @@ impl ProxyError {
         match self {
             ProxyError::ConsumerKeyInvalid => (StatusCode::UNAUTHORIZED, "401", Downstream),
             ProxyError::RouteNotFound => (StatusCode::NOT_FOUND, "404", Downstream),
+            // As AOAI answers a bad token.
+            ProxyError::CallerTokenInvalid { .. } => (StatusCode::UNAUTHORIZED, "401", Downstream),
+            ProxyError::CallerNotMapped => (StatusCode::FORBIDDEN, "PermissionDenied", Downstream),
             ProxyError::DeploymentNotFound => {
                 (StatusCode::NOT_FOUND, "DeploymentNotFound", Downstream)
             }
@@ -169,6 +178,7 @@ impl ProxyError {
     pub fn info(&self) -> ErrorInfo {
         let (_, code, source) = self.table();
         let message = match self {
+            ProxyError::CallerTokenInvalid { reason } => format!("{self} ({reason})"),
             ProxyError::BackendUnreachable { detail }
             | ProxyError::BackendCredential { detail }
             | ProxyError::RecorderFailed { detail } => {

@@ -6,7 +6,9 @@
 //!    canonical (400), the headers within `max_header_bytes` (431), and a slot of
 //!    `max_concurrent_requests` free (else shed with 503 and `retry-after`). Inserts the parsed
 //!    [`Route`] and the slot.
-//! 3. [`authenticate`] — the consumer from its key (401 otherwise). Inserts the [`Consumer`].
+//! 3. [`authenticate`] — the consumer from its key, or from an Entra ID caller's token
+//!    (`entra_callers.rs`) (401 otherwise; 403 for a valid token no rule maps). Inserts the
+//!    [`Consumer`].
 //!
 //! Refusals go through [`crate::reject::refuse`], which keeps a bounded summary.
 
@@ -21,6 +23,7 @@ use tollgate_records::Consumer;
 use crate::AppState;
 use crate::auth;
 use crate::context::{REQUEST_ID_HEADER, RequestInfo, Slot, SlotCell};
+use crate::entra_callers::Rejected;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::path::{self, PathError, Route};
@@ -81,21 +84,36 @@ pub(crate) async fn authenticate(
     request: Request,
     next: Next,
 ) -> Response {
-    let consumer: Option<Consumer> =
-        auth::authenticate(&app.live.load().consumers, request.headers());
+    // A bearer JWT is an Entra ID caller's token when callers are configured; anything else
+    // presented is a consumer key.
+    let jwt = auth::presented_key(request.headers())
+        .filter(|k| app.callers.enabled() && k.split('.').count() == 3)
+        .map(str::to_owned);
+    let consumer: Result<Consumer, ProxyError> = match jwt {
+        Some(token) => app
+            .callers
+            .authenticate(&token)
+            .await
+            .map_err(|rejected| match rejected {
+                Rejected::Invalid(reason) => ProxyError::CallerTokenInvalid { reason },
+                Rejected::Unmapped => ProxyError::CallerNotMapped,
+            }),
+        None => auth::authenticate(&app.live.load().consumers, request.headers())
+            .ok_or(ProxyError::ConsumerKeyInvalid),
+    };
     match consumer {
-        Some(consumer) => {
+        Ok(consumer) => {
             let mut request = request;
             request.extensions_mut().insert(consumer);
             next.run(request).await
         }
-        None => {
+        Err(error) => {
             let Some(info) = info_of(&request) else {
                 return ProxyError::Internal.into_response();
             };
             let (parts, _body) = request.into_parts();
             let route = parts.extensions.get::<Route>();
-            refuse(&app, &info, &parts, route, ProxyError::ConsumerKeyInvalid)
+            refuse(&app, &info, &parts, route, error)
         }
     }
 }

@@ -11,6 +11,7 @@ mod auth;
 pub mod backend_auth;
 pub mod config;
 mod context;
+pub mod entra_callers;
 mod error;
 mod exchange;
 mod headers;
@@ -130,6 +131,8 @@ pub(crate) struct AppState {
     pub pools: pool::Pools,
     /// Every consumer's limit counters (`quota.rs`); kept across reloads.
     pub counters: Arc<quota::Counters>,
+    /// Entra ID callers' token validation and the tenants' signing keys.
+    pub callers: entra_callers::Callers,
 }
 
 /// A built proxy: its router plus handles to flush and shut down the recorder.
@@ -203,6 +206,7 @@ impl Proxy {
             reload: deps.reload,
             reloading: std::sync::Mutex::new(()),
             counters,
+            callers: entra_callers::Callers::new(validated.entra_callers.clone(), client.clone()),
             config: validated,
             client,
             recorder,

@@ -110,6 +110,9 @@ impl RawRecord {
 pub enum AuthKind {
     /// A consumer key from the configuration, sent as `api-key` or `Authorization: Bearer`.
     ApiKey,
+    /// An Entra ID access token (`Authorization: Bearer <JWT>`), mapped to a consumer by its
+    /// claims.
+    EntraId,
     /// No consumer could be identified (the request was rejected).
     #[default]
     None,
@@ -125,6 +128,13 @@ pub struct Consumer {
     pub key_id: Option<String>,
     #[serde(default)]
     pub auth_kind: AuthKind,
+    /// The Entra ID caller's object id (`oid`, else `sub`): usage charged per user or service
+    /// principal. Never the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The calling application's client id (`appid` in v1 tokens, `azp` in v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
 }
 
 impl Consumer {
@@ -134,6 +144,7 @@ impl Consumer {
             id: "anonymous".to_owned(),
             key_id: None,
             auth_kind: AuthKind::None,
+            ..Default::default()
         }
     }
 }

@@ -39,6 +39,7 @@ pub fn sample_request(id: &str) -> RawRecord {
             id: "c".into(),
             key_id: None,
             auth_kind: AuthKind::ApiKey,
+            ..Default::default()
         },
         client_ip: None,
         user_agent: None,
@@ -108,6 +109,7 @@ pub fn sample_consolidated(id: &str, consumer: &str, day: u32, input: u64) -> Co
             id: consumer.to_owned(),
             key_id: None,
             auth_kind: AuthKind::ApiKey,
+            ..Default::default()
         },
         deployment: Some("d".into()),
         model: Some("gpt-4o".into()),

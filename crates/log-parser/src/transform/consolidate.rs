@@ -523,6 +523,7 @@ mod tests {
                 id: "c".into(),
                 key_id: None,
                 auth_kind: AuthKind::ApiKey,
+                ..C::default()
             },
             client_ip: None,
             user_agent: None,

@@ -14,6 +14,7 @@
 mod cosmos_faults;
 mod e2e;
 mod entra;
+mod entra_callers;
 mod harness;
 mod hostile;
 mod kill;

@@ -1,0 +1,298 @@
+//! Entra ID callers: tokens signed with RSA keys generated here, verified against a JWKS served
+//! on port 0 behind an OpenID configuration, as Entra ID publishes them. Valid tokens map to a
+//! consumer by their claims and are recorded with the caller's object id and app id; every
+//! forged or misdirected token is refused with AOAI's 401 body, and a valid token no rule maps
+//! with 403.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rsa::pkcs1::EncodeRsaPrivateKey;
+use rsa::traits::PublicKeyParts;
+use serde_json::{Value, json};
+use tollgate_logging_proxy::entra_callers::{CallerRule, EntraCallersConfig};
+
+use crate::harness::{self, Stack, request_id, serve};
+
+const TENANT: &str = "11111111-1111-1111-1111-111111111111";
+const AUDIENCE: &str = "api://tollgate";
+const APP: &str = "22222222-2222-2222-2222-222222222222";
+
+/// An RSA key pair for signing, and its JWK.
+struct Signer {
+    kid: String,
+    encoding: EncodingKey,
+    jwk: Value,
+    /// The public key's PEM (what a forger would use as an HMAC secret).
+    public_pem: String,
+}
+
+fn signer(kid: &str) -> Signer {
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("rsa key");
+    let pem = key
+        .to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)
+        .expect("pem")
+        .to_string();
+    let public = key.to_public_key();
+    let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let public_pem =
+        rsa::pkcs1::EncodeRsaPublicKey::to_pkcs1_pem(&public, rsa::pkcs1::LineEnding::LF)
+            .expect("public pem");
+    Signer {
+        kid: kid.to_owned(),
+        encoding: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("encoding key"),
+        jwk: json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+            "n": b64(public.n().to_bytes_be()), "e": b64(public.e().to_bytes_be())}),
+        public_pem,
+    }
+}
+
+/// Two key pairs, made once (RSA generation is slow in a debug build).
+fn signers() -> &'static (Signer, Signer) {
+    static KEYS: OnceLock<(Signer, Signer)> = OnceLock::new();
+    KEYS.get_or_init(|| (signer("k1"), signer("k2")))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The claims of a good token from `TENANT`, with `overrides` applied.
+fn claims(authority: &str, overrides: Value) -> Value {
+    let mut c = json!({
+        "aud": AUDIENCE, "iss": format!("{authority}/{TENANT}/v2.0"), "tid": TENANT,
+        "iat": now(), "nbf": now() - 10, "exp": now() + 3600,
+        "oid": "33333333-3333-3333-3333-333333333333", "azp": APP, "roles": ["Tollgate.Call"],
+    });
+    if let (Some(c), Some(o)) = (c.as_object_mut(), overrides.as_object()) {
+        for (k, v) in o {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    c
+}
+
+fn sign(s: &Signer, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(s.kid.clone());
+    jsonwebtoken::encode(&header, claims, &s.encoding).expect("sign")
+}
+
+/// The tenant's published keys, changeable mid-test (a key rotation), and how often fetched.
+#[derive(Default)]
+struct Published {
+    keys: Vec<Value>,
+    fetches: usize,
+}
+
+async fn stack(
+    published: Arc<Mutex<Published>>,
+    default_consumer: Option<&str>,
+) -> (Stack, String) {
+    let authority = {
+        let p = published.clone();
+        // The JWKS address is known once the server listens; the OpenID configuration names it.
+        let base: Arc<OnceLock<String>> = Arc::default();
+        let named = base.clone();
+        let router = axum::Router::new()
+            .route(
+                "/{tenant}/v2.0/.well-known/openid-configuration",
+                axum::routing::get(move || {
+                    let base = named.get().cloned().unwrap_or_default();
+                    async move { axum::Json(json!({"jwks_uri": format!("{base}/keys")})) }
+                }),
+            )
+            .route(
+                "/keys",
+                axum::routing::get(move || {
+                    let p = p.clone();
+                    async move {
+                        let mut p = p.lock().unwrap();
+                        p.fetches += 1;
+                        axum::Json(json!({"keys": p.keys.clone()}))
+                    }
+                }),
+            );
+        let url = format!("http://{}", serve(router).await);
+        let _ = base.set(url.clone());
+        url
+    };
+    let callers = EntraCallersConfig {
+        tenants: vec![TENANT.into()],
+        audiences: vec![AUDIENCE.into()],
+        authority_host: authority.clone(),
+        jwks_min_refresh_s: 0,
+        rules: vec![CallerRule {
+            claim: "azp".into(),
+            value: APP.into(),
+            consumer: "tester".into(),
+        }],
+        default_consumer: default_consumer.map(str::to_owned),
+        ..EntraCallersConfig::default()
+    };
+    let s = harness::start(move |c| c.entra_callers = callers).await;
+    (s, authority)
+}
+
+async fn call(s: &Stack, token: &str) -> reqwest::Response {
+    s.http
+        .post(s.chat_url("gpt-4o"))
+        .header("authorization", format!("Bearer {token}"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_tokens_map_to_a_consumer_and_forged_ones_are_refused() {
+    let (k1, k2) = signers();
+    let published = Arc::new(Mutex::new(Published {
+        keys: vec![k1.jwk.clone()],
+        fetches: 0,
+    }));
+    let (s, authority) = stack(published.clone(), None).await;
+
+    let good = call(&s, &sign(k1, &claims(&authority, json!({})))).await;
+    assert_eq!(good.status(), 200);
+    let id = request_id(&good);
+    good.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.consumer.id, "tester");
+    assert_eq!(
+        r.consumer.subject.as_deref(),
+        Some("33333333-3333-3333-3333-333333333333")
+    );
+    assert_eq!(r.consumer.app_id.as_deref(), Some(APP));
+    let raw = serde_json::to_string(&s.raw(&id).await).unwrap();
+    assert!(!raw.contains("eyJ"), "no token in the records");
+
+    let v1_issuer = claims(
+        &authority,
+        json!({"iss": format!("https://sts.windows.net/{TENANT}/"), "appid": APP}),
+    );
+    assert_eq!(
+        call(&s, &sign(k1, &v1_issuer)).await.status(),
+        200,
+        "v1 token"
+    );
+
+    let refused: Vec<(&str, String)> = vec![
+        (
+            "expired",
+            sign(k1, &claims(&authority, json!({"exp": now() - 3600}))),
+        ),
+        (
+            "not yet valid",
+            sign(k1, &claims(&authority, json!({"nbf": now() + 3600}))),
+        ),
+        (
+            "wrong audience",
+            sign(k1, &claims(&authority, json!({"aud": "api://other"}))),
+        ),
+        (
+            "wrong issuer",
+            sign(k1, &claims(&authority, json!({"iss": "https://evil/"}))),
+        ),
+        (
+            "another tenant",
+            sign(
+                k1,
+                &claims(
+                    &authority,
+                    json!({"tid": "99999999-9999-9999-9999-999999999999",
+                        "iss": format!("{authority}/99999999-9999-9999-9999-999999999999/v2.0")}),
+                ),
+            ),
+        ),
+        ("alg none", {
+            let enc =
+                |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+            format!(
+                "{}.{}.",
+                enc(json!({"alg": "none", "kid": "k1", "typ": "JWT"})),
+                enc(claims(&authority, json!({})))
+            )
+        }),
+        ("HS256 with the public key as secret", {
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some("k1".into());
+            jsonwebtoken::encode(
+                &header,
+                &claims(&authority, json!({})),
+                &EncodingKey::from_secret(k1.public_pem.as_bytes()),
+            )
+            .unwrap()
+        }),
+        (
+            "signed by an unpublished key",
+            sign(k2, &claims(&authority, json!({}))),
+        ),
+    ];
+    for (what, token) in &refused {
+        let resp = call(&s, token).await;
+        assert_eq!(resp.status(), 401, "{what}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "401", "{what}");
+    }
+
+    // A valid token no rule maps, and no default consumer: 403.
+    let stranger = sign(
+        k1,
+        &claims(
+            &authority,
+            json!({"azp": "44444444-4444-4444-4444-444444444444"}),
+        ),
+    );
+    assert_eq!(call(&s, &stranger).await.status(), 403);
+
+    // The tenant rotates to k2: a token with the new kid makes Tollgate fetch the keys again.
+    published.lock().unwrap().keys = vec![k2.jwk.clone()];
+    let before = published.lock().unwrap().fetches;
+    assert_eq!(
+        call(&s, &sign(k2, &claims(&authority, json!({}))))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        published.lock().unwrap().fetches,
+        before + 1,
+        "refreshed once"
+    );
+}
+
+/// With a default consumer, a valid token no rule maps is charged to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmapped_valid_token_goes_to_the_default_consumer() {
+    let (k1, _) = signers();
+    let published = Arc::new(Mutex::new(Published {
+        keys: vec![k1.jwk.clone()],
+        fetches: 0,
+    }));
+    let (s, authority) = stack(published, Some("tester")).await;
+    let token = sign(
+        k1,
+        &claims(
+            &authority,
+            json!({"azp": "55555555-5555-5555-5555-555555555555"}),
+        ),
+    );
+    let resp = call(&s, &token).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.consumer.id, "tester");
+    assert_eq!(
+        r.consumer.app_id.as_deref(),
+        Some("55555555-5555-5555-5555-555555555555")
+    );
+}
