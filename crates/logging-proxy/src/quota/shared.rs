@@ -1,9 +1,9 @@
 //! Limit counters shared by every proxy replica, in Redis: one key per counter and window
 //! (`{prefix}{consumer}…:{window}`), checked and taken by one Lua script, so a burst spread
 //! over replicas admits exactly the limit. Keys expire a minute after their window ends. One
-//! Redis node (or a proxy in front of a cluster, as Azure Managed Redis's OSS-cluster-off
-//! policy gives): the client is not a cluster client. The consumer is the keys' hash tag, so a
-//! cluster-aware proxy keeps a request's keys in one slot.
+//! Redis endpoint: a single node, or a cluster behind a proxy that presents one endpoint; the
+//! client is not a cluster client. The consumer is the keys' hash tag, so a cluster keeps a
+//! request's keys in one slot.
 //!
 //! A reservation Redis made after the timeout had given up on it stays counted for its window
 //! (charged high, never free).
