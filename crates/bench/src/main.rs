@@ -448,6 +448,19 @@ async fn load(base: &str, key: &str, stream: bool, seconds: u64, concurrency: us
     all
 }
 
+/// Prints target `t` against "proxy, logging on" (index 2) over the same rounds: throughput
+/// and CPU per request as ratios, and the latency it adds, each the median of the rounds.
+fn compare(rounds: &[Vec<Row>], t: usize, label: &str, note: &str) {
+    let med = |f: &dyn Fn(&Vec<Row>) -> f64| median(rounds.iter().map(f).collect());
+    println!(
+        "  {label}: throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds{note})",
+        med(&|r| r[t].rps / r[2].rps),
+        med(&|r| r[t].cpu_ms / r[2].cpu_ms),
+        med(&|r| r[t].p50 - r[2].p50),
+        med(&|r| r[t].p99 - r[2].p99),
+    );
+}
+
 /// A simulator served from this process; its base URL and its server task.
 async fn start_sim() -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let sim = Simulator::new(SimConfig::default())?;
@@ -749,41 +762,28 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                     median(rounds.iter().map(|r| r[2].p99).collect()),
                 );
             }
-            if pooled.is_some() {
-                let t = pool_at;
-                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
-                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
-                println!(
-                    "  pool of 3 vs one backend (logging on): throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds)",
-                    median(rps),
-                    median(cpu),
-                    median(rounds.iter().map(|r| r[t].p50 - r[2].p50).collect()),
-                    median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
-                );
-            }
-            if limited.is_some() {
-                let t = limits_at;
-                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
-                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
-                println!(
-                    "  consumer limits vs none (logging on, in-memory counters): throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds)",
-                    median(rps),
-                    median(cpu),
-                    median(rounds.iter().map(|r| r[t].p50 - r[2].p50).collect()),
-                    median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
-                );
-            }
-            if shared.is_some() {
-                let t = shared_at;
-                let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
-                let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
-                println!(
-                    "  limits in Redis vs none (logging on): throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms (medians of rounds; redis-server shares the cores)",
-                    median(rps),
-                    median(cpu),
-                    median(rounds.iter().map(|r| r[t].p50 - r[2].p50).collect()),
-                    median(rounds.iter().map(|r| r[t].p99 - r[2].p99).collect()),
-                );
+            let against_logged = [
+                (
+                    pooled.is_some(),
+                    pool_at,
+                    "pool of 3 vs one backend (logging on)",
+                    "",
+                ),
+                (
+                    limited.is_some(),
+                    limits_at,
+                    "consumer limits vs none (logging on, in-memory counters)",
+                    "",
+                ),
+                (
+                    shared.is_some(),
+                    shared_at,
+                    "limits in Redis vs none (logging on)",
+                    "; redis-server shares the cores",
+                ),
+            ];
+            for (_, t, label, note) in against_logged.into_iter().filter(|(on, ..)| *on) {
+                compare(&rounds, t, label, note);
             }
             if baseline.is_some() {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();

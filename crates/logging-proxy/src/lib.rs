@@ -1,9 +1,10 @@
-//! The logging proxy: serves Azure OpenAI's HTTP surface to apps, authenticates consumers,
-//! forwards to the configured AOAI backend without buffering, and records every request and
-//! response as raw records (`request`, `chunks`, `end`) through a batching writer with an
-//! on-disk spool.
+//! The logging proxy: serves Azure OpenAI's HTTP surface to apps, authenticates consumers (keys
+//! or Entra ID tokens), holds them to their limits, forwards to a deployment's pool of AOAI
+//! backends without buffering, and records every request and response as raw records
+//! (`request`, `chunks`, `end`) through a batching writer with an on-disk spool.
 //!
-//! Must not: parse or count tokens on the request path, wait on the store in a request task,
+//! Must not: count tokens on the request path beyond the limits phase's estimate for a
+//! consumer with a token limit (billing is the parser's), wait on the store in a request task,
 //! depend on the log parser, or let credentials reach a record or a log line.
 
 mod app;

@@ -62,6 +62,24 @@ impl Live {
                     .unwrap_or_default()
             })
             .collect();
+        if let Some(keeper) = config.stateful {
+            let mut without: Vec<&String> = config
+                .routes
+                .iter()
+                .filter(|(_, pool)| !pool.contains(&keeper))
+                .map(|(d, _)| d)
+                .collect();
+            if !without.is_empty() {
+                without.sort();
+                // Stored Responses and chat completions stay on the stateful backend only where
+                // it serves the deployment; elsewhere they are balanced, and a later call on
+                // their id may reach a resource that does not have them.
+                tracing::warn!(
+                    deployments = ?without,
+                    "These deployments' pools do not include the stateful backend: their stored responses cannot be read back by id reliably."
+                );
+            }
+        }
         Live {
             consumers: config.consumers,
             backends: config.backends,

@@ -207,6 +207,19 @@ impl Stack {
         resp.json().await.expect("json body")
     }
 
+    /// The admin metrics (Prometheus text), read with the admin key `admin_key`.
+    pub(crate) async fn metrics(&self, admin_key: &str) -> String {
+        self.http
+            .get(format!("{}/tollgate/admin/metrics", self.base))
+            .header("api-key", admin_key)
+            .send()
+            .await
+            .expect("GET metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Everything recorded so far is written and consolidated.
     pub(crate) async fn settle(&self) {
         self.proxy.flush().await;

@@ -202,16 +202,7 @@ async fn without_redis_each_proxy_follows_its_policy() {
     assert_eq!(ready.status(), 503);
     assert_eq!(chat(&open, 4).await, 200, "fails open on local limits");
     for s in [&closed, &open] {
-        let metrics = s
-            .http
-            .get(format!("{}/tollgate/admin/metrics", s.base))
-            .header("api-key", "admin")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = s.metrics("admin").await;
         assert!(metrics.contains("tollgate_limits_store_up 0"), "{metrics}");
         assert!(!metrics.contains("tollgate_limits_store_errors_total 0\n"));
     }

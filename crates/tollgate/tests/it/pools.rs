@@ -281,16 +281,7 @@ async fn admin_metrics_show_each_backends_state() {
     })
     .await;
     assert_eq!(send(&s, 1).await[0].0, 200);
-    let text = s
-        .http
-        .get(format!("{}/tollgate/admin/metrics", s.base))
-        .header("api-key", "admin")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics("admin").await;
     let value = |line: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(line))
