@@ -122,7 +122,11 @@ fn admin_denied(app: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(admin) = app.config.admin_key else {
         return Some(ProxyError::RouteNotFound.into_response());
     };
-    let entries = [("admin".to_owned(), admin)];
+    let entries = [auth::KeyEntry {
+        consumer: "admin".to_owned(),
+        digest: admin,
+        expires: None,
+    }];
     let allowed = auth::presented_key(headers)
         .and_then(|k| auth::find(&entries, k))
         .is_some();

@@ -25,30 +25,45 @@ pub(crate) fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// Matches `key` against `(id, digest)` entries without short-circuiting.
-pub(crate) fn find<'a>(
-    entries: &'a [(String, [u8; 32])],
-    key: &str,
-) -> Option<(&'a str, [u8; 32])> {
+/// A configured key: whose, its digest, and when it stops working.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyEntry {
+    pub consumer: String,
+    pub digest: [u8; 32],
+    pub expires: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Matches `key` against every entry without short-circuiting.
+pub(crate) fn find<'a>(entries: &'a [KeyEntry], key: &str) -> Option<&'a KeyEntry> {
     let d = digest(key);
     let mut found = None;
-    for (id, expected) in entries {
-        if bool::from(expected.ct_eq(&d)) {
-            found = Some((id.as_str(), d));
+    for e in entries {
+        if bool::from(e.digest.ct_eq(&d)) {
+            found = Some(e);
         }
     }
     found
 }
 
+/// Why a presented key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyRefused {
+    Unknown,
+    Expired,
+}
+
 pub(crate) fn authenticate(
-    entries: &[(String, [u8; 32])],
+    entries: &[KeyEntry],
     headers: &HeaderMap,
-) -> Option<Consumer> {
-    let key = presented_key(headers)?;
-    let (id, digest) = find(entries, key)?;
-    Some(Consumer {
-        id: id.to_owned(),
-        key_id: Some(hex::encode(&digest[..4])),
+) -> Result<Consumer, KeyRefused> {
+    let key = presented_key(headers).ok_or(KeyRefused::Unknown)?;
+    let entry = find(entries, key).ok_or(KeyRefused::Unknown)?;
+    if entry.expires.is_some_and(|e| e <= chrono::Utc::now()) {
+        return Err(KeyRefused::Expired);
+    }
+    Ok(Consumer {
+        id: entry.consumer.clone(),
+        key_id: Some(hex::encode(&entry.digest[..4])),
         auth_kind: AuthKind::ApiKey,
         ..Default::default()
     })
@@ -62,9 +77,16 @@ mod tests {
 
     #[test]
     fn accepts_api_key_or_bearer_and_rejects_others() {
+        let entry = |consumer: &str, key: &str, expires| KeyEntry {
+            consumer: consumer.to_owned(),
+            digest: digest(key),
+            expires,
+        };
+        let past = chrono::Utc::now() - chrono::Duration::seconds(1);
         let entries = vec![
-            ("alice".to_owned(), digest("k1")),
-            ("bob".to_owned(), digest("k2")),
+            entry("alice", "k1", None),
+            entry("bob", "k2", None),
+            entry("bob", "old", Some(past)),
         ];
         let mut h = HeaderMap::new();
         h.insert("api-key", HeaderValue::from_static("k2"));
@@ -76,7 +98,13 @@ mod tests {
         assert_eq!(authenticate(&entries, &h).unwrap().id, "alice");
         let mut h = HeaderMap::new();
         h.insert("api-key", HeaderValue::from_static("k3"));
-        assert!(authenticate(&entries, &h).is_none());
-        assert!(authenticate(&entries, &HeaderMap::new()).is_none());
+        assert_eq!(authenticate(&entries, &h), Err(KeyRefused::Unknown));
+        assert_eq!(
+            authenticate(&entries, &HeaderMap::new()),
+            Err(KeyRefused::Unknown)
+        );
+        let mut h = HeaderMap::new();
+        h.insert("api-key", HeaderValue::from_static("old"));
+        assert_eq!(authenticate(&entries, &h), Err(KeyRefused::Expired));
     }
 }

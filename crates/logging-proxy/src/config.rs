@@ -13,8 +13,21 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub id: String,
-    /// Hex SHA-256 digests of the consumer's keys (several, so keys can be rotated).
+    /// For people: a team or app name, and who answers for it.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Deployments it may call; any when empty. Others get 403 `PermissionDenied`.
+    #[serde(default)]
+    pub deployments: Vec<String>,
+    /// Hex SHA-256 digests of the consumer's keys, without expiry (`keys` can say more).
+    #[serde(default)]
     pub key_sha256: Vec<String>,
+    /// Keys with an expiry and a name (`primary`, `secondary`): at most two unexpired at once,
+    /// so a rotation overlaps without downtime.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
     /// Requests and tokens per minute, token quotas per day and month (`quota.rs`).
     #[serde(default)]
     pub limits: crate::quota::ConsumerLimits,
@@ -22,6 +35,21 @@ pub struct ConsumerConfig {
     #[serde(default)]
     pub deployment_limits: std::collections::BTreeMap<String, crate::quota::ConsumerLimits>,
 }
+
+/// One consumer key, by its digest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub sha256: String,
+    /// After this instant (RFC 3339) the key gets 401.
+    #[serde(default)]
+    pub expires: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Unexpired keys a consumer may have at once: a primary and a secondary.
+const ACTIVE_KEYS: usize = 2;
 
 /// An AOAI resource (or the simulator) and the deployments it serves.
 #[derive(Debug, Clone, Deserialize)]
@@ -362,7 +390,9 @@ pub(crate) struct Fixed {
 /// What a reload replaces (see `live.rs`).
 #[derive(Debug, Clone)]
 pub(crate) struct LiveConfig {
-    pub consumers: Vec<(String, [u8; 32])>,
+    pub consumers: Vec<crate::auth::KeyEntry>,
+    /// Consumer id → the deployments it may call (consumers that may call any are absent).
+    pub allowed: HashMap<String, Vec<String>>,
     pub backends: Vec<Backend>,
     /// Deployment → its pool: indices into `backends`.
     pub routes: HashMap<String, Vec<usize>>,
@@ -454,6 +484,7 @@ impl ProxyConfig {
         let mut problems = Vec::new();
         let mut consumers = Vec::new();
         let mut limits = HashMap::new();
+        let mut allowed = HashMap::new();
         for c in &self.consumers {
             // Ids name limit counters (`{consumer}|…`) and Redis hash tags (`{consumer}`).
             if c.id.is_empty() || c.id.contains(['|', '{', '}']) {
@@ -484,25 +515,50 @@ impl ProxyConfig {
                     },
                 );
             }
-            if c.key_sha256.is_empty() {
-                problems.push(format!("proxy.consumers `{}` has no key_sha256", c.id));
+            if c.key_sha256.is_empty() && c.keys.is_empty() {
+                problems.push(format!("proxy.consumers `{}` has no key", c.id));
             }
-            for k in &c.key_sha256 {
+            if !c.deployments.is_empty() {
+                allowed.insert(c.id.clone(), c.deployments.clone());
+            }
+            let now = chrono::Utc::now();
+            let keys = c
+                .key_sha256
+                .iter()
+                .map(|k| (k, None))
+                .chain(c.keys.iter().map(|k| (&k.sha256, k.expires)));
+            let mut active = 0;
+            for (k, expires) in keys {
+                active += usize::from(expires.is_none_or(|e| e > now));
                 match parse_digest(k) {
                     // One key must name one consumer: with a duplicate, whichever matched last
                     // would be charged.
-                    Some(d) if consumers.iter().any(|(_, seen)| *seen == d) => {
+                    Some(d)
+                        if consumers
+                            .iter()
+                            .any(|e: &crate::auth::KeyEntry| e.digest == d) =>
+                    {
                         problems.push(format!(
-                            "proxy.consumers `{}`: key_sha256 `{k}` is already used",
+                            "proxy.consumers `{}`: key `{k}` is already used",
                             c.id
                         ))
                     }
-                    Some(d) => consumers.push((c.id.clone(), d)),
+                    Some(digest) => consumers.push(crate::auth::KeyEntry {
+                        consumer: c.id.clone(),
+                        digest,
+                        expires,
+                    }),
                     None => problems.push(format!(
-                        "proxy.consumers `{}`: key_sha256 `{k}` is not 64 hex characters",
+                        "proxy.consumers `{}`: key `{k}` is not 64 hex characters",
                         c.id
                     )),
                 }
+            }
+            if active > ACTIVE_KEYS {
+                problems.push(format!(
+                    "proxy.consumers `{}`: {active} unexpired keys; at most {ACTIVE_KEYS} (primary and secondary)",
+                    c.id
+                ));
             }
         }
         let mut routes = HashMap::new();
@@ -723,6 +779,7 @@ impl ProxyConfig {
             },
             live: LiveConfig {
                 consumers,
+                allowed,
                 stateful: self
                     .backends
                     .iter()

@@ -19,6 +19,10 @@ pub enum ProxyError {
     CallerTokenInvalid { reason: String },
     #[error("The caller's identity is valid but is not allowed to call this gateway.")]
     CallerNotMapped,
+    #[error("The key has expired; ask for a new one.")]
+    ConsumerKeyExpired,
+    #[error("This consumer may not call this deployment.")]
+    DeploymentNotAllowed,
     #[error("Resource not found")]
     RouteNotFound,
     #[error(
@@ -97,6 +101,11 @@ impl ProxyError {
         match self {
             ProxyError::ConsumerKeyInvalid => (StatusCode::UNAUTHORIZED, "401", Downstream),
             ProxyError::RouteNotFound => (StatusCode::NOT_FOUND, "404", Downstream),
+            ProxyError::ConsumerKeyExpired => (StatusCode::UNAUTHORIZED, "401", Downstream),
+            // As AOAI answers a caller without the role for a data action.
+            ProxyError::DeploymentNotAllowed => {
+                (StatusCode::FORBIDDEN, "PermissionDenied", Downstream)
+            }
             // As AOAI answers a bad token.
             ProxyError::CallerTokenInvalid { .. } => (StatusCode::UNAUTHORIZED, "401", Downstream),
             ProxyError::CallerNotMapped => (StatusCode::FORBIDDEN, "PermissionDenied", Downstream),

@@ -98,8 +98,14 @@ pub(crate) async fn authenticate(
                 Rejected::Invalid(reason) => ProxyError::CallerTokenInvalid { reason },
                 Rejected::Unmapped => ProxyError::CallerNotMapped,
             }),
-        None => auth::authenticate(&app.live.load().consumers, request.headers())
-            .ok_or(ProxyError::ConsumerKeyInvalid),
+        None => {
+            auth::authenticate(&app.live.load().consumers, request.headers()).map_err(|refused| {
+                match refused {
+                    auth::KeyRefused::Unknown => ProxyError::ConsumerKeyInvalid,
+                    auth::KeyRefused::Expired => ProxyError::ConsumerKeyExpired,
+                }
+            })
+        }
     };
     match consumer {
         Ok(consumer) => {

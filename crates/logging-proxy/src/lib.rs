@@ -317,7 +317,12 @@ pub(crate) fn reload(state: &AppState, config: &ProxyConfig) -> Result<Reloaded,
     };
     let (before, after) = (names(&old), names(&new));
     let reloaded = Reloaded {
-        consumers: new.consumers.len(),
+        consumers: new
+            .consumers
+            .iter()
+            .map(|k| k.consumer.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
         backends_added: after.difference(&before).cloned().collect(),
         backends_removed: before.difference(&after).cloned().collect(),
         deployments: new.routes.len(),

@@ -13,7 +13,9 @@ use crate::config::{Backend, LiveConfig, StreamUsageConfig};
 use crate::pool::BackendState;
 
 pub(crate) struct Live {
-    pub consumers: Vec<(String, [u8; 32])>,
+    pub consumers: Vec<crate::auth::KeyEntry>,
+    /// Consumer id → the deployments it may call (absent: any).
+    pub allowed: HashMap<String, Vec<String>>,
     pub backends: Vec<Backend>,
     /// Deployment → its pool: indices into `backends`.
     pub routes: HashMap<String, Vec<usize>>,
@@ -82,6 +84,7 @@ impl Live {
         }
         Live {
             consumers: config.consumers,
+            allowed: config.allowed,
             backends: config.backends,
             routes: config.routes,
             stream_usage: config.stream_usage,

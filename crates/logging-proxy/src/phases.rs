@@ -318,6 +318,13 @@ fn route(
     let order = match deployment {
         Some(d) => {
             let pool = live.routes.get(&d).ok_or(ProxyError::DeploymentNotFound)?;
+            if live
+                .allowed
+                .get(&ctx.consumer.id)
+                .is_some_and(|allowed| !allowed.contains(&d))
+            {
+                return Err(ProxyError::DeploymentNotAllowed);
+            }
             // A stored response or completion stays on the stateful backend when it serves
             // the deployment; otherwise the pool is all there is.
             let pinned = live.stateful.filter(|i| stateful && pool.contains(i));

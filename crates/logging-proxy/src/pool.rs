@@ -395,6 +395,7 @@ mod tests {
         Live::new(
             crate::config::LiveConfig {
                 consumers: Vec::new(),
+                allowed: Default::default(),
                 backends,
                 routes,
                 stream_usage: Default::default(),
@@ -500,6 +501,7 @@ mod tests {
         moved.endpoint = reqwest::Url::parse("http://127.0.0.2/").unwrap();
         let config = crate::config::LiveConfig {
             consumers: Vec::new(),
+            allowed: Default::default(),
             backends: vec![moved, backend("kept", 0, 1)],
             routes: [("d".to_owned(), vec![0, 1])].into(),
             stream_usage: Default::default(),

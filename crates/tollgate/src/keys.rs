@@ -3,9 +3,10 @@
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-/// A new random key: `tg-` and 48 hex characters (192 bits).
+/// A new random key: `tg-` (recognisable in a leaked file or a secret scanner's rule) and 64
+/// hex characters (256 bits).
 pub(crate) fn new_key() -> String {
-    let mut bytes = [0u8; 24];
+    let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     format!("tg-{}", hex::encode(bytes))
 }
@@ -26,6 +27,14 @@ pub(crate) fn read_key(mut input: impl std::io::BufRead) -> anyhow::Result<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_256_random_bits_behind_a_prefix() {
+        let (a, b) = (new_key(), new_key());
+        assert_ne!(a, b);
+        let hex_part = a.strip_prefix("tg-").expect("prefix");
+        assert_eq!(hex::decode(hex_part).expect("hex").len(), 32);
+    }
 
     #[test]
     fn key_is_read_from_the_first_line() {

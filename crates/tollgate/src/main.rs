@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
                     say(&format!("key: {key}"));
                     say("Give the key to the consumer; configure only its hash:");
                     say(&format!(
-                        "[[proxy.consumers]]\nid = \"{id}\"\nkey_sha256 = [\"{}\"]",
+                        "[[proxy.consumers]]\nid = \"{id}\"\nkeys = [{{ sha256 = \"{}\", name = \"primary\" }}]",
                         keys::hash(&key)
                     ));
                 }

@@ -39,6 +39,8 @@ impl RawWriter for Flaky {
 
 pub(crate) struct Stack {
     pub(crate) proxy: Proxy,
+    /// The configuration the proxy was built with (to reload a changed copy).
+    pub(crate) config: ProxyConfig,
     pub(crate) parser: Arc<Parser>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) flaky: Arc<Flaky>,
@@ -152,6 +154,7 @@ pub(crate) async fn start_on(
     );
     Stack {
         proxy,
+        config,
         parser,
         store,
         flaky,

@@ -11,6 +11,7 @@
     reason = "test helpers fail loudly"
 )]
 
+mod consumers;
 mod cosmos_faults;
 mod e2e;
 mod entra;
