@@ -525,10 +525,10 @@ impl ProxyConfig {
             let keys = c
                 .key_sha256
                 .iter()
-                .map(|k| (k, None))
-                .chain(c.keys.iter().map(|k| (&k.sha256, k.expires)));
+                .map(|k| ("key_sha256", k, None))
+                .chain(c.keys.iter().map(|k| ("keys.sha256", &k.sha256, k.expires)));
             let mut active = 0;
-            for (k, expires) in keys {
+            for (field, k, expires) in keys {
                 active += usize::from(expires.is_none_or(|e| e > now));
                 match parse_digest(k) {
                     // One key must name one consumer: with a duplicate, whichever matched last
@@ -539,7 +539,7 @@ impl ProxyConfig {
                             .any(|e: &crate::auth::KeyEntry| e.digest == d) =>
                     {
                         problems.push(format!(
-                            "proxy.consumers `{}`: key `{k}` is already used",
+                            "proxy.consumers `{}`: {field} `{k}` is already used",
                             c.id
                         ))
                     }
@@ -549,7 +549,7 @@ impl ProxyConfig {
                         expires,
                     }),
                     None => problems.push(format!(
-                        "proxy.consumers `{}`: key `{k}` is not 64 hex characters",
+                        "proxy.consumers `{}`: {field} `{k}` is not 64 hex characters",
                         c.id
                     )),
                 }
