@@ -240,6 +240,13 @@ pub fn genai_attributes(r: &ConsolidatedRecord) -> Vec<KeyValue> {
     if let Some(k) = &r.consumer.key_id {
         attrs.push(KeyValue::new("tollgate.consumer.key_id", k.clone()));
     }
+    // An Entra ID caller: charge-back per user or service principal, and per calling app.
+    if let Some(subject) = &r.consumer.subject {
+        attrs.push(KeyValue::new("tollgate.consumer.subject", subject.clone()));
+    }
+    if let Some(app) = &r.consumer.app_id {
+        attrs.push(KeyValue::new("tollgate.consumer.app_id", app.clone()));
+    }
     if let Some(s) = r.status {
         attrs.push(KeyValue::new("http.response.status_code", i64::from(s)));
     }
@@ -367,6 +374,28 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    /// An Entra ID caller's subject and app id reach the export, so KQL can charge per app.
+    #[test]
+    fn an_entra_callers_subject_and_app_are_exported() {
+        let r: ConsolidatedRecord = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 1, "id": "r", "time": "2026-11-02T10:00:00Z",
+            "consumer": {"id": "team-a", "authKind": "entraId", "subject": "oid-1",
+                         "appId": "app-1"},
+            "operation": "chat.completions", "path": "/", "stream": false, "status": 200,
+            "choices": [], "clientDisconnected": false, "complete": true
+        }))
+        .unwrap();
+        let attrs = genai_attributes(&r);
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|a| a.key.as_str() == k)
+                .map(|a| a.value.to_string())
+        };
+        assert_eq!(get("tollgate.consumer.subject").as_deref(), Some("oid-1"));
+        assert_eq!(get("tollgate.consumer.app_id").as_deref(), Some("app-1"));
     }
 
     #[test]
