@@ -357,15 +357,8 @@ fn credential(c: &EntraConfig) -> Result<Arc<dyn TokenCredential>, String> {
 /// A client secret from the one place named, never from the configuration file itself.
 fn client_secret(c: &EntraConfig) -> Result<String, String> {
     match (&c.secret_env, &c.secret_file) {
-        (Some(var), None) => match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-            _ => Err(format!("secret_env names {var}, which is not set")),
-        },
-        (None, Some(path)) => match std::fs::read_to_string(path) {
-            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-            Ok(_) => Err(format!("secret_file {} is empty", path.display())),
-            Err(e) => Err(format!("secret_file {}: {e}", path.display())),
-        },
+        (Some(var), None) => crate::config::secret_from_env("secret_env", var),
+        (None, Some(path)) => crate::config::secret_from_file("secret_file", path),
         _ => Err("kind client_secret needs one of secret_env, secret_file".into()),
     }
 }

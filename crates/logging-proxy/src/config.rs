@@ -420,40 +420,33 @@ fn backend_key(b: &BackendConfig, problems: &mut Vec<String>) -> Option<SecretSt
         ));
         return None;
     }
-    if let Some(var) = &b.api_key_env {
-        return match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
-            _ => {
-                problems.push(format!(
-                    "proxy.backends `{}`: api_key_env names {var}, which is not set",
-                    b.name
-                ));
-                None
-            }
-        };
+    let read = match (&b.api_key_env, &b.api_key_file) {
+        (Some(var), _) => secret_from_env("api_key_env", var),
+        (None, Some(path)) => secret_from_file("api_key_file", path),
+        (None, None) => return b.api_key.clone(),
+    };
+    read.map(SecretString::from)
+        .map_err(|why| problems.push(format!("proxy.backends `{}`: {why}", b.name)))
+        .ok()
+}
+
+/// A secret kept out of the configuration file: the value of environment variable `var`,
+/// trimmed; what is wrong names the setting `field`.
+pub(crate) fn secret_from_env(field: &str, var: &str) -> Result<String, String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => Err(format!("{field} names {var}, which is not set")),
     }
-    if let Some(path) = &b.api_key_file {
-        return match std::fs::read_to_string(path) {
-            Ok(v) if !v.trim().is_empty() => Some(SecretString::from(v.trim().to_owned())),
-            Ok(_) => {
-                problems.push(format!(
-                    "proxy.backends `{}`: api_key_file {} is empty",
-                    b.name,
-                    path.display()
-                ));
-                None
-            }
-            Err(e) => {
-                problems.push(format!(
-                    "proxy.backends `{}`: api_key_file {}: {e}",
-                    b.name,
-                    path.display()
-                ));
-                None
-            }
-        };
+}
+
+/// A secret kept out of the configuration file: the content of the file at `path` (as
+/// Container Apps mounts a Key Vault secret), trimmed; what is wrong names the setting `field`.
+pub(crate) fn secret_from_file(field: &str, path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        Ok(_) => Err(format!("{field} {} is empty", path.display())),
+        Err(e) => Err(format!("{field} {}: {e}", path.display())),
     }
-    b.api_key.clone()
 }
 
 /// Longest duration any limit may name.

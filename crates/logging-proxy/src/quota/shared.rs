@@ -105,15 +105,11 @@ impl LimitsStoreConfig {
                     .push("proxy.limits_store: name one of redis_url_env and redis_url".to_owned());
                 None
             }
-            (Some(var), None) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Some(v.trim().to_owned()),
-                _ => {
-                    problems.push(format!(
-                        "proxy.limits_store.redis_url_env names {var}, which is not set"
-                    ));
-                    None
-                }
-            },
+            (Some(var), None) => {
+                crate::config::secret_from_env("proxy.limits_store.redis_url_env", var)
+                    .map_err(|why| problems.push(why))
+                    .ok()
+            }
             (None, url) => url.clone(),
         }
     }
