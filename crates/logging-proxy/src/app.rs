@@ -97,6 +97,7 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
     let live = app.live.load();
     let mut unavailable: Vec<&String> = live
+        .config
         .routes
         .iter()
         .filter(|(_, pool)| {

@@ -104,10 +104,7 @@ async fn run(
     // replayed from the bytes read); the last one's answer, whatever it is, is the client's.
     // A backend that filled up since the plan was made is passed over.
     let (upstream, b, slot, attempt_started) = loop {
-        let Some((b, s)) = order
-            .next()
-            .and_then(|i| Some((live.backends.get(i)?, live.state.get(i)?)))
-        else {
+        let Some((b, s)) = order.next().and_then(|i| live.backend(i)) else {
             // Every backend left filled up since the plan was made (an attempt is never
             // dropped for one: see `last`): throttled here, as a full backend is.
             let error = ProxyError::AllBackendsResting {
@@ -125,9 +122,7 @@ async fn run(
         // is then the client's, not dropped for a backend that cannot take the request), when
         // the attempts are used up, or past the retry deadline counted from the arrival.
         let room_left = order.clone().any(|i| {
-            live.backends
-                .get(i)
-                .zip(live.state.get(i))
+            live.backend(i)
                 .is_some_and(|(b, s)| !s.full(b.max_concurrent_requests))
         });
         let last = !room_left

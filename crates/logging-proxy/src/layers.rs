@@ -98,14 +98,12 @@ pub(crate) async fn authenticate(
                 Rejected::Invalid(reason) => ProxyError::CallerTokenInvalid { reason },
                 Rejected::Unmapped => ProxyError::CallerNotMapped,
             }),
-        None => {
-            auth::authenticate(&app.live.load().consumers, request.headers()).map_err(|refused| {
-                match refused {
-                    auth::KeyRefused::Unknown => ProxyError::ConsumerKeyInvalid,
-                    auth::KeyRefused::Expired => ProxyError::ConsumerKeyExpired,
-                }
-            })
-        }
+        None => auth::authenticate(&app.live.load().config.consumers, request.headers()).map_err(
+            |refused| match refused {
+                auth::KeyRefused::Unknown => ProxyError::ConsumerKeyInvalid,
+                auth::KeyRefused::Expired => ProxyError::ConsumerKeyExpired,
+            },
+        ),
     };
     match consumer {
         Ok(consumer) => {

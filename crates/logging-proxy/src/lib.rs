@@ -313,11 +313,12 @@ pub(crate) fn reload(state: &AppState, config: &ProxyConfig) -> Result<Reloaded,
     let old = state.live.load_full();
     let new = live::Live::new(validated.live, Some(&old));
     let names = |l: &live::Live| -> std::collections::BTreeSet<String> {
-        l.backends.iter().map(|b| b.name.clone()).collect()
+        l.config.backends.iter().map(|b| b.name.clone()).collect()
     };
     let (before, after) = (names(&old), names(&new));
     let reloaded = Reloaded {
         consumers: new
+            .config
             .consumers
             .iter()
             .map(|k| k.consumer.as_str())
@@ -325,7 +326,7 @@ pub(crate) fn reload(state: &AppState, config: &ProxyConfig) -> Result<Reloaded,
             .len(),
         backends_added: after.difference(&before).cloned().collect(),
         backends_removed: before.difference(&after).cloned().collect(),
-        deployments: new.routes.len(),
+        deployments: new.config.routes.len(),
     };
     state.live.store(Arc::new(new));
     tracing::info!(

@@ -5,27 +5,15 @@
 //! recorder, admin key) size what was built at start, and a reload that changes them is
 //! refused.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::backend_auth::BackendAuth;
-use crate::config::{Backend, LiveConfig, StreamUsageConfig};
+use crate::config::{Backend, LiveConfig};
 use crate::pool::BackendState;
 
 pub(crate) struct Live {
-    pub consumers: Vec<crate::auth::KeyEntry>,
-    /// Consumer id → the deployments it may call (absent: any).
-    pub allowed: HashMap<String, Vec<String>>,
-    pub backends: Vec<Backend>,
-    /// Deployment → its pool: indices into `backends`.
-    pub routes: HashMap<String, Vec<usize>>,
-    pub stream_usage: StreamUsageConfig,
-    /// The backend that keeps state (`stateful = true`, else the first): see the route phase.
-    pub stateful: Option<usize>,
-    /// Consumer id → its limits (`quota.rs`); the counters themselves outlive a reload.
-    pub limits: HashMap<String, crate::quota::Limits>,
-    pub quotas: crate::quota::QuotasConfig,
-    /// Each backend's state, index for index with `backends`.
+    pub config: LiveConfig,
+    /// Each backend's state, index for index with `config.backends`.
     pub state: Vec<Arc<BackendState>>,
 }
 
@@ -40,7 +28,7 @@ impl Live {
                 let BackendAuth::Entra(token) = &b.auth else {
                     continue;
                 };
-                let kept = p.backends.iter().find_map(|old| match &old.auth {
+                let kept = p.config.backends.iter().find_map(|old| match &old.auth {
                     BackendAuth::Entra(t) if t.config() == token.config() => Some(t.clone()),
                     _ => None,
                 });
@@ -55,7 +43,8 @@ impl Live {
             .map(|b| {
                 previous
                     .and_then(|p| {
-                        p.backends
+                        p.config
+                            .backends
                             .iter()
                             .zip(&p.state)
                             .find(|(old, _)| old.name == b.name && old.endpoint == b.endpoint)
@@ -82,16 +71,11 @@ impl Live {
                 );
             }
         }
-        Live {
-            consumers: config.consumers,
-            allowed: config.allowed,
-            backends: config.backends,
-            routes: config.routes,
-            stream_usage: config.stream_usage,
-            stateful: config.stateful,
-            limits: config.limits,
-            quotas: config.quotas,
-            state,
-        }
+        Live { config, state }
+    }
+
+    /// Backend `i` and its state.
+    pub(crate) fn backend(&self, i: usize) -> Option<(&Backend, &Arc<BackendState>)> {
+        Some((self.config.backends.get(i)?, self.state.get(i)?))
     }
 }

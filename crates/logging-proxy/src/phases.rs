@@ -96,7 +96,7 @@ async fn limit(
     described: &Described,
     bytes: &[u8],
 ) -> Result<(), ProxyError> {
-    let Some(limits) = plan.live.limits.get(&ctx.consumer.id) else {
+    let Some(limits) = plan.live.config.limits.get(&ctx.consumer.id) else {
         return Ok(());
     };
     let deployment = described.record.deployment.as_deref();
@@ -109,7 +109,7 @@ async fn limit(
             deployment.unwrap_or_default(),
             &ctx.route.operation,
             &body,
-            plan.live.quotas.default_max_tokens,
+            plan.live.config.quotas.default_max_tokens,
         )
     } else {
         0
@@ -152,7 +152,7 @@ fn ask_for_usage(
         body,
         client_body: None,
     };
-    let settings = &plan.live.stream_usage;
+    let settings = &plan.live.config.stream_usage;
     let skipped = described
         .record
         .deployment
@@ -317,8 +317,13 @@ fn route(
     };
     let order = match deployment {
         Some(d) => {
-            let pool = live.routes.get(&d).ok_or(ProxyError::DeploymentNotFound)?;
+            let pool = live
+                .config
+                .routes
+                .get(&d)
+                .ok_or(ProxyError::DeploymentNotFound)?;
             if live
+                .config
                 .allowed
                 .get(&ctx.consumer.id)
                 .is_some_and(|allowed| !allowed.contains(&d))
@@ -327,7 +332,10 @@ fn route(
             }
             // A stored response or completion stays on the stateful backend when it serves
             // the deployment; otherwise the pool is all there is.
-            let pinned = live.stateful.filter(|i| stateful && pool.contains(i));
+            let pinned = live
+                .config
+                .stateful
+                .filter(|i| stateful && pool.contains(i));
             let pool = pinned
                 .as_ref()
                 .map_or(pool.as_slice(), std::slice::from_ref);
@@ -349,7 +357,7 @@ fn route(
             return Err(ProxyError::ModelMissing);
         }
         // Paths without a deployment (files, batches, …, a stored response by id).
-        None => match live.stateful {
+        None => match live.config.stateful {
             Some(i) => vec![i],
             None => return Err(ProxyError::RouteNotFound),
         },

@@ -241,7 +241,7 @@ impl Pools {
         ];
         for (name, help, value) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (b, s) in live.backends.iter().zip(&live.state) {
+            for (b, s) in live.config.backends.iter().zip(&live.state) {
                 // Backend names are the operator's; quotes and backslashes escaped as the
                 // format asks.
                 let label = b.name.replace('\\', "\\\\").replace('"', "\\\"");
@@ -253,10 +253,12 @@ impl Pools {
     /// The admin API's view of each backend.
     pub(crate) fn describe(&self, live: &Live) -> Vec<serde_json::Value> {
         let now = self.now_ms();
-        live.backends
+        live.config
+            .backends
             .iter()
             .zip(&live.state)
-            .map(|(b, s)| {
+            .enumerate()
+            .map(|(i, (b, s))| {
                 let waiting = self.waiting(s, now);
                 let state = match waiting {
                     None if s.full(b.max_concurrent_requests) => "full",
@@ -283,8 +285,8 @@ impl Pools {
                         BackendAuth::Entra(t) => Some(t.fetches()),
                         _ => None,
                     },
-                    "deployments": live.routes.iter()
-                        .filter(|(_, pool)| pool.iter().any(|&i| live.backends.get(i).is_some_and(|x| x.name == b.name)))
+                    "deployments": live.config.routes.iter()
+                        .filter(|(_, pool)| pool.contains(&i))
                         .map(|(d, _)| d.clone())
                         .collect::<std::collections::BTreeSet<_>>(),
                 })
@@ -314,7 +316,7 @@ impl Pools {
         Err((Duration::from_millis(self.cooldown_ms.max(1)), false))
     }
 
-    /// The order in which to try `pool` (indices into `live.backends`): by priority, weighted
+    /// The order in which to try `pool` (indices into `live.config.backends`): by priority, weighted
     /// at random within one, resting, tripped and full backends left out; when none is left,
     /// why and the shortest wait, for the client's `Retry-After`.
     pub(crate) fn plan(&self, live: &Live, pool: &[usize]) -> Result<Vec<usize>, Unavailable> {
@@ -323,7 +325,7 @@ impl Pools {
         let mut shortest: Option<Duration> = None;
         let mut throttled = false;
         for &i in pool {
-            let (Some(b), Some(s)) = (live.backends.get(i), live.state.get(i)) else {
+            let Some((b, s)) = live.backend(i) else {
                 continue;
             };
             // A full backend is a local kind of throttling: the client is told to retry soon.
