@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use super::{Check, Refusal, Remaining, Span, Taken};
+use super::{Check, Refusal, Remaining, Taken};
 
 #[derive(Debug, Clone, Copy)]
 struct Counter {
@@ -56,14 +56,7 @@ impl Memory {
                 *k = Counter { window, used: 0 };
             }
             k.used += c.amount(tokens);
-            if c.tokens && tokens > 0 {
-                taken.push(Taken {
-                    key: c.key.clone(),
-                    consumer: c.consumer.clone(),
-                    window,
-                    span: c.span,
-                });
-            }
+            taken.extend(c.taken(window));
         }
         Ok((taken, remaining))
     }
@@ -79,12 +72,5 @@ impl Memory {
                 c.used = c.used.saturating_add_signed(delta);
             }
         }
-    }
-}
-
-impl Span {
-    /// Whether a counter of this span refuses with a quota's 403 rather than a rate's 429.
-    pub(crate) fn is_quota(self) -> bool {
-        self != Span::Minute
     }
 }

@@ -150,9 +150,20 @@ impl Check {
     fn refusal(&self, retry_after: Duration) -> Refusal {
         Refusal {
             limit: self.name.clone(),
-            quota: self.span.is_quota(),
+            // A day or month quota refuses with 403, a minute limit with 429.
+            quota: self.span != Span::Minute,
             retry_after,
         }
+    }
+
+    /// What a reservation took from this counter in `window`, to settle later: only a token
+    /// counter is settled (a request counts once, whatever it used).
+    fn taken(&self, window: i64) -> Option<Taken> {
+        self.tokens.then(|| Taken {
+            key: self.key.clone(),
+            consumer: self.consumer.clone(),
+            window,
+        })
     }
 }
 
@@ -170,8 +181,6 @@ pub(crate) struct Taken {
     key: String,
     consumer: String,
     window: i64,
-    #[expect(dead_code, reason = "kept for the log line of a failed settle")]
-    span: Span,
 }
 
 /// What a request took, and where; given back in part when it ends.

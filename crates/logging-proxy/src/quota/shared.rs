@@ -260,14 +260,7 @@ impl Shared {
                 .and_then(|v| u64::try_from(*v).ok())
                 .unwrap_or(c.limit);
             remaining.note(c, c.limit.saturating_sub(count));
-            if c.tokens && tokens > 0 {
-                taken.push(Taken {
-                    key: c.key.clone(),
-                    consumer: c.consumer.clone(),
-                    window: *window,
-                    span: c.span,
-                });
-            }
+            taken.extend(c.taken(*window));
         }
         Ok(Ok((taken, remaining)))
     }
