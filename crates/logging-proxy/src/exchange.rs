@@ -61,7 +61,6 @@ async fn run(
     mut answer: oneshot::Sender<Response>,
 ) {
     let next_seq = described.next_seq();
-    let usage_injected = described.record.stream_usage_injected;
     for record in described.records() {
         app.recorder.record(record);
     }
@@ -91,7 +90,8 @@ async fn run(
     let mut sending = Sending {
         body: outgoing.body,
         client_body: outgoing.client_body,
-        usage_injected,
+        // Set by each attempt, from what it sent.
+        usage_injected: false,
         withheld: false,
         attempts: Vec::new(),
     };
@@ -332,7 +332,6 @@ impl Sending {
                         error: Some(tollgate_records::STREAM_OPTIONS_REJECTED.to_owned()),
                     });
                     self.body = original;
-                    self.usage_injected = false;
                 }
                 Rejection::Other(resp) => return Ok((resp, started)),
             }
