@@ -448,6 +448,21 @@ async fn load(base: &str, key: &str, stream: bool, seconds: u64, concurrency: us
     all
 }
 
+/// A target of the rounds: its name, base URL, key, and the proxy child measured (none for the
+/// simulator itself).
+type Target<'a> = (&'static str, String, &'static str, Option<&'a ChildProxy>);
+
+/// Adds `child` (when it was started) as the target `name`; its place among the targets.
+fn add_target<'a>(
+    targets: &mut Vec<Target<'a>>,
+    name: &'static str,
+    child: Option<&'a ChildProxy>,
+) -> Option<usize> {
+    let c = child?;
+    targets.push((name, format!("http://{}", c.addr), KEY, Some(c)));
+    Some(targets.len() - 1)
+}
+
 /// Prints target `t` against "proxy, logging on" (index 2) over the same rounds: throughput
 /// and CPU per request as ratios, and the latency it adds, each the median of the rounds.
 fn compare(rounds: &[Vec<Row>], t: usize, label: &str, note: &str) {
@@ -615,7 +630,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cli.seconds
     );
-    let mut targets = vec![
+    let mut targets: Vec<Target<'_>> = vec![
         ("direct", sim_base.clone(), "sim", None),
         (
             "proxy, store discards",
@@ -630,50 +645,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             Some(&logged),
         ),
     ];
-    if let Some(b) = &baseline {
-        targets.push((
-            "baseline, logging on",
-            format!("http://{}", b.addr),
-            KEY,
-            Some(b),
-        ));
-    }
-    if let Some(c) = &on_cosmos {
-        targets.push((
-            "proxy, logging to Cosmos",
-            format!("http://{}", c.addr),
-            KEY,
-            Some(c),
-        ));
-    }
-    let cosmos_at = targets.len() - 1;
-    if let Some(p) = &pooled {
-        targets.push((
-            "proxy, pool of 3",
-            format!("http://{}", p.addr),
-            KEY,
-            Some(p),
-        ));
-    }
-    let pool_at = targets.len() - 1;
-    if let Some(l) = &limited {
-        targets.push((
-            "proxy, consumer limits",
-            format!("http://{}", l.addr),
-            KEY,
-            Some(l),
-        ));
-    }
-    let limits_at = targets.len() - 1;
-    if let Some(l) = &shared {
-        targets.push((
-            "proxy, limits in Redis",
-            format!("http://{}", l.addr),
-            KEY,
-            Some(l),
-        ));
-    }
-    let shared_at = targets.len() - 1;
+    // Each optional proxy joins the rounds when it was started; its place, for the comparisons.
+    let baseline_at = add_target(&mut targets, "baseline, logging on", baseline.as_ref());
+    let cosmos_at = add_target(&mut targets, "proxy, logging to Cosmos", on_cosmos.as_ref());
+    let pool_at = add_target(&mut targets, "proxy, pool of 3", pooled.as_ref());
+    let limits_at = add_target(&mut targets, "proxy, consumer limits", limited.as_ref());
+    let shared_at = add_target(&mut targets, "proxy, limits in Redis", shared.as_ref());
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -750,8 +727,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 median(rounds.iter().map(|r| r[2].t50 - r[0].t50).collect()),
                 median(rounds.iter().map(|r| r[2].t99 - r[0].t99).collect()),
             );
-            if on_cosmos.is_some() {
-                let t = cosmos_at;
+            if let Some(t) = cosmos_at {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
                 let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
                 println!(
@@ -763,31 +739,26 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let against_logged = [
+                (pool_at, "pool of 3 vs one backend (logging on)", ""),
                 (
-                    pooled.is_some(),
-                    pool_at,
-                    "pool of 3 vs one backend (logging on)",
-                    "",
-                ),
-                (
-                    limited.is_some(),
                     limits_at,
                     "consumer limits vs none (logging on, in-memory counters)",
                     "",
                 ),
                 (
-                    shared.is_some(),
                     shared_at,
                     "limits in Redis vs none (logging on)",
                     "; redis-server shares the cores",
                 ),
             ];
-            for (_, t, label, note) in against_logged.into_iter().filter(|(on, ..)| *on) {
-                compare(&rounds, t, label, note);
+            for (at, label, note) in against_logged {
+                if let Some(t) = at {
+                    compare(&rounds, t, label, note);
+                }
             }
-            if baseline.is_some() {
-                let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[3].rps).collect();
-                let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[3].cpu_ms).collect();
+            if let Some(b) = baseline_at {
+                let rps: Vec<f64> = rounds.iter().map(|r| r[2].rps / r[b].rps).collect();
+                let cpu: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ms / r[b].cpu_ms).collect();
                 println!(
                     "  logging on vs baseline: throughput {:.2}x, CPU per request {:.2}x (medians of rounds)",
                     median(rps),
