@@ -458,8 +458,19 @@ fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
 }
 
 impl Fixed {
-    pub(crate) fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.limits.connect_timeout_ms)
+    /// How every connection to a backend is made (the proxy's, the probe's): the connect
+    /// timeout, no redirects, and the environment's proxy only when configured.
+    pub(crate) fn backend_client(&self) -> reqwest::ClientBuilder {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(self.limits.connect_timeout_ms))
+            // A gateway passes a backend's redirect to the client: following it would replay
+            // the request, backend key included, to wherever it points.
+            .redirect(reqwest::redirect::Policy::none());
+        if self.use_env_proxy {
+            client
+        } else {
+            client.no_proxy()
+        }
     }
 }
 

@@ -174,17 +174,10 @@ impl Proxy {
             journal_buffer_max_bytes: r.journal_buffer_max_bytes,
             journal_fsync: r.journal_fsync,
         };
-        let mut client = reqwest::Client::builder()
-            .connect_timeout(validated.connect_timeout())
+        let client = validated
+            .backend_client()
             .pool_idle_timeout(Duration::from_secs(90))
-            // A gateway passes a backend's redirect to the client: following it would replay
-            // the request, backend key included, to wherever it points.
-            .redirect(reqwest::redirect::Policy::none())
-            .tcp_nodelay(true);
-        if !validated.use_env_proxy {
-            client = client.no_proxy();
-        }
-        let client = client
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| ProxyBuildError::Client(e.to_string()))?;
         let mut problems = Vec::new();

@@ -36,14 +36,10 @@ pub struct Probe {
 /// Probes every backend's every deployment, one request each, in configuration order.
 pub async fn probe_backends(config: &ProxyConfig) -> Result<Vec<Probe>, ProxyBuildError> {
     let validated = config.validate().map_err(ProxyBuildError::Config)?;
-    let mut client = reqwest::Client::builder()
-        .connect_timeout(validated.fixed.connect_timeout())
+    let client = validated
+        .fixed
+        .backend_client()
         .timeout(PROBE_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none());
-    if !validated.fixed.use_env_proxy {
-        client = client.no_proxy();
-    }
-    let client = client
         .build()
         .map_err(|e| ProxyBuildError::Client(e.to_string()))?;
     let mut probes = Vec::new();
