@@ -144,7 +144,7 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     let r = &app.recorder;
     let s = r.stats();
     let p = &app.stats;
-    let rows: [(&str, &str, &str, u64); 21] = [
+    let mut rows: Vec<(&str, &str, &str, u64)> = vec![
         (
             "tollgate_recorder_records_enqueued_total",
             "counter",
@@ -272,22 +272,25 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             p.connections_refused.load(Relaxed),
         ),
     ];
+    if let Some((down, _, errors)) = app.counters.store_state() {
+        rows.push((
+            "tollgate_limits_store_up",
+            "gauge",
+            "1 while the shared limits store (Redis) answers.",
+            u64::from(!down),
+        ));
+        rows.push((
+            "tollgate_limits_store_errors_total",
+            "counter",
+            "Calls to the shared limits store that failed or timed out.",
+            errors,
+        ));
+    }
     let mut out = String::new();
     for (name, kind, help, value) in rows {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
-    if let Some((down, _, errors)) = app.counters.store_state() {
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_limits_store_up 1 while the shared limits store (Redis) answers.\n# TYPE tollgate_limits_store_up gauge\ntollgate_limits_store_up {}",
-            u8::from(!down)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_limits_store_errors_total Calls to the shared limits store that failed or timed out.\n# TYPE tollgate_limits_store_errors_total counter\ntollgate_limits_store_errors_total {errors}"
         );
     }
     app.pools.write_metrics(&app.live.load(), &mut out);
