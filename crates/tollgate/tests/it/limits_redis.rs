@@ -24,7 +24,17 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let child = Command::new("redis-server")
+        let redis = Redis {
+            child: Self::spawn(port),
+            port,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    /// A `redis-server` on `port`, keeping nothing on disk.
+    fn spawn(port: u16) -> Child {
+        Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -36,16 +46,18 @@ impl Redis {
             .args(["--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server (Debian's redis-server package; .ci/run installs it)");
-        let redis = Redis { child, port };
-        // Ready when it answers PING; bounded.
+            .expect("redis-server (Debian's redis-server package; .ci/run installs it)")
+    }
+
+    /// Ready when it answers PING; bounded.
+    fn wait_ready(&self) {
         for _ in 0..200 {
-            if redis.ping() {
-                return redis;
+            if self.ping() {
+                return;
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("redis-server did not answer on port {port}");
+        panic!("redis-server did not answer on port {}", self.port);
     }
 
     fn ping(&self) -> bool {
@@ -69,26 +81,8 @@ impl Redis {
     /// Starts it again on the same port (a Redis back after an outage).
     fn restart(&mut self) {
         self.stop();
-        self.child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        for _ in 0..200 {
-            if self.ping() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("redis-server did not come back");
+        self.child = Self::spawn(self.port);
+        self.wait_ready();
     }
 }
 
@@ -125,16 +119,23 @@ async fn chat(s: &Stack, max_tokens: u64) -> u16 {
     status
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_over_two_proxies_admits_exactly_the_shared_limit() {
+/// Two proxies counting `limits` in one Redis (failing closed), with at least 15 s of the
+/// current minute ahead.
+async fn two_proxies(limits: ConsumerLimits) -> (Redis, Stack, Stack) {
     let redis = Redis::start();
-    let limits = ConsumerLimits {
-        requests_per_minute: Some(20),
-        ..ConsumerLimits::default()
-    };
     let a = proxy(&redis, limits.clone(), OnUnavailable::Deny).await;
     let b = proxy(&redis, limits, OnUnavailable::Deny).await;
     crate::limits::whole_minute_ahead(Duration::from_secs(15)).await;
+    (redis, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_two_proxies_admits_exactly_the_shared_limit() {
+    let (_redis, a, b) = two_proxies(ConsumerLimits {
+        requests_per_minute: Some(20),
+        ..ConsumerLimits::default()
+    })
+    .await;
     let statuses =
         futures_util::future::join_all((0..50).map(|i| chat(if i % 2 == 0 { &a } else { &b }, 4)))
             .await;
@@ -151,14 +152,11 @@ async fn a_burst_over_two_proxies_admits_exactly_the_shared_limit() {
 /// not use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_are_settled_in_the_shared_store() {
-    let redis = Redis::start();
-    let limits = ConsumerLimits {
+    let (_redis, a, b) = two_proxies(ConsumerLimits {
         tokens_per_minute: Some(4_000),
         ..ConsumerLimits::default()
-    };
-    let a = proxy(&redis, limits.clone(), OnUnavailable::Deny).await;
-    let b = proxy(&redis, limits, OnUnavailable::Deny).await;
-    crate::limits::whole_minute_ahead(Duration::from_secs(15)).await;
+    })
+    .await;
     for i in 0..8 {
         let s = if i % 2 == 0 { &a } else { &b };
         // Without the give-back (a task after each answer) the fourth would find 4,040 of

@@ -97,18 +97,14 @@ async fn check_on_cosmos_names_what_is_missing_and_creates_nothing() {
 fn a_second_process_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let first = crate::up::Up::start(
-        dir.path(),
-        &data,
-        "first",
-        &crate::up::UpConfig {
-            env: &[],
-            consumer: "c",
-            key: "k",
-            admin_key: "a",
-            sections: "",
-        },
-    );
+    let up_config = crate::up::UpConfig {
+        env: &[],
+        consumer: "c",
+        key: "k",
+        admin_key: "a",
+        sections: "",
+    };
+    let first = crate::up::Up::start(dir.path(), &data, "first", &up_config);
     let config = dir.path().join("tollgate.toml");
     let second = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["up", "--listen", "127.0.0.1:0", "--config"])
@@ -126,17 +122,6 @@ fn a_second_process_on_the_same_data_directory_is_refused() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    let again = crate::up::Up::start(
-        dir.path(),
-        &data,
-        "again",
-        &crate::up::UpConfig {
-            env: &[],
-            consumer: "c",
-            key: "k",
-            admin_key: "a",
-            sections: "",
-        },
-    );
+    let again = crate::up::Up::start(dir.path(), &data, "again", &up_config);
     drop(again);
 }
