@@ -93,11 +93,7 @@ pub(crate) async fn handle(
 /// at most `limit`, `has_more` when more follow. The SDK pages on `has_more` and `after`; a
 /// list without them would be fetched again for ever.
 fn list(files: &Files, query: Option<&str>) -> Value {
-    let param = |name: &str| {
-        query?
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-    };
+    let param = |name: &str| routing::query_param(query, name);
     let limit = param("limit")
         .and_then(|l| l.parse::<usize>().ok())
         .unwrap_or(MAX_FILES)

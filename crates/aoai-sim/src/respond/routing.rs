@@ -121,7 +121,8 @@ pub(crate) fn deployment_name(route: &Route<'_>, body: &Value) -> Result<String,
     }
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+/// The value of `name` in a query string, as sent.
+pub(crate) fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == name).then_some(v)
