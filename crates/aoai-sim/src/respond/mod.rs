@@ -48,14 +48,14 @@ pub(crate) enum Reply {
 }
 
 pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Response, AoaiError> {
-    if let Some((v1, tail)) = files::is_files_path(request.uri().path()) {
+    // The path is read from a copy: the handler takes the request whole.
+    let path = request.uri().path().to_owned();
+    if let Some((v1, tail)) = files::is_files_path(&path) {
         auth::check(
             sim.inner.config.api_key.as_deref(),
             sim.inner.config.local_auth_disabled,
             request.headers(),
         )?;
-        let tail: Vec<String> = tail.into_iter().map(str::to_owned).collect();
-        let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
         return files::handle(
             &sim.inner.files,
             sim.inner.config.max_body_bytes,
@@ -66,7 +66,6 @@ pub(crate) async fn handle(sim: &Simulator, request: Request<Body>) -> Result<Re
         .await;
     }
     let (parts, body) = request.into_parts();
-    let path = parts.uri.path().to_owned();
     let query = parts.uri.query();
     let route = routing::route(&path).ok_or_else(AoaiError::resource_not_found)?;
     let op = route.op;
