@@ -131,16 +131,15 @@ pub(crate) enum Rejected {
     Unmapped,
 }
 
-/// Each tenant's signing keys.
-struct Keys {
-    set: JwkSet,
-}
-
 /// Validates caller tokens; keeps each tenant's JWKS.
 pub(crate) struct Callers {
     config: EntraCallersConfig,
     http: reqwest::Client,
-    keys: tokio::sync::Mutex<HashMap<String, Keys>>,
+    /// Each tenant's signing keys, read by every request; never held across a fetch.
+    keys: Mutex<HashMap<String, JwkSet>>,
+    /// Held by the one request fetching a JWKS: a token with a key not yet known waits for the
+    /// fetch under way; a token with a known key never does.
+    fetching: tokio::sync::Mutex<()>,
     /// Last JWKS fetch attempt per tenant (success or not), for the refresh bound.
     tried: Mutex<HashMap<String, Instant>>,
 }
@@ -150,7 +149,8 @@ impl Callers {
         Callers {
             config,
             http,
-            keys: tokio::sync::Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
             tried: Mutex::new(HashMap::new()),
         }
     }
@@ -211,10 +211,13 @@ impl Callers {
     /// The key `kid` of tenant `tid`: from the cache, else from a fresh JWKS when the refresh
     /// bound allows one.
     async fn key(&self, tid: &str, kid: &str) -> Result<DecodingKey, Rejected> {
-        let mut keys = self.keys.lock().await;
-        if let Some(jwk) = keys.get(tid).and_then(|k| k.set.find(kid)) {
-            return DecodingKey::from_jwk(jwk)
-                .map_err(|_| Rejected::Invalid("unusable signing key".into()));
+        if let Some(known) = self.known(tid, kid) {
+            return known;
+        }
+        let _fetching = self.fetching.lock().await;
+        // Another request may have fetched the keys while this one waited.
+        if let Some(known) = self.known(tid, kid) {
+            return known;
         }
         let bound = Duration::from_secs(self.config.jwks_min_refresh_s);
         let recently = {
@@ -235,13 +238,25 @@ impl Callers {
             tracing::warn!(tenant = tid, error = %e, "The tenant's signing keys could not be fetched.");
             Rejected::Invalid("signing keys unavailable".into())
         })?;
-        let key = set
-            .find(kid)
-            .map(DecodingKey::from_jwk)
-            .transpose()
-            .map_err(|_| Rejected::Invalid("unusable signing key".into()))?;
-        keys.insert(tid.to_owned(), Keys { set });
-        key.ok_or_else(|| Rejected::Invalid("unknown kid".into()))
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(tid.to_owned(), set);
+        self.known(tid, kid)
+            .unwrap_or_else(|| Err(Rejected::Invalid("unknown kid".into())))
+    }
+
+    /// Key `kid` of tenant `tid` from the cached keys, if they have it.
+    fn known(&self, tid: &str, kid: &str) -> Option<Result<DecodingKey, Rejected>> {
+        let keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let jwk = keys.get(tid)?.find(kid)?;
+        Some(
+            DecodingKey::from_jwk(jwk)
+                .map_err(|_| Rejected::Invalid("unusable signing key".into())),
+        )
     }
 
     async fn fetch(&self, tid: &str) -> Result<JwkSet, String> {
