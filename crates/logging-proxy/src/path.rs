@@ -186,18 +186,6 @@ pub(crate) fn upstream_url(
     url
 }
 
-/// `{endpoint}/openai/deployments/{deployment}/chat/completions?{query}`, the deployment
-/// pushed as one segment (escaped), for `tollgate check`'s probe.
-pub(crate) fn probe_url(endpoint: &reqwest::Url, deployment: &str, query: &str) -> reqwest::Url {
-    let mut url = endpoint.clone();
-    if let Ok(mut path) = url.path_segments_mut() {
-        path.pop_if_empty()
-            .extend(["openai", "deployments", deployment, "chat", "completions"]);
-    }
-    url.set_query(Some(query));
-    url
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,14 +45,25 @@ pub async fn probe_backends(config: &ProxyConfig) -> Result<Vec<Probe>, ProxyBui
     let mut probes = Vec::new();
     for (b, config) in validated.live.backends.iter().zip(&config.backends) {
         for deployment in &config.deployments {
-            let on_backend = b
-                .deployment_names
-                .get(deployment)
-                .map_or(deployment.as_str(), String::as_str);
-            let url = path::probe_url(&b.endpoint, on_backend, PROBE_API_VERSION);
-            let (ok, status, finding) = match b.auth.header().await {
-                Err(e) => (false, None, format!("no credential: {e}")),
-                Ok(header) => {
+            // The path a client calls, turned into the backend's URL as a request's is
+            // (its own name for the deployment included).
+            let called = path::parse(&format!(
+                "/openai/deployments/{deployment}/chat/completions"
+            ));
+            let (ok, status, finding) = match (called, b.auth.header().await) {
+                (Err(_), _) => (
+                    false,
+                    None,
+                    "not a deployment name a path can carry".to_owned(),
+                ),
+                (_, Err(e)) => (false, None, format!("no credential: {e}")),
+                (Ok(route), Ok(header)) => {
+                    let url = path::upstream_url(
+                        &b.endpoint,
+                        &route,
+                        Some(PROBE_API_VERSION),
+                        &b.deployment_names,
+                    );
                     let mut request = client.post(url).json(&serde_json::json!({"messages": []}));
                     if let Some((name, value)) = header {
                         request = request.header(name, value);
