@@ -158,6 +158,50 @@ pub async fn run(store: &dyn Store) {
     leases_are_exclusive_and_carry_the_checkpoint(store).await;
     dead_letters_are_kept_once(store).await;
     upsert_is_idempotent_and_usage_groups(store).await;
+    consumer_registry_writes_are_conditional(store).await;
+}
+
+/// Consumers are created once, replaced only over the version read, and listed whole: two
+/// administrators changing one consumer at once cannot both win.
+async fn consumer_registry_writes_are_conditional(store: &dyn Store) {
+    let doc = |n: u64| serde_json::json!({"consumer": {"id": "team-a"}, "n": n});
+    assert!(must(store.consumer("team-a").await, "absent").is_none());
+    let v1 = must(store.put_consumer("team-a", &doc(1), None).await, "create")
+        .expect("the first create wins");
+    assert!(
+        must(
+            store.put_consumer("team-a", &doc(9), None).await,
+            "second create"
+        )
+        .is_none(),
+        "a second create of one id must fail"
+    );
+    let v2 = must(
+        store.put_consumer("team-a", &doc(2), Some(&v1)).await,
+        "update",
+    )
+    .expect("an update over the version read wins");
+    assert_ne!(v1, v2);
+    assert!(
+        must(
+            store.put_consumer("team-a", &doc(3), Some(&v1)).await,
+            "stale"
+        )
+        .is_none(),
+        "an update over a stale version must fail"
+    );
+    must(
+        store.put_consumer("team-b", &doc(1), None).await,
+        "create b",
+    );
+    let got = must(store.consumer("team-a").await, "read").expect("stored");
+    assert_eq!(
+        (got.version.as_str(), &got.document),
+        (v2.as_str(), &doc(2))
+    );
+    let all = must(store.consumers().await, "list");
+    let ids: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["team-a", "team-b"]);
 }
 
 /// Request ids whose records all land in `unit` (the unit of each request is the backend's

@@ -1,6 +1,6 @@
 //! Storage for Tollgate's records, split by capability so each service depends on only what it
-//! uses: the proxy on [`RawWriter`], the parser on [`ChangeFeed`] + [`RequestStore`], reports on
-//! [`RequestStore`].
+//! uses: the proxy on [`RawWriter`] (and [`ConsumerRegistry`] for consumers created at run
+//! time), the parser on [`ChangeFeed`] + [`RequestStore`], reports on [`RequestStore`].
 //!
 //! Backends: `embedded` (SQLite, default) — the Cosmos DB backend implements the same traits.
 //! Every backend must pass [`conformance`].
@@ -241,6 +241,44 @@ pub trait RequestStore: Send + Sync + 'static {
     async fn usage(&self, query: &RecordQuery) -> Result<Vec<UsageRow>, StoreError>;
 }
 
+/// One entry of the consumer registry: the document the proxy wrote (the store does not read
+/// it), and its version for conditional writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredConsumer {
+    pub id: String,
+    pub document: serde_json::Value,
+    pub version: String,
+}
+
+/// The consumers created at run time (`tollgate consumers`, the admin API), shared by every
+/// proxy replica through the store. The documents carry their own history, so a change and
+/// its audit entry are one conditional write.
+#[async_trait]
+pub trait ConsumerRegistry: Send + Sync + 'static {
+    /// Every registered consumer (deleted ones too: their documents keep their history).
+    async fn consumers(&self) -> Result<Vec<StoredConsumer>, StoreError>;
+    async fn consumer(&self, id: &str) -> Result<Option<StoredConsumer>, StoreError>;
+    /// Writes `document` for `id` if the stored version is `expected` (`None`: only if there is
+    /// none); the new version, or `None` when the condition failed (someone else wrote first).
+    async fn put_consumer(
+        &self,
+        id: &str,
+        document: &serde_json::Value,
+        expected: Option<&str>,
+    ) -> Result<Option<String>, StoreError>;
+}
+
+/// Whether `id` can name a registered consumer in every backend (a Cosmos DB document id
+/// refuses `/ \ ? #`; limit counters use `|`, `{`, `}`): letters, digits, `.`, `_`, `-`,
+/// at most 64.
+pub fn valid_consumer_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// The configured backend, `store.type` in the configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -293,8 +331,8 @@ impl StoreConfig {
 }
 
 /// One opened backend, exposing every capability.
-pub trait Store: RawWriter + ChangeFeed + RequestStore {}
-impl<T: RawWriter + ChangeFeed + RequestStore> Store for T {}
+pub trait Store: RawWriter + ChangeFeed + RequestStore + ConsumerRegistry {}
+impl<T: RawWriter + ChangeFeed + RequestStore + ConsumerRegistry> Store for T {}
 
 /// Opens a store that must already hold Tollgate's data, for commands that only read
 /// (`report`, `check`): a mistyped data directory is an error naming it, not a new empty store

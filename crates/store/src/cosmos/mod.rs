@@ -15,8 +15,10 @@
 //!   answers are not indexed.
 //! - `leases`, partition key `/id`: one document per (parser group, unit) with the unit's
 //!   checkpoint, written with `If-Match` on its etag (see `crate::lease`); the raw container's
-//!   shard count (`meta.raw`); and dead letters.
+//!   shard count (`meta.raw`); dead letters; and the consumer registry (`consumer.{id}`, few
+//!   and small, read whole by every proxy replica's poll).
 
+mod consumers;
 mod feed;
 mod requests;
 mod setup;

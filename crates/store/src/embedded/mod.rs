@@ -9,6 +9,8 @@
 //!   checkpoint in it (see [`crate::lease`]); `version` makes writes conditional. Earlier
 //!   versions kept checkpoints by name in `checkpoints`: a group's first lease starts from its
 //!   checkpoint there.
+//! - `consumers`: the consumer registry, one JSON document per consumer with a `version` for
+//!   conditional writes.
 //! - `requests`: consolidated records, with the fields reports group by as indexed columns
 //!   and the full record as JSON.
 //!
@@ -23,7 +25,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tollgate_records::{ConsolidatedRecord, Money, RawRecord};
 
 use crate::{
-    ChangeFeed, DeadLetter, FeedPage, RawWriter, RecordQuery, RequestStore, StoreError, UsageRow,
+    ChangeFeed, ConsumerRegistry, DeadLetter, FeedPage, RawWriter, RecordQuery, RequestStore,
+    StoreError, StoredConsumer, UsageRow,
 };
 
 #[cfg(test)]
@@ -79,6 +82,11 @@ CREATE TABLE IF NOT EXISTS requests (
     cost REAL NOT NULL,
     doc TEXT NOT NULL,
     unpriced INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS consumers (
+    id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 CREATE INDEX IF NOT EXISTS requests_consumer ON requests (consumer, time_ms);
@@ -701,6 +709,90 @@ impl RequestStore for EmbeddedStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(io)?;
             Ok(rows)
+        })
+        .await
+    }
+}
+
+fn stored_consumer(
+    (id, version, doc): (String, i64, String),
+) -> Result<StoredConsumer, StoreError> {
+    Ok(StoredConsumer {
+        id,
+        version: version.to_string(),
+        document: serde_json::from_str(&doc).map_err(corrupt)?,
+    })
+}
+
+#[async_trait]
+impl ConsumerRegistry for EmbeddedStore {
+    async fn consumers(&self) -> Result<Vec<StoredConsumer>, StoreError> {
+        let rows = self
+            .read_conn(|conn| {
+                let mut stmt = conn
+                    .prepare_cached("SELECT id, version, doc FROM consumers ORDER BY id")
+                    .map_err(io)?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(io)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(io)?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter().map(stored_consumer).collect()
+    }
+
+    async fn consumer(&self, id: &str) -> Result<Option<StoredConsumer>, StoreError> {
+        let id = id.to_owned();
+        let row = self
+            .read_conn(move |conn| {
+                conn.query_row(
+                    "SELECT id, version, doc FROM consumers WHERE id = ?1",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(io)
+            })
+            .await?;
+        row.map(stored_consumer).transpose()
+    }
+
+    async fn put_consumer(
+        &self,
+        id: &str,
+        document: &serde_json::Value,
+        expected: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let text = serde_json::to_string(document).map_err(corrupt)?;
+        let id = id.to_owned();
+        // A version this store never wrote cannot match: the write fails as a stale one does.
+        let expected = match expected.map(str::parse::<i64>) {
+            Some(Err(_)) => return Ok(None),
+            Some(Ok(v)) => Some(v),
+            None => None,
+        };
+        self.write(move |conn| {
+            let (changed, version) = match expected {
+                None => (
+                    conn.execute(
+                        "INSERT OR IGNORE INTO consumers (id, version, doc) VALUES (?1, 1, ?2)",
+                        params![id, text],
+                    )
+                    .map_err(io)?,
+                    1,
+                ),
+                Some(v) => (
+                    conn.execute(
+                        "UPDATE consumers SET version = ?3, doc = ?2 WHERE id = ?1 AND version = ?4",
+                        params![id, text, v + 1, v],
+                    )
+                    .map_err(io)?,
+                    v + 1,
+                ),
+            };
+            Ok((changed == 1).then(|| version.to_string()))
         })
         .await
     }

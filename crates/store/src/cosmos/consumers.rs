@@ -1,0 +1,106 @@
+//! The consumer registry in the `leases` container: one document per consumer, id
+//! `consumer.{id}`, kind `consumer`, the proxy's document under `doc`, written with `If-Match`
+//! on its etag.
+
+use async_trait::async_trait;
+use azure_core::http::Etag;
+use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
+use azure_data_cosmos::{FeedScope, Query};
+use serde::{Deserialize, Serialize};
+
+use super::{CosmosStore, find, query_all, status_of, store_error};
+use crate::{ConsumerRegistry, StoreError, StoredConsumer};
+
+#[derive(Serialize, Deserialize)]
+struct ConsumerItem {
+    id: String,
+    kind: String,
+    consumer: String,
+    doc: serde_json::Value,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    etag: Option<String>,
+}
+
+fn item_id(id: &str) -> Result<String, StoreError> {
+    if !crate::valid_consumer_id(id) {
+        return Err(StoreError::Config(format!(
+            "{id:?} cannot name a registered consumer (letters, digits, . _ - only, at most 64)"
+        )));
+    }
+    Ok(format!("consumer.{id}"))
+}
+
+fn stored(item: ConsumerItem) -> Result<StoredConsumer, StoreError> {
+    Ok(StoredConsumer {
+        version: item
+            .etag
+            .ok_or_else(|| super::corrupt("consumer document without an etag"))?,
+        id: item.consumer,
+        document: item.doc,
+    })
+}
+
+#[async_trait]
+impl ConsumerRegistry for CosmosStore {
+    async fn consumers(&self) -> Result<Vec<StoredConsumer>, StoreError> {
+        let items: Vec<ConsumerItem> = query_all(
+            &self.leases,
+            Query::from("SELECT * FROM c WHERE c.kind = 'consumer'"),
+            FeedScope::full_container(),
+        )
+        .await?;
+        let mut out = items
+            .into_iter()
+            .map(stored)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Sorted here: a cross-partition ORDER BY needs the query pipeline.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn consumer(&self, id: &str) -> Result<Option<StoredConsumer>, StoreError> {
+        find::<ConsumerItem>(&self.leases, &item_id(id)?)
+            .await?
+            .map(stored)
+            .transpose()
+    }
+
+    async fn put_consumer(
+        &self,
+        id: &str,
+        document: &serde_json::Value,
+        expected: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let item_id = item_id(id)?;
+        let item = ConsumerItem {
+            id: item_id.clone(),
+            kind: "consumer".into(),
+            consumer: id.to_owned(),
+            doc: document.clone(),
+            etag: None,
+        };
+        let result = match expected {
+            None => {
+                self.leases
+                    .create_item(item_id.clone(), &item_id, &item, None)
+                    .await
+            }
+            Some(etag) => {
+                let options = ItemWriteOptions::default()
+                    .with_precondition(Precondition::if_match(Etag::from(etag)));
+                self.leases
+                    .replace_item(item_id.clone(), &item_id, &item, Some(options))
+                    .await
+            }
+        };
+        match result {
+            Ok(resp) => match resp.headers().etag() {
+                Some(etag) => Ok(Some(etag.to_string())),
+                None => Ok(self.consumer(id).await?.map(|c| c.version)),
+            },
+            // Someone else wrote first (409 on create, 412 on a stale etag) or it is gone.
+            Err(e) if matches!(status_of(&e), 404 | 409 | 412) => Ok(None),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
