@@ -164,10 +164,13 @@ pub async fn run(store: &dyn Store) {
 /// Consumers are created once, replaced only over the version read, and listed whole: two
 /// administrators changing one consumer at once cannot both win.
 async fn consumer_registry_writes_are_conditional(store: &dyn Store) {
+    let some = |v: Option<String>, what: &str| must(v.ok_or("none"), what);
     let doc = |n: u64| serde_json::json!({"consumer": {"id": "team-a"}, "n": n});
     assert!(must(store.consumer("team-a").await, "absent").is_none());
-    let v1 = must(store.put_consumer("team-a", &doc(1), None).await, "create")
-        .expect("the first create wins");
+    let v1 = some(
+        must(store.put_consumer("team-a", &doc(1), None).await, "create"),
+        "the first create wins",
+    );
     assert!(
         must(
             store.put_consumer("team-a", &doc(9), None).await,
@@ -176,11 +179,13 @@ async fn consumer_registry_writes_are_conditional(store: &dyn Store) {
         .is_none(),
         "a second create of one id must fail"
     );
-    let v2 = must(
-        store.put_consumer("team-a", &doc(2), Some(&v1)).await,
-        "update",
-    )
-    .expect("an update over the version read wins");
+    let v2 = some(
+        must(
+            store.put_consumer("team-a", &doc(2), Some(&v1)).await,
+            "update",
+        ),
+        "an update over the version read wins",
+    );
     assert_ne!(v1, v2);
     assert!(
         must(
@@ -194,7 +199,10 @@ async fn consumer_registry_writes_are_conditional(store: &dyn Store) {
         store.put_consumer("team-b", &doc(1), None).await,
         "create b",
     );
-    let got = must(store.consumer("team-a").await, "read").expect("stored");
+    let got = must(
+        must(store.consumer("team-a").await, "read").ok_or("absent"),
+        "stored",
+    );
     assert_eq!(
         (got.version.as_str(), &got.document),
         (v2.as_str(), &doc(2))
