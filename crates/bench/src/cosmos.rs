@@ -38,6 +38,7 @@ async fn proxy_on(
         &proxy_config(sim_base),
         ProxyDeps {
             store,
+            registry: None,
             data_dir: dir.path().to_path_buf(),
             after_flush: None,
             reload: None,

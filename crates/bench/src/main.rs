@@ -190,6 +190,7 @@ async fn serve_proxy(
         &config,
         ProxyDeps {
             store,
+            registry: None,
             data_dir,
             after_flush: None,
             reload: None,

@@ -7,49 +7,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-/// A consumer: who may call, identified by the SHA-256 of its key. Keys themselves are never in
-/// the configuration; `tollgate keys new` prints a key and the hash to put here.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsumerConfig {
-    pub id: String,
-    /// For people: a team or app name, and who answers for it.
-    #[serde(default)]
-    pub display_name: Option<String>,
-    #[serde(default)]
-    pub owner: Option<String>,
-    /// Deployments it may call; any when empty. Others get 403 `PermissionDenied`.
-    #[serde(default)]
-    pub deployments: Vec<String>,
-    /// Hex SHA-256 digests of the consumer's keys, without expiry (`keys` can say more).
-    #[serde(default)]
-    pub key_sha256: Vec<String>,
-    /// Keys with an expiry and a name (`primary`, `secondary`): at most two unexpired at once,
-    /// so a rotation overlaps without downtime.
-    #[serde(default)]
-    pub keys: Vec<KeyConfig>,
-    /// Requests and tokens per minute, token quotas per day and month (`quota.rs`).
-    #[serde(default)]
-    pub limits: crate::quota::ConsumerLimits,
-    /// The same, for one deployment: both the consumer's and these apply.
-    #[serde(default)]
-    pub deployment_limits: std::collections::BTreeMap<String, crate::quota::ConsumerLimits>,
-}
-
-/// One consumer key, by its digest.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    pub sha256: String,
-    /// After this instant (RFC 3339) the key gets 401.
-    #[serde(default)]
-    pub expires: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(default)]
-    pub name: Option<String>,
-}
-
-/// Unexpired keys a consumer may have at once: a primary and a secondary.
-const ACTIVE_KEYS: usize = 2;
+pub use crate::consumers::{ConsumerConfig, KeyConfig};
 
 /// An AOAI resource (or the simulator) and the deployments it serves.
 #[derive(Debug, Clone, Deserialize)]
@@ -352,6 +310,36 @@ pub struct ProxyConfig {
     pub limits_store: crate::quota::LimitsStoreConfig,
     /// Entra ID access tokens accepted from callers, mapped to consumers.
     pub entra_callers: crate::entra_callers::EntraCallersConfig,
+    /// The admin listener: the consumer API and the admin endpoints, off unless it listens.
+    pub admin: AdminConfig,
+    /// How the consumers registered in the store reach this replica.
+    pub registry: RegistryConfig,
+}
+
+/// `[proxy.admin]`: the admin API's own listener (keep it on a private address or port: it
+/// creates consumers and issues keys). Callers present the admin key (`admin_key_sha256`) or
+/// an Entra ID token valid for `[proxy.entra_callers]` that carries `entra_role`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: Option<std::net::SocketAddr>,
+    /// The app role (`roles` claim) that makes an Entra ID caller an administrator.
+    pub entra_role: Option<String>,
+}
+
+/// `[proxy.registry]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// How often the registered consumers are read: the bound on how long a revoked key or
+    /// a new consumer takes to reach this replica.
+    pub poll_ms: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { poll_ms: 2_000 }
+    }
 }
 
 /// A validated backend.
@@ -384,23 +372,24 @@ pub(crate) struct Fixed {
     pub limits: LimitsConfig,
     pub recorder: RecorderConfig,
     pub admin_key: Option<[u8; 32]>,
+    pub admin: AdminConfig,
+    pub registry: RegistryConfig,
     pub use_env_proxy: bool,
 }
 
 /// What a reload replaces (see `live.rs`).
 #[derive(Debug, Clone)]
 pub(crate) struct LiveConfig {
-    pub consumers: Vec<crate::auth::KeyEntry>,
-    /// Consumer id → the deployments it may call (consumers that may call any are absent).
-    pub allowed: HashMap<String, Vec<String>>,
+    /// The consumers the file declares (the registry's join them in `AppState::directory`).
+    pub consumers: crate::consumers::Directory,
+    /// The same, as declared: the registry refuses their ids and lists them.
+    pub file_consumers: Vec<ConsumerConfig>,
     pub backends: Vec<Backend>,
     /// Deployment → its pool: indices into `backends`.
     pub routes: HashMap<String, Vec<usize>>,
     pub stream_usage: StreamUsageConfig,
     /// Index of the backend for calls that keep state.
     pub stateful: Option<usize>,
-    /// Consumer id → its limits (consumers without any are absent).
-    pub limits: HashMap<String, crate::quota::Limits>,
     pub quotas: crate::quota::QuotasConfig,
 }
 
@@ -452,7 +441,7 @@ pub(crate) fn secret_from_file(field: &str, path: &std::path::Path) -> Result<St
 /// Longest duration any limit may name.
 const MAX_DURATION_MS: u64 = 7 * 24 * 3600 * 1000;
 
-fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
     let bytes = hex::decode(hex_digest.trim()).ok()?;
     bytes.try_into().ok()
 }
@@ -486,83 +475,11 @@ impl ProxyConfig {
     /// Checks everything and returns every problem at once.
     pub(crate) fn validate(&self) -> Result<Validated, Vec<String>> {
         let mut problems = Vec::new();
-        let mut consumers = Vec::new();
-        let mut limits = HashMap::new();
-        let mut allowed = HashMap::new();
+        let mut consumers = crate::consumers::Directory::default();
+        let now = chrono::Utc::now();
         for c in &self.consumers {
-            // Ids name limit counters (`{consumer}|…`) and Redis hash tags (`{consumer}`).
-            if c.id.is_empty() || c.id.contains(['|', '{', '}']) {
-                problems.push(format!(
-                    "proxy.consumers: the id `{}` must be non-empty, without `|`, `{{` or `}}`",
-                    c.id
-                ));
-            }
-            for (scope, l) in std::iter::once((String::new(), &c.limits)).chain(
-                c.deployment_limits
-                    .iter()
-                    .map(|(d, l)| (format!(".deployment_limits.{d}"), l)),
-            ) {
-                for zero in l.zeros() {
-                    problems.push(format!(
-                        "proxy.consumers `{}`{scope}: {zero} must be greater than 0 (leave it out for no limit)",
-                        c.id
-                    ));
-                }
-            }
-            let none = crate::quota::ConsumerLimits::default();
-            if c.limits != none || c.deployment_limits.values().any(|l| *l != none) {
-                limits.insert(
-                    c.id.clone(),
-                    crate::quota::Limits {
-                        all: c.limits.clone(),
-                        per_deployment: c.deployment_limits.clone(),
-                    },
-                );
-            }
-            if c.key_sha256.is_empty() && c.keys.is_empty() {
-                problems.push(format!("proxy.consumers `{}` has no key", c.id));
-            }
-            if !c.deployments.is_empty() {
-                allowed.insert(c.id.clone(), c.deployments.clone());
-            }
-            let now = chrono::Utc::now();
-            let keys = c
-                .key_sha256
-                .iter()
-                .map(|k| ("key_sha256", k, None))
-                .chain(c.keys.iter().map(|k| ("keys.sha256", &k.sha256, k.expires)));
-            let mut active = 0;
-            for (field, k, expires) in keys {
-                active += usize::from(expires.is_none_or(|e| e > now));
-                match parse_digest(k) {
-                    // One key must name one consumer: with a duplicate, whichever matched last
-                    // would be charged.
-                    Some(d)
-                        if consumers
-                            .iter()
-                            .any(|e: &crate::auth::KeyEntry| e.digest == d) =>
-                    {
-                        problems.push(format!(
-                            "proxy.consumers `{}`: {field} `{k}` is already used",
-                            c.id
-                        ))
-                    }
-                    Some(digest) => consumers.push(crate::auth::KeyEntry {
-                        consumer: c.id.clone(),
-                        digest,
-                        expires,
-                    }),
-                    None => problems.push(format!(
-                        "proxy.consumers `{}`: {field} `{k}` is not 64 hex characters",
-                        c.id
-                    )),
-                }
-            }
-            if active > ACTIVE_KEYS {
-                problems.push(format!(
-                    "proxy.consumers `{}`: {active} unexpired keys; at most {ACTIVE_KEYS} (primary and secondary)",
-                    c.id
-                ));
+            if let Err(mut p) = consumers.add(c, now) {
+                problems.append(&mut p);
             }
         }
         let mut routes = HashMap::new();
@@ -756,6 +673,24 @@ impl ProxyConfig {
                     .to_owned(),
             );
         }
+        if self.registry.poll_ms == 0 || self.registry.poll_ms > MAX_DURATION_MS {
+            problems.push(
+                "proxy.registry.poll_ms must be greater than 0 and at most a week".to_owned(),
+            );
+        }
+        if self.admin.entra_role.is_some() && !self.entra_callers.enabled() {
+            problems.push(
+                "proxy.admin.entra_role needs [proxy.entra_callers] (the tenants whose tokens are validated)".to_owned(),
+            );
+        }
+        if self.admin.listen.is_some()
+            && self.admin_key_sha256.is_none()
+            && self.admin.entra_role.is_none()
+        {
+            problems.push(
+                "proxy.admin.listen needs admin_key_sha256 or admin.entra_role: nobody could use it".to_owned(),
+            );
+        }
         if self.backends.iter().filter(|b| b.stateful).count() > 1 {
             problems.push(
                 "proxy.backends: at most one backend may be `stateful` (files, batches and stored responses live on one)".to_owned(),
@@ -779,11 +714,13 @@ impl ProxyConfig {
                 limits: self.limits.clone(),
                 recorder: self.recorder.clone(),
                 admin_key,
+                admin: self.admin.clone(),
+                registry: self.registry.clone(),
                 use_env_proxy: self.use_env_proxy,
             },
             live: LiveConfig {
                 consumers,
-                allowed,
+                file_consumers: self.consumers.clone(),
                 stateful: self
                     .backends
                     .iter()
@@ -792,7 +729,6 @@ impl ProxyConfig {
                 backends,
                 routes,
                 stream_usage: self.stream_usage.clone(),
-                limits,
                 quotas: self.quotas.clone(),
             },
         })

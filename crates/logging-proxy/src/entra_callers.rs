@@ -112,9 +112,11 @@ impl EntraCallersConfig {
             .map(|r| &r.consumer)
             .chain(self.default_consumer.iter())
         {
-            if !consumers.contains(&c.as_str()) {
+            // A rule may name a consumer the registry holds (checked per request); one the
+            // file does not declare must at least be an id the registry could hold.
+            if !consumers.contains(&c.as_str()) && !tollgate_store::valid_consumer_id(c) {
                 out.push(format!(
-                    "proxy.entra_callers: consumer `{c}` is not a configured consumer"
+                    "proxy.entra_callers: consumer `{c}` is neither a configured consumer nor a valid registry id"
                 ));
             }
         }
@@ -161,6 +163,31 @@ impl Callers {
 
     /// The consumer of a valid token.
     pub(crate) async fn authenticate(&self, token: &str) -> Result<Consumer, Rejected> {
+        let claims = self.validate(token).await?;
+        let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+        let id = self
+            .config
+            .rules
+            .iter()
+            .find(|r| match claims.get(&r.claim) {
+                Some(Value::String(v)) => *v == r.value,
+                Some(Value::Array(vs)) => vs.iter().any(|v| v.as_str() == Some(&r.value)),
+                _ => false,
+            })
+            .map(|r| r.consumer.clone())
+            .or_else(|| self.config.default_consumer.clone())
+            .ok_or(Rejected::Unmapped)?;
+        Ok(Consumer {
+            id,
+            key_id: None,
+            auth_kind: AuthKind::EntraId,
+            subject: text("oid").or_else(|| text("sub")),
+            app_id: text("appid").or_else(|| text("azp")),
+        })
+    }
+
+    /// The claims of a token valid for the configured tenants and audiences.
+    pub(crate) async fn validate(&self, token: &str) -> Result<Value, Rejected> {
         let invalid = |why: &str| Rejected::Invalid(why.to_owned());
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("not a JWT"))?;
         if !self.config.algorithms.contains(&header.alg) {
@@ -185,27 +212,7 @@ impl Callers {
         validation.set_required_spec_claims(&["exp", "aud", "iss"]);
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| Rejected::Invalid(format!("{:?}", e.kind())))?;
-        let claims = data.claims;
-        let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
-        let id = self
-            .config
-            .rules
-            .iter()
-            .find(|r| match claims.get(&r.claim) {
-                Some(Value::String(v)) => *v == r.value,
-                Some(Value::Array(vs)) => vs.iter().any(|v| v.as_str() == Some(&r.value)),
-                _ => false,
-            })
-            .map(|r| r.consumer.clone())
-            .or_else(|| self.config.default_consumer.clone())
-            .ok_or(Rejected::Unmapped)?;
-        Ok(Consumer {
-            id,
-            key_id: None,
-            auth_kind: AuthKind::EntraId,
-            subject: text("oid").or_else(|| text("sub")),
-            app_id: text("appid").or_else(|| text("azp")),
-        })
+        Ok(data.claims)
     }
 
     /// The key `kid` of tenant `tid`: from the cache, else from a fresh JWKS when the refresh
@@ -310,12 +317,12 @@ mod tests {
             rules: vec![CallerRule {
                 claim: "email".into(),
                 value: "x".into(),
-                consumer: "ghost".into(),
+                consumer: "gh/ost".into(),
             }],
             ..EntraCallersConfig::default()
         };
         let problems = config.problems(&["team-a"]);
-        for expected in ["audiences", "HMAC", "`email`", "`ghost`"] {
+        for expected in ["audiences", "HMAC", "`email`", "`gh/ost`"] {
             assert!(
                 problems.iter().any(|p| p.contains(expected)),
                 "{expected}: {problems:?}"

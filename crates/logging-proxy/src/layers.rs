@@ -89,22 +89,32 @@ pub(crate) async fn authenticate(
     let jwt = auth::presented_key(request.headers())
         .filter(|k| app.callers.enabled() && k.split('.').count() == 3)
         .map(str::to_owned);
-    let consumer: Result<Consumer, ProxyError> = match jwt {
-        Some(token) => app
-            .callers
-            .authenticate(&token)
-            .await
-            .map_err(|rejected| match rejected {
-                Rejected::Invalid(reason) => ProxyError::CallerTokenInvalid { reason },
-                Rejected::Unmapped => ProxyError::CallerNotMapped,
-            }),
-        None => auth::authenticate(&app.live.load().config.consumers, request.headers()).map_err(
-            |refused| match refused {
-                auth::KeyRefused::Unknown => ProxyError::ConsumerKeyInvalid,
-                auth::KeyRefused::Expired => ProxyError::ConsumerKeyExpired,
-            },
-        ),
-    };
+    let consumer: Result<Consumer, ProxyError> =
+        match jwt {
+            Some(token) => app
+                .callers
+                .authenticate(&token)
+                .await
+                .map_err(|rejected| match rejected {
+                    Rejected::Invalid(reason) => ProxyError::CallerTokenInvalid { reason },
+                    Rejected::Unmapped => ProxyError::CallerNotMapped,
+                })
+                // A rule may name a consumer created in the registry; one deleted since (or never
+                // created) maps nobody.
+                .and_then(|c| {
+                    if app.directory.load().ids.contains(&c.id) {
+                        Ok(c)
+                    } else {
+                        Err(ProxyError::CallerNotMapped)
+                    }
+                }),
+            None => auth::authenticate(&app.directory.load().keys, request.headers()).map_err(
+                |refused| match refused {
+                    auth::KeyRefused::Unknown => ProxyError::ConsumerKeyInvalid,
+                    auth::KeyRefused::Expired => ProxyError::ConsumerKeyExpired,
+                },
+            ),
+        };
     match consumer {
         Ok(consumer) => {
             let mut request = request;

@@ -7,10 +7,12 @@
 //! consumer with a token limit (billing is the parser's), wait on the store in a request task,
 //! depend on the log parser, or let credentials reach a record or a log line.
 
+mod admin;
 mod app;
 mod auth;
 pub mod backend_auth;
 pub mod config;
+pub mod consumers;
 mod context;
 pub mod entra_callers;
 mod error;
@@ -61,6 +63,9 @@ const DRAIN_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct ProxyDeps {
     pub store: Arc<dyn RawWriter>,
+    /// Where consumers created at run time live (`consumers/registry.rs`); `None`: only the
+    /// file's consumers.
+    pub registry: Option<Arc<dyn tollgate_store::ConsumerRegistry>>,
     /// Default parent of the spool and journal directories.
     pub data_dir: PathBuf,
     pub after_flush: Option<FlushHook>,
@@ -134,6 +139,19 @@ pub(crate) struct AppState {
     pub counters: Arc<quota::Counters>,
     /// Entra ID callers' token validation and the tenants' signing keys.
     pub callers: entra_callers::Callers,
+    /// Every consumer the request path knows: the file's and the registry's (`consumers/`).
+    pub directory: arc_swap::ArcSwap<consumers::Directory>,
+    /// The registry's consumers as last read, and the versions read.
+    pub registered: std::sync::Mutex<(consumers::poll::Seen, Arc<Vec<config::ConsumerConfig>>)>,
+    pub registry: Option<Arc<dyn tollgate_store::ConsumerRegistry>>,
+    pub registry_status: RegistryStatus,
+}
+
+/// Whether the last read of the registry worked, and the failed reads so far.
+#[derive(Debug, Default)]
+pub(crate) struct RegistryStatus {
+    pub up: std::sync::atomic::AtomicBool,
+    pub errors: AtomicU64,
 }
 
 /// A built proxy: its router plus handles to flush and shut down the recorder.
@@ -196,6 +214,10 @@ impl Proxy {
                 validated.limits.breaker_failures,
                 validated.limits.breaker_cooldown_ms,
             ),
+            directory: arc_swap::ArcSwap::from_pointee(live_config.consumers.clone()),
+            registered: std::sync::Mutex::new(Default::default()),
+            registry: deps.registry,
+            registry_status: RegistryStatus::default(),
             live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
             reload: deps.reload,
             reloading: std::sync::Mutex::new(()),
@@ -209,11 +231,42 @@ impl Proxy {
             stats: Arc::new(ProxyStats::default()),
             after_flush: deps.after_flush,
         });
+        if let Some(store) = state.registry.clone() {
+            let every = Duration::from_millis(state.config.registry.poll_ms);
+            writer.spawn(consumers::poll::run(
+                state.clone(),
+                store,
+                every,
+                cancel.clone(),
+            ));
+        }
         Ok(Proxy {
             state,
             writer,
             cancel,
         })
+    }
+
+    /// Reads the consumer registry once now (before serving, so registered consumers work
+    /// from the first request); the poll goes on reading it.
+    pub async fn load_registry(&self) -> Result<(), tollgate_store::StoreError> {
+        match &self.state.registry {
+            Some(store) => consumers::poll::refresh(&self.state, store.as_ref())
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The admin API (consumers, keys, audit, and the admin endpoints), for its own
+    /// listener (`[proxy.admin] listen`).
+    pub fn admin_router(&self) -> Router {
+        admin::router(self.state.clone())
+    }
+
+    /// Where the admin listener should listen, if anywhere.
+    pub fn admin_listen(&self) -> Option<std::net::SocketAddr> {
+        self.state.config.admin.listen
     }
 
     pub fn router(&self) -> Router {
@@ -305,23 +358,25 @@ pub(crate) fn reload(state: &AppState, config: &ProxyConfig) -> Result<Reloaded,
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let old = state.live.load_full();
     let new = live::Live::new(validated.live, Some(&old));
+    let registered = state
+        .registered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .1
+        .clone();
+    let directory = new.config.consumers.with_registered(&registered);
     let names = |l: &live::Live| -> std::collections::BTreeSet<String> {
         l.config.backends.iter().map(|b| b.name.clone()).collect()
     };
     let (before, after) = (names(&old), names(&new));
     let reloaded = Reloaded {
-        consumers: new
-            .config
-            .consumers
-            .iter()
-            .map(|k| k.consumer.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len(),
+        consumers: new.config.consumers.ids.len(),
         backends_added: after.difference(&before).cloned().collect(),
         backends_removed: before.difference(&after).cloned().collect(),
         deployments: new.config.routes.len(),
     };
     state.live.store(Arc::new(new));
+    state.directory.store(Arc::new(directory));
     tracing::info!(
         consumers = reloaded.consumers,
         deployments = reloaded.deployments,

@@ -96,7 +96,8 @@ async fn limit(
     described: &Described,
     bytes: &[u8],
 ) -> Result<(), ProxyError> {
-    let Some(limits) = plan.live.config.limits.get(&ctx.consumer.id) else {
+    let directory = app.directory.load();
+    let Some(limits) = directory.limits.get(&ctx.consumer.id) else {
         return Ok(());
     };
     let deployment = described.record.deployment.as_deref();
@@ -322,8 +323,9 @@ fn route(
                 .routes
                 .get(&d)
                 .ok_or(ProxyError::DeploymentNotFound)?;
-            if live
-                .config
+            if app
+                .directory
+                .load()
                 .allowed
                 .get(&ctx.consumer.id)
                 .is_some_and(|allowed| !allowed.contains(&d))

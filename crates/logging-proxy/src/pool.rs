@@ -396,13 +396,12 @@ mod tests {
         let routes = [("d".to_owned(), (0..backends.len()).collect())].into();
         Live::new(
             crate::config::LiveConfig {
-                consumers: Vec::new(),
-                allowed: Default::default(),
+                consumers: Default::default(),
+                file_consumers: Vec::new(),
                 backends,
                 routes,
                 stream_usage: Default::default(),
                 stateful: Some(0),
-                limits: Default::default(),
                 quotas: Default::default(),
             },
             None,
@@ -502,13 +501,12 @@ mod tests {
         let mut moved = backend("gone", 0, 1);
         moved.endpoint = reqwest::Url::parse("http://127.0.0.2/").unwrap();
         let config = crate::config::LiveConfig {
-            consumers: Vec::new(),
-            allowed: Default::default(),
+            consumers: Default::default(),
+            file_consumers: Vec::new(),
             backends: vec![moved, backend("kept", 0, 1)],
             routes: [("d".to_owned(), vec![0, 1])].into(),
             stream_usage: Default::default(),
             stateful: Some(0),
-            limits: Default::default(),
             quotas: Default::default(),
         };
         let new = Live::new(config, Some(&old));

@@ -1,18 +1,11 @@
 //! Consumer keys: generated here, given to the consumer once, and configured only as hashes.
 
-use rand::RngCore;
-use sha2::{Digest, Sha256};
-
 /// A new random key: `tg-` (recognisable in a leaked file or a secret scanner's rule) and 64
-/// hex characters (256 bits).
-pub(crate) fn new_key() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("tg-{}", hex::encode(bytes))
-}
+/// hex characters (256 bits); the registry issues the same.
+pub(crate) use tollgate_logging_proxy::consumers::registry::new_key;
 
 pub(crate) fn hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    tollgate_logging_proxy::consumers::registry::hash_key(key)
 }
 
 /// The key on the first line of `input`, without its line ending or surrounding blanks.
@@ -26,6 +19,8 @@ pub(crate) fn read_key(mut input: impl std::io::BufRead) -> anyhow::Result<Strin
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     #[test]

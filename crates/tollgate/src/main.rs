@@ -1,6 +1,7 @@
 //! `tollgate`: the command line. Parses arguments, loads configuration, runs a command.
 
 mod config;
+mod consumers;
 mod keys;
 mod output;
 mod report;
@@ -81,10 +82,16 @@ enum Command {
         #[arg(long)]
         by_backend: bool,
     },
-    /// Consumer keys.
+    /// Consumer keys: new ones for the configuration file, and the registry's.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Consumers in the registry (the store): create, list, show, update, delete, audit.
+    /// Running proxies apply changes within `proxy.registry.poll_ms`.
+    Consumers {
+        #[command(subcommand)]
+        command: consumers::ConsumersCommand,
     },
     /// Loads and validates the configuration, opens the store, and probes each backend's
     /// deployments once (credential accepted, deployment exists; nothing is generated or
@@ -107,6 +114,8 @@ enum KeysCommand {
     /// `proxy.consumers.key_sha256`. Never on the command line, where shell history and the
     /// process list would keep it.
     Hash,
+    #[command(flatten)]
+    Registry(consumers::RegistryKeysCommand),
 }
 
 #[tokio::main]
@@ -184,8 +193,16 @@ async fn main() -> anyhow::Result<()> {
                     ));
                 }
                 KeysCommand::Hash => say(&keys::hash(&keys::read_key(std::io::stdin().lock())?)),
+                KeysCommand::Registry(command) => {
+                    let config = config::load(path, None)?;
+                    return consumers::keys(&config, command).await;
+                }
             }
             Ok(())
+        }
+        Command::Consumers { command } => {
+            let config = config::load(path, None)?;
+            consumers::consumers(&config, command).await
         }
         Command::Check { no_probe } => {
             let config = config::load(path, None)?;

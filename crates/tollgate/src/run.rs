@@ -137,6 +137,28 @@ async fn start_sim(
 }
 
 /// `tollgate sim`: the simulator alone, until a signal.
+/// Serves the admin API on its own listener until `stop`.
+async fn serve_admin(
+    router: axum::Router,
+    listen: SocketAddr,
+    background: &TaskTracker,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (proxy.admin.listen)"))?;
+    let addr = listener.local_addr()?;
+    background.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "Admin server failed.");
+        }
+    });
+    Ok(addr)
+}
+
 pub(crate) async fn sim(config: Config) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
@@ -256,16 +278,34 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             &config.proxy,
             ProxyDeps {
                 store: store.clone() as Arc<dyn RawWriter>,
+                registry: Some(store.clone() as Arc<dyn tollgate_store::ConsumerRegistry>),
                 data_dir: data_dir.clone(),
                 after_flush: hook,
                 reload: reload_hook.clone(),
             },
         )?;
+        // Registered consumers work from the first request; a store that cannot be read now
+        // leaves the file's consumers, and the poll goes on trying.
+        if let Err(e) = proxy.load_registry().await {
+            tracing::warn!(error = %e, "The consumer registry could not be read at start; only the configuration file's consumers work until it can.");
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let server_cancel = CancellationToken::new();
+        let admin_addr = match proxy.admin_listen() {
+            Some(listen) => Some(
+                serve_admin(
+                    proxy.admin_router(),
+                    listen,
+                    &background,
+                    server_cancel.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let proxy = Arc::new(proxy);
         let server = proxy.clone();
         let stop = server_cancel.clone();
@@ -281,6 +321,9 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             .iter()
             .map(|d| d.name.clone())
             .collect();
+        if let Some(a) = admin_addr {
+            say(&format!("admin API on http://{a}/tollgate/admin/consumers"));
+        }
         banner(
             addr,
             sim_addr,

@@ -38,21 +38,33 @@ use self::scan::UsageScan;
 pub use self::shared::{LimitsStoreConfig, OnUnavailable};
 
 use chrono::{Datelike, TimeZone, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// A consumer's limits (`[proxy.consumers.limits]`, and per deployment in
 /// `[proxy.consumers.deployment_limits.NAME]`); an absent field is no limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_day: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_month: Option<u64>,
+    /// Cost per calendar month (UTC), in the prices' currency, as the parser prices the
+    /// consumer's records (`budget.rs`); the consumer's limit only, not per deployment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_per_month: Option<tollgate_records::Money>,
 }
 
 impl ConsumerLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == ConsumerLimits::default()
+    }
+
     fn counts_tokens(&self) -> bool {
         self.tokens_per_minute.is_some()
             || self.tokens_per_day.is_some()
@@ -66,6 +78,11 @@ impl ConsumerLimits {
             ("tokens_per_minute", self.tokens_per_minute),
             ("tokens_per_day", self.tokens_per_day),
             ("tokens_per_month", self.tokens_per_month),
+            (
+                "cost_per_month",
+                self.cost_per_month
+                    .map(|m| u64::try_from(m.nanos()).unwrap_or(0)),
+            ),
         ]
         .into_iter()
         .filter(|(_, v)| *v == Some(0))

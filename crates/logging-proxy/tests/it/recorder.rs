@@ -95,6 +95,7 @@ async fn spooled_records_that_are_corrupt_or_rejected_are_set_aside_and_counted(
         &config,
         ProxyDeps {
             store: store.clone(),
+            registry: None,
             data_dir: dir.path().to_path_buf(),
             after_flush: None,
             reload: None,

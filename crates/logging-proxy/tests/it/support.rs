@@ -153,6 +153,7 @@ impl Stack {
                 &config,
                 ProxyDeps {
                     store: flaky.clone(),
+                    registry: None,
                     data_dir: dir.path().to_path_buf(),
                     after_flush: None,
                     reload: None,

@@ -15,6 +15,7 @@ fn key(k: &str, expires: Option<chrono::DateTime<chrono::Utc>>, name: &str) -> K
         sha256: harness::sha(k),
         expires,
         name: Some(name.into()),
+        ..KeyConfig::default()
     }
 }
 

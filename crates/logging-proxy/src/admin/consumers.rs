@@ -1,0 +1,324 @@
+//! The consumer API on the admin listener: the registry's operations (`consumers/registry.rs`)
+//! over HTTP, JSON in and out with the field names of the configuration file.
+//!
+//! | call | does |
+//! |---|---|
+//! | `GET /tollgate/admin/consumers[?deleted=true]` | every consumer, the file's and the registry's |
+//! | `POST /tollgate/admin/consumers` | creates one: `{"id", …fields, "key_expires"}` → 201 with its key |
+//! | `GET /tollgate/admin/consumers/{id}` | one registered consumer with its history |
+//! | `PATCH /tollgate/admin/consumers/{id}` | changes `display_name`, `owner`, `deployments`, `limits`, `deployment_limits` |
+//! | `DELETE /tollgate/admin/consumers/{id}` | deletes it (its keys stop working) |
+//! | `POST /tollgate/admin/consumers/{id}/keys` | a second key: `{"name", "expires"}` → 201 with the key |
+//! | `POST /tollgate/admin/consumers/{id}/keys/rotate` | a new primary; the old one works `grace_s` more (default a day) |
+//! | `DELETE /tollgate/admin/consumers/{id}/keys/{key_id}` | revokes a key now |
+//! | `GET /tollgate/admin/audit[?limit=N]` | the changes, newest first |
+//!
+//! A change is applied to this replica at once; the others read it at their next poll.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::consumers::registry::{ConsumerFields, Registry, RegistryError};
+
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/tollgate/admin/consumers", get(list).post(create))
+        .route(
+            "/tollgate/admin/consumers/{id}",
+            get(show).patch(update).delete(delete),
+        )
+        .route("/tollgate/admin/consumers/{id}/keys", post(add_key))
+        .route("/tollgate/admin/consumers/{id}/keys/rotate", post(rotate))
+        .route(
+            "/tollgate/admin/consumers/{id}/keys/{key_id}",
+            axum::routing::delete(revoke),
+        )
+        .route("/tollgate/admin/audit", get(audit))
+}
+
+/// Longest grace a rotation may give the old key.
+const MAX_GRACE_S: i64 = 90 * 24 * 3600;
+
+const DEFAULT_GRACE_S: i64 = 24 * 3600;
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+fn refused(e: RegistryError) -> Response {
+    let (status, code) = match &e {
+        RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+        RegistryError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+        RegistryError::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidConsumer"),
+        RegistryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "RegistryUnavailable"),
+    };
+    error(status, code, e.to_string())
+}
+
+/// Runs `op` on the registry as the calling administrator; after a change (`writes`), applies
+/// the registry to this replica at once.
+async fn with_registry<T, F>(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+    writes: bool,
+    op: F,
+) -> Response
+where
+    T: serde::Serialize,
+    F: AsyncFnOnce(&Registry<'_>) -> Result<(StatusCode, T), RegistryError>,
+{
+    let actor = match super::actor(app, headers).await {
+        Ok(a) => a,
+        Err(denied) => return denied,
+    };
+    let Some(store) = app.registry.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "RegistryUnavailable",
+            "this process has no consumer registry (it was started without a store)".to_owned(),
+        );
+    };
+    let live = app.live.load_full();
+    let registry = Registry::new(store.as_ref(), &live.config.file_consumers, actor);
+    match op(&registry).await {
+        Ok((status, body)) => {
+            if writes && let Err(e) = crate::consumers::poll::refresh(app, store.as_ref()).await {
+                tracing::warn!(error = %e, "The registry change is stored; this replica applies it at its next poll.");
+            }
+            (status, Json(body)).into_response()
+        }
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    deleted: bool,
+}
+
+async fn list(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    with_registry(&app, &headers, false, async |r: &Registry<'_>| {
+        Ok((StatusCode::OK, json!({"data": r.list(q.deleted).await?})))
+    })
+    .await
+}
+
+/// A new consumer: its id, the key's expiry, and [`ConsumerFields`] (listed again: serde's
+/// `flatten` does not work with `deny_unknown_fields`, and a misspelt limit must be refused,
+/// not ignored).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewConsumer {
+    id: String,
+    #[serde(default)]
+    key_expires: Option<DateTime<Utc>>,
+    display_name: Option<String>,
+    owner: Option<String>,
+    deployments: Option<Vec<String>>,
+    limits: Option<crate::quota::ConsumerLimits>,
+    deployment_limits: Option<std::collections::BTreeMap<String, crate::quota::ConsumerLimits>>,
+}
+
+/// The body as `T`, or a 400 saying what is wrong with it.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Response>> {
+    let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            e.to_string(),
+        ))
+    })
+}
+
+async fn create(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let new: NewConsumer = match body(&bytes) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
+    with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let fields = ConsumerFields {
+            display_name: new.display_name,
+            owner: new.owner,
+            deployments: new.deployments,
+            limits: new.limits,
+            deployment_limits: new.deployment_limits,
+        };
+        let (doc, issued) = r.create(&new.id, fields, new.key_expires).await?;
+        Ok((
+            StatusCode::CREATED,
+            json!({"consumer": doc.consumer.id, "key": issued.key, "key_id": issued.key_id}),
+        ))
+    })
+    .await
+}
+
+async fn show(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    with_registry(&app, &headers, false, async |r: &Registry<'_>| {
+        let doc = r.show(&id).await?;
+        let view =
+            crate::consumers::registry::ConsumerView::of(&doc.consumer, "registry", doc.deleted);
+        Ok((
+            StatusCode::OK,
+            json!({"consumer": view, "changes": doc.changes}),
+        ))
+    })
+    .await
+}
+
+async fn update(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let fields: ConsumerFields = match body(&bytes) {
+        Ok(f) => f,
+        Err(r) => return *r,
+    };
+    with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let doc = r.update(&id, fields).await?;
+        Ok((StatusCode::OK, json!({"consumer": doc.consumer.id})))
+    })
+    .await
+}
+
+async fn delete(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        r.delete(&id).await?;
+        Ok((StatusCode::OK, json!({"consumer": id, "deleted": true})))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    expires: Option<DateTime<Utc>>,
+}
+
+async fn add_key(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let new: NewKey = match body(&bytes) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
+    with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let (_, issued) = r.add_key(&id, new.name, new.expires).await?;
+        Ok((StatusCode::CREATED, issued))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Rotation {
+    #[serde(default)]
+    grace_s: Option<i64>,
+    #[serde(default)]
+    expires: Option<DateTime<Utc>>,
+}
+
+async fn rotate(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let rotation: Rotation = match body(&bytes) {
+        Ok(n) => n,
+        Err(r) => return *r,
+    };
+    let grace = rotation.grace_s.unwrap_or(DEFAULT_GRACE_S);
+    if !(0..=MAX_GRACE_S).contains(&grace) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequest",
+            format!("grace_s must be between 0 and {MAX_GRACE_S} (90 days)"),
+        );
+    }
+    with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let (_, issued) = r
+            .rotate(&id, chrono::Duration::seconds(grace), rotation.expires)
+            .await?;
+        Ok((StatusCode::CREATED, issued))
+    })
+    .await
+}
+
+async fn revoke(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((id, key_id)): Path<(String, String)>,
+) -> Response {
+    with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        r.revoke(&id, &key_id).await?;
+        Ok((StatusCode::OK, json!({"consumer": id, "revoked": key_id})))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default = "default_audit_limit")]
+    limit: usize,
+}
+
+fn default_audit_limit() -> usize {
+    100
+}
+
+async fn audit(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    with_registry(&app, &headers, false, async |r: &Registry<'_>| {
+        Ok((
+            StatusCode::OK,
+            json!({"data": r.audit(q.limit.min(10_000)).await?}),
+        ))
+    })
+    .await
+}

@@ -1,0 +1,575 @@
+//! The consumer registry: consumers created, changed, rotated and revoked at run time, kept in
+//! the store ([`ConsumerRegistry`]) so every proxy replica reads the same ones. The one place
+//! these operations are written: `tollgate consumers` / `tollgate keys` and the admin API both
+//! call it.
+//!
+//! - A consumer's document holds its own history ([`Change`]: who, what, when), so a change
+//!   and its audit entry are one conditional write: neither can be stored without the other.
+//!   A deleted consumer keeps its document (marked deleted, without keys) and its history.
+//! - Writes are conditional on the version read; two administrators changing one consumer at
+//!   once are applied one after the other, never one over the other.
+//! - Keys are 256 random bits behind the `tg-` prefix (a secret scanner's rule can find a
+//!   leaked one), returned once by the call that issues them and stored only as SHA-256.
+//! - Expired keys are dropped at the next change; their history stays.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Duration, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tollgate_store::{ConsumerRegistry, StoreError};
+
+use super::{ACTIVE_KEYS, ConsumerConfig, Directory, KeyConfig};
+use crate::quota::ConsumerLimits;
+
+/// A registered consumer as stored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerDoc {
+    pub consumer: ConsumerConfig,
+    #[serde(default)]
+    pub deleted: bool,
+    /// Every change made to it, oldest first.
+    #[serde(default)]
+    pub changes: Vec<Change>,
+}
+
+/// One change to a consumer: the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub at: DateTime<Utc>,
+    /// Who: `cli:{user}@{host}`, `admin-key:{key id}`, `entra:{object id}`.
+    pub actor: String,
+    /// `consumer.create`, `consumer.update`, `consumer.delete`, `key.create`, `key.rotate`,
+    /// `key.revoke`.
+    pub action: String,
+    /// The key a key action concerns (its public id, never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A change with the consumer it was made to, for the audit listing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub consumer: String,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("consumer `{0}` does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("the store could not be used: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// What a create or an update sets; absent fields are left as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerFields {
+    pub display_name: Option<String>,
+    pub owner: Option<String>,
+    pub deployments: Option<Vec<String>>,
+    pub limits: Option<ConsumerLimits>,
+    pub deployment_limits: Option<BTreeMap<String, ConsumerLimits>>,
+}
+
+impl ConsumerFields {
+    fn apply(self, c: &mut ConsumerConfig) {
+        if let Some(v) = self.display_name {
+            c.display_name = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = self.owner {
+            c.owner = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = self.deployments {
+            c.deployments = v;
+        }
+        if let Some(v) = self.limits {
+            c.limits = v;
+        }
+        if let Some(v) = self.deployment_limits {
+            c.deployment_limits = v;
+        }
+    }
+}
+
+/// A new key, shown once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Issued {
+    pub key: String,
+    pub key_id: String,
+}
+
+/// A consumer as listed: where it is declared, its keys without digests.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConsumerView {
+    pub id: String,
+    /// `registry` (changeable here) or `file` (change it in the configuration).
+    pub source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    pub deployments: Vec<String>,
+    #[serde(skip_serializing_if = "ConsumerLimits::is_empty")]
+    pub limits: ConsumerLimits,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub deployment_limits: BTreeMap<String, ConsumerLimits>,
+    pub keys: Vec<KeyView>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KeyView {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
+    pub active: bool,
+}
+
+impl ConsumerView {
+    pub fn of(c: &ConsumerConfig, source: &'static str, deleted: bool) -> ConsumerView {
+        let now = Utc::now();
+        let bare = c.key_sha256.iter().map(|d| KeyConfig {
+            sha256: d.clone(),
+            ..KeyConfig::default()
+        });
+        ConsumerView {
+            id: c.id.clone(),
+            source,
+            display_name: c.display_name.clone(),
+            owner: c.owner.clone(),
+            deployments: c.deployments.clone(),
+            limits: c.limits.clone(),
+            deployment_limits: c.deployment_limits.clone(),
+            keys: bare
+                .chain(c.keys.iter().cloned())
+                .map(|k| KeyView {
+                    id: k.id(),
+                    active: k.active(now),
+                    name: k.name,
+                    created: k.created,
+                    expires: k.expires,
+                })
+                .collect(),
+            deleted,
+        }
+    }
+}
+
+/// A new random key: `tg-` and 64 hex characters (256 bits).
+pub fn new_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("tg-{}", hex::encode(bytes))
+}
+
+/// The hex SHA-256 of a key, as configured and stored.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// How many times a change is tried again when another writer changed the consumer between
+/// the read and the write.
+const ATTEMPTS: usize = 8;
+
+/// The registry's operations, made by `actor`, next to the consumers the file declares (whose
+/// ids the registry may not take).
+pub struct Registry<'a> {
+    store: &'a dyn ConsumerRegistry,
+    file: &'a [ConsumerConfig],
+    actor: String,
+}
+
+/// What a change did, for its audit entry.
+struct Done {
+    action: &'static str,
+    key_id: Option<String>,
+    detail: Option<String>,
+}
+
+impl<'a> Registry<'a> {
+    pub fn new(
+        store: &'a dyn ConsumerRegistry,
+        file: &'a [ConsumerConfig],
+        actor: impl Into<String>,
+    ) -> Registry<'a> {
+        Registry {
+            store,
+            file,
+            actor: actor.into(),
+        }
+    }
+
+    /// Every consumer: the file's, then the registry's (deleted ones only with `deleted`).
+    pub async fn list(&self, deleted: bool) -> Result<Vec<ConsumerView>, RegistryError> {
+        let mut out: Vec<ConsumerView> = self
+            .file
+            .iter()
+            .map(|c| ConsumerView::of(c, "file", false))
+            .collect();
+        for stored in self.store.consumers().await? {
+            let doc = read(&stored.document)?;
+            if deleted || !doc.deleted {
+                out.push(ConsumerView::of(&doc.consumer, "registry", doc.deleted));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One registered consumer with its history.
+    pub async fn show(&self, id: &str) -> Result<ConsumerDoc, RegistryError> {
+        let stored = self
+            .store
+            .consumer(id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        read(&stored.document)
+    }
+
+    /// Every change, newest first, at most `limit`.
+    pub async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, RegistryError> {
+        let mut out = Vec::new();
+        for stored in self.store.consumers().await? {
+            let doc = read(&stored.document)?;
+            out.extend(doc.changes.into_iter().map(|change| AuditEntry {
+                consumer: stored.id.clone(),
+                change,
+            }));
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.change.at));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Creates consumer `id` with one key (`primary`), returned once.
+    pub async fn create(
+        &self,
+        id: &str,
+        fields: ConsumerFields,
+        key_expires: Option<DateTime<Utc>>,
+    ) -> Result<(ConsumerDoc, Issued), RegistryError> {
+        if !tollgate_store::valid_consumer_id(id) {
+            return Err(RegistryError::Invalid(vec![format!(
+                "`{id}` cannot name a consumer: letters, digits, `.`, `_`, `-`, at most 64"
+            )]));
+        }
+        if self.file.iter().any(|c| c.id == id) {
+            return Err(RegistryError::Conflict(format!(
+                "consumer `{id}` is declared in the configuration file; change it there"
+            )));
+        }
+        self.change(id, true, |doc, now| {
+            doc.consumer = ConsumerConfig {
+                id: id.to_owned(),
+                ..ConsumerConfig::default()
+            };
+            fields.clone().apply(&mut doc.consumer);
+            let issued = add_key(doc, "primary", key_expires, now);
+            Ok((
+                Done {
+                    action: "consumer.create",
+                    key_id: Some(issued.key_id.clone()),
+                    detail: None,
+                },
+                issued,
+            ))
+        })
+        .await
+    }
+
+    pub async fn update(
+        &self,
+        id: &str,
+        fields: ConsumerFields,
+    ) -> Result<ConsumerDoc, RegistryError> {
+        self.existing(id)?;
+        let (doc, _) = self
+            .change(id, false, |doc, _| {
+                let before = doc.consumer.clone();
+                fields.clone().apply(&mut doc.consumer);
+                Ok((
+                    Done {
+                        action: "consumer.update",
+                        key_id: None,
+                        detail: Some(changed_fields(&before, &doc.consumer)),
+                    },
+                    (),
+                ))
+            })
+            .await?;
+        Ok(doc)
+    }
+
+    /// Deletes consumer `id`: its keys stop working at every replica's next poll; its
+    /// document and history stay.
+    pub async fn delete(&self, id: &str) -> Result<ConsumerDoc, RegistryError> {
+        self.existing(id)?;
+        let (doc, _) = self
+            .change(id, false, |doc, _| {
+                doc.deleted = true;
+                doc.consumer.keys.clear();
+                doc.consumer.key_sha256.clear();
+                Ok((
+                    Done {
+                        action: "consumer.delete",
+                        key_id: None,
+                        detail: None,
+                    },
+                    (),
+                ))
+            })
+            .await?;
+        Ok(doc)
+    }
+
+    /// A second key for a consumer that has one active key.
+    pub async fn add_key(
+        &self,
+        id: &str,
+        name: Option<String>,
+        expires: Option<DateTime<Utc>>,
+    ) -> Result<(ConsumerDoc, Issued), RegistryError> {
+        self.existing(id)?;
+        self.change(id, false, |doc, now| {
+            let active = doc.consumer.keys.iter().filter(|k| k.active(now)).count();
+            if active >= ACTIVE_KEYS {
+                return Err(RegistryError::Conflict(format!(
+                    "consumer `{id}` already has {ACTIVE_KEYS} active keys; rotate or revoke one first"
+                )));
+            }
+            let name = name.clone().unwrap_or_else(|| "secondary".to_owned());
+            let issued = add_key(doc, &name, expires, now);
+            Ok((Done {
+                action: "key.create",
+                key_id: Some(issued.key_id.clone()),
+                detail: None,
+            }, issued))
+        })
+        .await
+    }
+
+    /// A new primary key; the newest key in use becomes the secondary and stops working after
+    /// `grace` (the time callers have to switch); any older key stops now.
+    pub async fn rotate(
+        &self,
+        id: &str,
+        grace: Duration,
+        expires: Option<DateTime<Utc>>,
+    ) -> Result<(ConsumerDoc, Issued), RegistryError> {
+        self.existing(id)?;
+        self.change(id, false, |doc, now| {
+            let mut active: Vec<KeyConfig> = doc
+                .consumer
+                .keys
+                .drain(..)
+                .filter(|k| k.active(now))
+                .collect();
+            // Newest first; a key without a creation time is older than any with one.
+            active.sort_by_key(|k| std::cmp::Reverse(k.created));
+            let mut revoked: Vec<String> = active.iter().skip(1).map(KeyConfig::id).collect();
+            if let Some(mut kept) = active.into_iter().next() {
+                let until = now + grace;
+                kept.expires = Some(kept.expires.map_or(until, |e| e.min(until)));
+                kept.name = Some("secondary".to_owned());
+                if grace <= Duration::zero() {
+                    revoked.push(kept.id());
+                } else {
+                    doc.consumer.keys.push(kept);
+                }
+            }
+            let issued = add_key(doc, "primary", expires, now);
+            let detail = format!(
+                "grace {}s{}",
+                grace.num_seconds(),
+                if revoked.is_empty() {
+                    String::new()
+                } else {
+                    format!("; revoked {}", revoked.join(", "))
+                }
+            );
+            Ok((
+                Done {
+                    action: "key.rotate",
+                    key_id: Some(issued.key_id.clone()),
+                    detail: Some(detail),
+                },
+                issued,
+            ))
+        })
+        .await
+    }
+
+    /// Revokes key `key_id` (its public id) now.
+    pub async fn revoke(&self, id: &str, key_id: &str) -> Result<ConsumerDoc, RegistryError> {
+        self.existing(id)?;
+        let (doc, _) = self
+            .change(id, false, |doc, now| {
+                let before = doc.consumer.keys.len();
+                doc.consumer.keys.retain(|k| k.id() != key_id);
+                if doc.consumer.keys.len() == before {
+                    return Err(RegistryError::NotFound(format!("{id} key {key_id}")));
+                }
+                if !doc.consumer.keys.iter().any(|k| k.active(now)) {
+                    return Err(RegistryError::Conflict(format!(
+                        "key {key_id} is the last active key of `{id}`; create another first, or delete the consumer"
+                    )));
+                }
+                Ok((Done {
+                    action: "key.revoke",
+                    key_id: Some(key_id.to_owned()),
+                    detail: None,
+                }, ()))
+            })
+            .await?;
+        Ok(doc)
+    }
+
+    /// Refuses a change to a consumer the file declares.
+    fn existing(&self, id: &str) -> Result<(), RegistryError> {
+        if self.file.iter().any(|c| c.id == id) {
+            return Err(RegistryError::Conflict(format!(
+                "consumer `{id}` is declared in the configuration file; change it there"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads consumer `id`, applies `f`, checks the result as the proxy will, records the
+    /// change in the document, and writes it over the version read; read again and retried
+    /// when another writer came first. `create`: the consumer must not exist (or be deleted);
+    /// otherwise it must exist.
+    async fn change<T>(
+        &self,
+        id: &str,
+        create: bool,
+        mut f: impl FnMut(&mut ConsumerDoc, DateTime<Utc>) -> Result<(Done, T), RegistryError>,
+    ) -> Result<(ConsumerDoc, T), RegistryError> {
+        for _ in 0..ATTEMPTS {
+            let now = Utc::now();
+            let stored = self.store.consumer(id).await?;
+            let (mut doc, version) = match stored {
+                Some(s) => (read(&s.document)?, Some(s.version)),
+                None => (ConsumerDoc::default(), None),
+            };
+            let exists = version.is_some() && !doc.deleted;
+            if create && exists {
+                return Err(RegistryError::Conflict(format!(
+                    "consumer `{id}` already exists"
+                )));
+            }
+            if !create && !exists {
+                return Err(RegistryError::NotFound(id.to_owned()));
+            }
+            doc.deleted = false;
+            doc.consumer.keys.retain(|k| k.active(now));
+            let (done, made) = f(&mut doc, now)?;
+            if !doc.deleted {
+                Directory::default()
+                    .add(&doc.consumer, now)
+                    .map_err(RegistryError::Invalid)?;
+            }
+            doc.changes.push(Change {
+                at: now,
+                actor: self.actor.clone(),
+                action: done.action.to_owned(),
+                key_id: done.key_id,
+                detail: done.detail,
+            });
+            let value = serde_json::to_value(&doc)
+                .map_err(|e| StoreError::Corrupt(format!("consumer document: {e}")))?;
+            if self
+                .store
+                .put_consumer(id, &value, version.as_deref())
+                .await?
+                .is_some()
+            {
+                tracing::info!(consumer = %id, action = done.action, actor = %self.actor, "Consumer registry changed.");
+                return Ok((doc, made));
+            }
+        }
+        Err(RegistryError::Conflict(format!(
+            "consumer `{id}` kept changing under this change; try again"
+        )))
+    }
+}
+
+fn add_key(
+    doc: &mut ConsumerDoc,
+    name: &str,
+    expires: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Issued {
+    let key = new_key();
+    let k = KeyConfig {
+        sha256: hash_key(&key),
+        expires,
+        name: Some(name.to_owned()),
+        created: Some(now),
+    };
+    let key_id = k.id();
+    doc.consumer.keys.push(k);
+    Issued { key, key_id }
+}
+
+fn read(document: &serde_json::Value) -> Result<ConsumerDoc, RegistryError> {
+    serde_json::from_value(document.clone())
+        .map_err(|e| RegistryError::Store(StoreError::Corrupt(format!("consumer document: {e}"))))
+}
+
+/// The names of the fields an update changed, for its audit entry.
+fn changed_fields(before: &ConsumerConfig, after: &ConsumerConfig) -> String {
+    let mut names = Vec::new();
+    if before.display_name != after.display_name {
+        names.push("display_name");
+    }
+    if before.owner != after.owner {
+        names.push("owner");
+    }
+    if before.deployments != after.deployments {
+        names.push("deployments");
+    }
+    if before.limits != after.limits {
+        names.push("limits");
+    }
+    if before.deployment_limits != after.deployment_limits {
+        names.push("deployment_limits");
+    }
+    if names.is_empty() {
+        "nothing".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The registered consumers that are not deleted, for the directory; unreadable documents
+/// are left out with a warning (one cannot stop the others).
+pub(crate) fn active_consumers(stored: &[tollgate_store::StoredConsumer]) -> Vec<ConsumerConfig> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for s in stored {
+        match read(&s.document) {
+            Ok(doc) if !doc.deleted && seen.insert(doc.consumer.id.clone()) => {
+                out.push(doc.consumer)
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(consumer = %s.id, error = %e, "A registered consumer's document is unreadable; it is left out.")
+            }
+        }
+    }
+    out
+}
