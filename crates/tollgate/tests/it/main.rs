@@ -25,6 +25,7 @@ mod otlp;
 mod pipeline;
 mod pools;
 mod readonly;
+mod registry;
 mod reload;
 mod scale;
 mod up;

@@ -29,6 +29,8 @@ pub(crate) struct Up {
     /// Shared, so that a test's worker can kill the process itself.
     pub child: Arc<Mutex<Child>>,
     pub addr: SocketAddr,
+    /// The admin listener's address, when `[proxy.admin] listen` is set.
+    pub admin: Option<SocketAddr>,
     log: PathBuf,
 }
 
@@ -72,11 +74,16 @@ filter = "warn"
             .spawn()
             .expect("start tollgate up");
         let stdout = child.stdout.take().expect("stdout");
-        let mut addr = None;
-        // The banner is a handful of lines; `listening on` comes first. The rest of stdout
-        // (the banner's tail, `stopped`) is small; the pipe holds it.
+        let (mut addr, mut admin) = (None, None);
+        // The banner is a handful of lines; `listening on` comes first (after the admin
+        // listener's line). The rest of stdout (the banner's tail, `stopped`) is small; the
+        // pipe holds it.
         for line in BufReader::new(stdout).lines().take(50) {
             let line = line.expect("stdout line");
+            if let Some(url) = line.strip_prefix("admin API on http://") {
+                let host = url.split('/').next().unwrap_or_default();
+                admin = Some(host.parse().expect("admin address"));
+            }
             if let Some(url) = line.strip_prefix("listening on http://") {
                 addr = Some(url.trim().parse().expect("listen address"));
                 break;
@@ -92,6 +99,7 @@ filter = "warn"
         Up {
             child: Arc::new(Mutex::new(child)),
             addr,
+            admin,
             log,
         }
     }
