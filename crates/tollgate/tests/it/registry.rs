@@ -289,15 +289,9 @@ async fn a_key_lives_and_dies_on_every_replica() {
         );
     }
 
-    #[expect(
-        clippy::print_stderr,
-        reason = "the measured propagation, for the notes"
-    )]
-    {
-        eprintln!(
-            "propagation to the second replica (poll_ms {POLL_MS}): create {created_on_b:?}, revoke {revoked_on_b:?}, delete {deleted_on_b:?}"
-        );
-    }
+    eprintln!(
+        "propagation to the second replica (poll_ms {POLL_MS}): create {created_on_b:?}, revoke {revoked_on_b:?}, delete {deleted_on_b:?}"
+    );
     let bound = Duration::from_millis(POLL_MS * 10);
     for (what, took) in [("revoke", revoked_on_b), ("delete", deleted_on_b)] {
         assert!(
