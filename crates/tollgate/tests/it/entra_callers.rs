@@ -93,6 +93,7 @@ struct Published {
 async fn stack(
     published: Arc<Mutex<Published>>,
     default_consumer: Option<&str>,
+    more: impl FnOnce(&mut tollgate_logging_proxy::ProxyConfig),
 ) -> (Stack, String) {
     let authority = {
         let p = published.clone();
@@ -135,7 +136,11 @@ async fn stack(
         default_consumer: default_consumer.map(str::to_owned),
         ..EntraCallersConfig::default()
     };
-    let s = harness::start(move |c| c.entra_callers = callers).await;
+    let s = harness::start(move |c| {
+        c.entra_callers = callers;
+        more(c);
+    })
+    .await;
     (s, authority)
 }
 
@@ -156,7 +161,7 @@ async fn valid_tokens_map_to_a_consumer_and_forged_ones_are_refused() {
         keys: vec![k1.jwk.clone()],
         fetches: 0,
     }));
-    let (s, authority) = stack(published.clone(), None).await;
+    let (s, authority) = stack(published.clone(), None, |_| {}).await;
 
     let good = call(&s, &sign(k1, &claims(&authority, json!({})))).await;
     assert_eq!(good.status(), 200);
@@ -276,7 +281,7 @@ async fn an_unmapped_valid_token_goes_to_the_default_consumer() {
         keys: vec![k1.jwk.clone()],
         fetches: 0,
     }));
-    let (s, authority) = stack(published, Some("tester")).await;
+    let (s, authority) = stack(published, Some("tester"), |_| {}).await;
     let token = sign(
         k1,
         &claims(
@@ -294,5 +299,90 @@ async fn an_unmapped_valid_token_goes_to_the_default_consumer() {
     assert_eq!(
         r.consumer.app_id.as_deref(),
         Some("55555555-5555-5555-5555-555555555555")
+    );
+}
+
+/// An Entra ID administrator: a valid token carrying the configured app role may use the
+/// consumer API (and is named in the audit trail by its object id); a valid token without the
+/// role gets 403, a forged one 401. A rule may name a consumer only the registry holds: its
+/// callers are refused until it is created, and served from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_role_makes_an_administrator_and_rules_reach_registered_consumers() {
+    const OTHER_APP: &str = "66666666-6666-6666-6666-666666666666";
+    let (k1, k2) = signers();
+    let published = Arc::new(Mutex::new(Published {
+        keys: vec![k1.jwk.clone()],
+        fetches: 0,
+    }));
+    let (s, authority) = stack(published, None, |c| {
+        c.admin.entra_role = Some("Tollgate.Admin".into());
+        c.entra_callers.rules.push(CallerRule {
+            claim: "azp".into(),
+            value: OTHER_APP.into(),
+            consumer: "reg-team".into(),
+        });
+    })
+    .await;
+    let admin = format!("http://{}", serve(s.proxy.admin_router()).await);
+    let create = async |token: &str| {
+        s.http
+            .post(format!("{admin}/tollgate/admin/consumers"))
+            .header("authorization", format!("Bearer {token}"))
+            .json(&json!({"id": "reg-team"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let caller = sign(k1, &claims(&authority, json!({"azp": OTHER_APP})));
+    let refused = call(&s, &caller).await;
+    assert_eq!(refused.status(), 403, "no such consumer yet");
+
+    let no_role = sign(k1, &claims(&authority, json!({})));
+    assert_eq!(create(&no_role).await, 403);
+    let forged = sign(
+        k2,
+        &claims(&authority, json!({"roles": ["Tollgate.Admin"]})),
+    );
+    assert_eq!(create(&forged).await, 401);
+    let expired = sign(
+        k1,
+        &claims(
+            &authority,
+            json!({"roles": ["Tollgate.Admin"], "exp": now() - 600, "nbf": now() - 900}),
+        ),
+    );
+    assert_eq!(create(&expired).await, 401);
+    let admin_token = sign(
+        k1,
+        &claims(&authority, json!({"roles": ["Tollgate.Admin"]})),
+    );
+    assert_eq!(create(&admin_token).await, 201);
+
+    // The replica that made the change applies it at once.
+    let served = call(&s, &caller).await;
+    assert_eq!(served.status(), 200);
+    let id = request_id(&served);
+    served.text().await.unwrap();
+    s.settle().await;
+    let r = s.record(&id).await;
+    assert_eq!(r.consumer.id, "reg-team");
+    assert_eq!(r.consumer.app_id.as_deref(), Some(OTHER_APP));
+
+    let audit: Value = s
+        .http
+        .get(format!("{admin}/tollgate/admin/audit"))
+        .header("authorization", format!("Bearer {admin_token}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["data"][0]["action"], "consumer.create");
+    assert_eq!(
+        audit["data"][0]["actor"],
+        "entra:33333333-3333-3333-3333-333333333333"
     );
 }
