@@ -673,6 +673,12 @@ impl ProxyConfig {
                     .to_owned(),
             );
         }
+        if self.quotas.budget_refresh_ms == 0 || self.quotas.budget_refresh_ms > MAX_DURATION_MS {
+            problems.push(
+                "proxy.quotas.budget_refresh_ms must be greater than 0 and at most a week"
+                    .to_owned(),
+            );
+        }
         if self.registry.poll_ms == 0 || self.registry.poll_ms > MAX_DURATION_MS {
             problems.push(
                 "proxy.registry.poll_ms must be greater than 0 and at most a week".to_owned(),

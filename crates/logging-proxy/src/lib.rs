@@ -63,9 +63,10 @@ const DRAIN_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct ProxyDeps {
     pub store: Arc<dyn RawWriter>,
-    /// Where consumers created at run time live (`consumers/registry.rs`); `None`: only the
-    /// file's consumers.
-    pub registry: Option<Arc<dyn tollgate_store::ConsumerRegistry>>,
+    /// The store the consumer registry (`consumers/registry.rs`) and the month-to-date cost of
+    /// budgeted consumers (`quota/budget.rs`) are read from; `None`: only the file's
+    /// consumers, and budgets are not enforced.
+    pub registry: Option<Arc<dyn tollgate_store::Store>>,
     /// Default parent of the spool and journal directories.
     pub data_dir: PathBuf,
     pub after_flush: Option<FlushHook>,
@@ -143,8 +144,10 @@ pub(crate) struct AppState {
     pub directory: arc_swap::ArcSwap<consumers::Directory>,
     /// The registry's consumers as last read, and the versions read.
     pub registered: std::sync::Mutex<(consumers::poll::Seen, Arc<Vec<config::ConsumerConfig>>)>,
-    pub registry: Option<Arc<dyn tollgate_store::ConsumerRegistry>>,
+    pub registry: Option<Arc<dyn tollgate_store::Store>>,
     pub registry_status: RegistryStatus,
+    /// Budgeted consumers' month-to-date cost (`quota/budget.rs`).
+    pub spend: quota::budget::Spend,
 }
 
 /// Whether the last read of the registry worked, and the failed reads so far.
@@ -218,6 +221,7 @@ impl Proxy {
             registered: std::sync::Mutex::new(Default::default()),
             registry: deps.registry,
             registry_status: RegistryStatus::default(),
+            spend: quota::budget::Spend::default(),
             live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
             reload: deps.reload,
             reloading: std::sync::Mutex::new(()),
@@ -232,13 +236,15 @@ impl Proxy {
             after_flush: deps.after_flush,
         });
         if let Some(store) = state.registry.clone() {
-            let every = Duration::from_millis(state.config.registry.poll_ms);
-            writer.spawn(consumers::poll::run(
-                state.clone(),
-                store,
-                every,
-                cancel.clone(),
-            ));
+            writer.spawn(consumers::poll::run(state.clone(), store, cancel.clone()));
+        } else if config
+            .consumers
+            .iter()
+            .any(|c| c.limits.cost_per_month.is_some())
+        {
+            tracing::warn!(
+                "Cost budgets are configured but this proxy reads no store: they are not enforced."
+            );
         }
         Ok(Proxy {
             state,

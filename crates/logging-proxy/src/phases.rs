@@ -100,6 +100,14 @@ async fn limit(
     let Some(limits) = directory.limits.get(&ctx.consumer.id) else {
         return Ok(());
     };
+    if let Some(budget) = limits.all.cost_per_month
+        && let Some(retry_after) = app.spend.over(&ctx.consumer.id, budget)
+    {
+        return Err(ProxyError::ConsumerQuotaExceeded {
+            limit: format!("{budget} cost per month"),
+            retry_after,
+        });
+    }
     let deployment = described.record.deployment.as_deref();
     let billed =
         ctx.method == Method::POST && TOKEN_OPERATIONS.contains(&ctx.route.operation.as_str());

@@ -278,7 +278,7 @@ pub(crate) async fn run(mut config: Config, parts: Parts) -> anyhow::Result<()> 
             &config.proxy,
             ProxyDeps {
                 store: store.clone() as Arc<dyn RawWriter>,
-                registry: Some(store.clone() as Arc<dyn tollgate_store::ConsumerRegistry>),
+                registry: Some(store.clone() as Arc<dyn tollgate_store::Store>),
                 data_dir: data_dir.clone(),
                 after_flush: hook,
                 reload: reload_hook.clone(),

@@ -130,6 +130,14 @@ impl Directory {
                 ));
             }
         }
+        for (d, l) in &c.deployment_limits {
+            if l.cost_per_month.is_some() {
+                problems.push(format!(
+                    "proxy.consumers `{}`.deployment_limits.{d}: cost_per_month is a limit of the whole consumer (set it in limits)",
+                    c.id
+                ));
+            }
+        }
         if c.key_sha256.is_empty() && c.keys.is_empty() {
             problems.push(format!("proxy.consumers `{}` has no key", c.id));
         }

@@ -61,14 +61,30 @@ pub(crate) async fn refresh(
     Ok(true)
 }
 
-/// Polls until `cancel` fires.
+/// Polls until `cancel` fires; reads budgeted consumers' spend every `budget_refresh_ms` too.
 pub(crate) async fn run(
     app: Arc<AppState>,
-    store: Arc<dyn ConsumerRegistry>,
-    every: Duration,
+    store: Arc<dyn tollgate_store::Store>,
     cancel: CancellationToken,
 ) {
+    let every = Duration::from_millis(app.config.registry.poll_ms);
+    let spend_every = Duration::from_millis(app.live.load().config.quotas.budget_refresh_ms);
+    let mut spend_read: Option<tokio::time::Instant> = None;
     loop {
+        if spend_read.is_none_or(|t| t.elapsed() >= spend_every) {
+            let budgeted: Vec<String> = app
+                .directory
+                .load()
+                .limits
+                .iter()
+                .filter(|(_, l)| l.all.cost_per_month.is_some())
+                .map(|(id, _)| id.clone())
+                .collect();
+            if let Err(e) = app.spend.refresh(store.as_ref(), &budgeted).await {
+                tracing::warn!(error = %e, "Budgeted consumers' spend could not be read; the last figures stay in force.");
+            }
+            spend_read = Some(tokio::time::Instant::now());
+        }
         match refresh(&app, store.as_ref()).await {
             Ok(true) => tracing::info!("Consumer registry changes applied."),
             Ok(false) => {}

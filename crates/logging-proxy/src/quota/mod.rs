@@ -24,6 +24,7 @@
 //! - A request whose estimate alone exceeds a limit (a long prompt with no `max_tokens`) is
 //!   admitted when that window is still empty, rather than refused for ever.
 
+pub(crate) mod budget;
 mod memory;
 mod scan;
 mod shared;
@@ -97,12 +98,15 @@ impl ConsumerLimits {
 pub struct QuotasConfig {
     /// Completion tokens reserved for a request that sets no maximum.
     pub default_max_tokens: u64,
+    /// How often budgeted consumers' month-to-date cost is read from the store (`budget.rs`).
+    pub budget_refresh_ms: u64,
 }
 
 impl Default for QuotasConfig {
     fn default() -> Self {
         QuotasConfig {
             default_max_tokens: 4_096,
+            budget_refresh_ms: 30_000,
         }
     }
 }

@@ -129,7 +129,7 @@ pub(crate) async fn start_on(
         &config,
         ProxyDeps {
             store: flaky.clone(),
-            registry: Some(store.clone() as Arc<dyn tollgate_store::ConsumerRegistry>),
+            registry: Some(store.clone() as Arc<dyn tollgate_store::Store>),
             data_dir: dir.path().to_path_buf(),
             after_flush: None,
             reload: None,

@@ -329,3 +329,62 @@ async fn calls_that_bill_no_tokens_are_neither_charged_nor_refused_by_token_limi
     assert!(spent, "the day's 4,000 tokens ran out");
     assert_eq!(read(&s).await.unwrap().status(), 200, "no tokens, no quota");
 }
+
+/// A monthly cost budget: once the parser's priced records of this month reach it, the
+/// consumer gets 403 `QuotaExceeded` until the month ends; another consumer is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_monthly_budget_refuses_with_403_until_the_next_month() {
+    let budget = tollgate_records::Money::from_nanos(1_000);
+    let s = harness::start(|c| {
+        c.consumers[0].limits.cost_per_month = Some(budget);
+        c.quotas.budget_refresh_ms = 50;
+        c.registry.poll_ms = 50;
+        c.consumers.push(ConsumerConfig {
+            id: "other".into(),
+            key_sha256: vec![harness::sha(OTHER_KEY)],
+            ..Default::default()
+        });
+    })
+    .await;
+    let first = chat(&s, "gpt-4o", harness::KEY, hi(20)).await;
+    assert_eq!(first.status(), 200, "nothing spent yet");
+    let id = request_id(&first);
+    first.text().await.unwrap();
+    s.settle().await;
+    let cost = s.record(&id).await.cost.expect("priced");
+    assert!(
+        cost.total > budget,
+        "one request spends the budget: {cost:?}"
+    );
+
+    // The spend is read every 50 ms; the first refusal ends the wait.
+    let waited = std::time::Instant::now();
+    let refused = loop {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the budget was never enforced"
+        );
+        let resp = chat(&s, "gpt-4o", harness::KEY, hi(5)).await;
+        if resp.status() == 403 {
+            break resp;
+        }
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap();
+        s.settle().await;
+    };
+    let retry = header(&refused, "retry-after").expect("Retry-After");
+    assert!(
+        (1..=31 * 86_400).contains(&retry),
+        "until the next month: {retry}"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "QuotaExceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cost per month"),
+        "{body}"
+    );
+    assert_eq!(chat(&s, "gpt-4o", OTHER_KEY, hi(5)).await.status(), 200);
+}
