@@ -1,7 +1,12 @@
 //! Consumer authentication: the presented key (`api-key`, or `Authorization: Bearer` as the v1
-//! surface and the plain OpenAI client send it) is hashed with SHA-256 and compared in constant
-//! time with every configured digest, so neither timing nor early exit reveals which consumer
-//! or how many bytes matched.
+//! surface and the plain OpenAI client send it) is hashed with SHA-256 and looked up by its
+//! digest. Nothing about a key leaks through the lookup's timing: what a map's hashing and
+//! comparison take depends on the digest, and the digest of a guess says nothing about the
+//! stored keys (256 random bits each; learning a stored digest would still leave a preimage to
+//! find). A scan comparing every digest in constant time, as earlier versions did, costs a
+//! comparison per consumer on every request: with thousands of registered consumers that
+//! passes the cost of the rest of the request path. The admin key, one digest, is still
+//! compared in constant time ([`find`]).
 
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
@@ -52,12 +57,12 @@ pub(crate) enum KeyRefused {
     Expired,
 }
 
-pub(crate) fn authenticate(
-    entries: &[KeyEntry],
-    headers: &HeaderMap,
-) -> Result<Consumer, KeyRefused> {
+/// Every configured key by its digest.
+pub(crate) type Keys = std::collections::HashMap<[u8; 32], KeyEntry>;
+
+pub(crate) fn authenticate(entries: &Keys, headers: &HeaderMap) -> Result<Consumer, KeyRefused> {
     let key = presented_key(headers).ok_or(KeyRefused::Unknown)?;
-    let entry = find(entries, key).ok_or(KeyRefused::Unknown)?;
+    let entry = entries.get(&digest(key)).ok_or(KeyRefused::Unknown)?;
     if entry.expires.is_some_and(|e| e <= chrono::Utc::now()) {
         return Err(KeyRefused::Expired);
     }
@@ -83,11 +88,14 @@ mod tests {
             expires,
         };
         let past = chrono::Utc::now() - chrono::Duration::seconds(1);
-        let entries = vec![
+        let entries: Keys = [
             entry("alice", "k1", None),
             entry("bob", "k2", None),
             entry("bob", "old", Some(past)),
-        ];
+        ]
+        .into_iter()
+        .map(|e| (e.digest, e))
+        .collect();
         let mut h = HeaderMap::new();
         h.insert("api-key", HeaderValue::from_static("k2"));
         let c = authenticate(&entries, &h).unwrap();

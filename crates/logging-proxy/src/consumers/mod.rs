@@ -92,7 +92,7 @@ pub const ACTIVE_KEYS: usize = 2;
 /// and whose limits count.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Directory {
-    pub keys: Vec<crate::auth::KeyEntry>,
+    pub keys: crate::auth::Keys,
     /// Consumer id → the deployments it may call (consumers that may call any are absent).
     pub allowed: HashMap<String, Vec<String>>,
     /// Consumer id → its limits (consumers without any are absent).
@@ -153,11 +153,12 @@ impl Directory {
             match crate::config::parse_digest(k) {
                 // One key must name one consumer: with a duplicate, whichever matched last
                 // would be charged.
-                Some(d) if self.keys.iter().chain(&entries).any(|e| e.digest == d) => problems
-                    .push(format!(
+                Some(d) if self.keys.contains_key(&d) || entries.iter().any(|e| e.digest == d) => {
+                    problems.push(format!(
                         "proxy.consumers `{}`: {field} `{k}` is already used",
                         c.id
-                    )),
+                    ))
+                }
                 Some(digest) => entries.push(crate::auth::KeyEntry {
                     consumer: c.id.clone(),
                     digest,
@@ -178,7 +179,7 @@ impl Directory {
         if !problems.is_empty() {
             return Err(problems);
         }
-        self.keys.extend(entries);
+        self.keys.extend(entries.into_iter().map(|e| (e.digest, e)));
         self.ids.insert(c.id.clone());
         let none = crate::quota::ConsumerLimits::default();
         if c.limits != none || c.deployment_limits.values().any(|l| *l != none) {

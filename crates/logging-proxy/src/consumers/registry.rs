@@ -573,3 +573,139 @@ pub(crate) fn active_consumers(stored: &[tollgate_store::StoredConsumer]) -> Vec
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, std::sync::Arc<dyn tollgate_store::Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tollgate_store::open(&tollgate_store::StoreConfig::embedded(dir.path()))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    fn active(doc: &ConsumerDoc) -> Vec<String> {
+        let now = Utc::now();
+        doc.consumer
+            .keys
+            .iter()
+            .filter(|k| k.active(now))
+            .map(KeyConfig::id)
+            .collect()
+    }
+
+    /// Rotation keeps two keys at most: the new primary, and the newest previous key for the
+    /// grace; an older one stops at once. The keys issued are stored only as digests.
+    #[tokio::test]
+    async fn rotation_keeps_the_newest_previous_key_for_the_grace_only() {
+        let (_dir, store) = store().await;
+        let r = Registry::new(store.as_ref(), &[], "test");
+        let (_, k1) = r
+            .create("team", ConsumerFields::default(), None)
+            .await
+            .unwrap();
+        let (_, k2) = r.add_key("team", None, None).await.unwrap();
+        assert!(matches!(
+            r.add_key("team", None, None).await,
+            Err(RegistryError::Conflict(_))
+        ));
+        let (doc, k3) = r.rotate("team", Duration::hours(1), None).await.unwrap();
+        let ids = active(&doc);
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(ids.contains(&k3.key_id) && ids.contains(&k2.key_id));
+        assert!(!ids.contains(&k1.key_id), "the older key stopped at once");
+        let kept = doc
+            .consumer
+            .keys
+            .iter()
+            .find(|k| k.id() == k2.key_id)
+            .unwrap();
+        assert!(kept.expires.unwrap() <= Utc::now() + Duration::hours(1));
+        let (doc, k4) = r.rotate("team", Duration::zero(), None).await.unwrap();
+        assert_eq!(active(&doc), vec![k4.key_id.clone()]);
+        let stored =
+            serde_json::to_string(&store.consumer("team").await.unwrap().unwrap().document)
+                .unwrap();
+        for k in [&k1, &k2, &k3, &k4] {
+            assert!(!stored.contains(&k.key), "a key was stored");
+        }
+        assert!(stored.contains(&hash_key(&k4.key)));
+        assert!(
+            matches!(
+                r.revoke("team", &k4.key_id).await,
+                Err(RegistryError::Conflict(_))
+            ),
+            "the last active key is not revoked"
+        );
+    }
+
+    /// Changes made at once to one consumer are all applied, one after the other: none is
+    /// written over another's read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_changes_are_all_applied() {
+        let (_dir, store) = store().await;
+        Registry::new(store.as_ref(), &[], "setup")
+            .create("team", ConsumerFields::default(), None)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = Registry::new(store.as_ref(), &[], format!("admin-{i}"));
+                let fields = ConsumerFields {
+                    owner: Some(format!("owner-{i}")),
+                    ..ConsumerFields::default()
+                };
+                r.update("team", fields).await
+            }));
+        }
+        let mut applied = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => applied += 1,
+                // Retried ATTEMPTS times against five others: may give up, never lose silently.
+                Err(RegistryError::Conflict(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let doc = Registry::new(store.as_ref(), &[], "x")
+            .show("team")
+            .await
+            .unwrap();
+        let updates = doc
+            .changes
+            .iter()
+            .filter(|c| c.action == "consumer.update")
+            .count();
+        assert_eq!(
+            updates, applied,
+            "every applied change is in the history, once"
+        );
+        assert!(applied >= 1);
+    }
+
+    /// A consumer the file declares cannot be made or changed in the registry.
+    #[tokio::test]
+    async fn the_file_s_consumers_are_not_the_registry_s() {
+        let (_dir, store) = store().await;
+        let file = [ConsumerConfig {
+            id: "gitops".into(),
+            key_sha256: vec!["ab".repeat(32)],
+            ..ConsumerConfig::default()
+        }];
+        let r = Registry::new(store.as_ref(), &file, "test");
+        assert!(matches!(
+            r.create("gitops", ConsumerFields::default(), None).await,
+            Err(RegistryError::Conflict(_))
+        ));
+        assert!(matches!(
+            r.create("bad/id", ConsumerFields::default(), None).await,
+            Err(RegistryError::Invalid(_))
+        ));
+        let listed = r.list(false).await.unwrap();
+        assert_eq!(listed[0].source, "file");
+    }
+}
