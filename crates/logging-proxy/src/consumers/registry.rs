@@ -650,10 +650,11 @@ mod tests {
             .create("team", ConsumerFields::default(), None)
             .await
             .unwrap();
-        let mut tasks = Vec::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let mut handles = Vec::new();
         for i in 0..6 {
             let store = store.clone();
-            tasks.push(tokio::spawn(async move {
+            handles.push(tasks.spawn(async move {
                 let r = Registry::new(store.as_ref(), &[], format!("admin-{i}"));
                 let fields = ConsumerFields {
                     owner: Some(format!("owner-{i}")),
@@ -663,7 +664,7 @@ mod tests {
             }));
         }
         let mut applied = 0;
-        for t in tasks {
+        for t in handles {
             match t.await.unwrap() {
                 Ok(_) => applied += 1,
                 // Retried ATTEMPTS times against five others: may give up, never lose silently.
