@@ -85,6 +85,11 @@ struct Cli {
     /// on): what pool selection adds against the single-backend proxy, in the same rounds.
     #[arg(long)]
     pool: bool,
+    /// Also a proxy whose consumers (this many) are all in the store's registry, none in its
+    /// file, the load generator's key among them: what authenticating against the registry's
+    /// directory costs against the one file consumer, in the same rounds.
+    #[arg(long)]
+    registry: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -106,6 +111,10 @@ enum Cmd {
         /// Count the limits in this Redis instead of the proxy's memory.
         #[arg(long)]
         redis_url: Option<String>,
+        /// Register this many consumers in the (embedded) store, the benchmark's key among
+        /// them, and declare none in the file.
+        #[arg(long)]
+        registered: Option<usize>,
     },
 }
 
@@ -143,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             cosmos_config,
             limits,
             redis_url,
+            registered,
         }) => runtime.block_on(serve_proxy(
             backend,
             data_dir,
@@ -150,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             cosmos_config,
             limits,
             redis_url,
+            registered,
         )),
         None => runtime.block_on(bench(cli)),
     }
@@ -162,7 +173,16 @@ async fn serve_proxy(
     cosmos_config: Option<String>,
     limits: bool,
     redis_url: Option<String>,
+    registered: Option<usize>,
 ) -> anyhow::Result<()> {
+    let mut config = proxy_config(&backend);
+    let registry = match registered {
+        Some(n) => {
+            config.consumers.clear();
+            Some(register(&data_dir, n).await?)
+        }
+        None => None,
+    };
     let store: Arc<dyn RawWriter> = match (null_store, cosmos_config) {
         (true, _) => Arc::new(NullWriter),
         (false, Some(json)) => {
@@ -170,12 +190,14 @@ async fn serve_proxy(
             tollgate_store::open(&tollgate_store::StoreConfig::Cosmos(config)).await?
                 as Arc<dyn RawWriter>
         }
-        (false, None) => {
-            tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data_dir)).await?
-                as Arc<dyn RawWriter>
-        }
+        (false, None) => match &registry {
+            Some(store) => store.clone() as Arc<dyn RawWriter>,
+            None => {
+                tollgate_store::open(&tollgate_store::StoreConfig::embedded(&data_dir)).await?
+                    as Arc<dyn RawWriter>
+            }
+        },
     };
-    let mut config = proxy_config(&backend);
     if limits {
         // Far above what a run sends: every request is counted, none refused.
         config.consumers[0].limits = tollgate_logging_proxy::quota::ConsumerLimits {
@@ -190,13 +212,47 @@ async fn serve_proxy(
         &config,
         ProxyDeps {
             store,
-            registry: None,
+            registry,
             data_dir,
             after_flush: None,
             reload: None,
         },
     )?;
+    proxy.load_registry().await?;
     serve_child(proxy).await
+}
+
+/// The embedded store under `data_dir` with `n` registered consumers: `n - 1` with keys of
+/// their own, and one with the benchmark's key.
+async fn register(
+    data_dir: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<Arc<dyn tollgate_store::Store>> {
+    use tollgate_logging_proxy::config::KeyConfig;
+    use tollgate_logging_proxy::consumers::registry::{ConsumerDoc, hash_key, new_key};
+    let store = tollgate_store::open(&tollgate_store::StoreConfig::embedded(data_dir)).await?;
+    for i in 0..n {
+        let sha256 = if i == 0 {
+            key_sha256()
+        } else {
+            hash_key(&new_key())
+        };
+        let doc = ConsumerDoc {
+            consumer: ConsumerConfig {
+                id: format!("registered-{i}"),
+                keys: vec![KeyConfig {
+                    sha256,
+                    ..KeyConfig::default()
+                }],
+                ..ConsumerConfig::default()
+            },
+            ..ConsumerDoc::default()
+        };
+        store
+            .put_consumer(&doc.consumer.id, &serde_json::to_value(&doc)?, None)
+            .await?;
+    }
+    Ok(store)
 }
 
 /// The proxy every target runs: one consumer, the simulator as its backend (several,
@@ -624,6 +680,18 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let registered = match cli.registry {
+        Some(n) => Some(ChildProxy::start(
+            &exe,
+            &sim_base,
+            false,
+            &dir.path().join("registry"),
+            cli.proxy_workers,
+            None,
+            &["--registered", &n.to_string()],
+        )?),
+        None => None,
+    };
     let idle_rss = logged.rss_mb();
 
     println!(
@@ -652,6 +720,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     let pool_at = add_target(&mut targets, "proxy, pool of 3", pooled.as_ref());
     let limits_at = add_target(&mut targets, "proxy, consumer limits", limited.as_ref());
     let shared_at = add_target(&mut targets, "proxy, limits in Redis", shared.as_ref());
+    let registry_at = add_target(&mut targets, "proxy, registry keys", registered.as_ref());
     for concurrency in [1, cli.concurrency] {
         for stream in [false, true] {
             let kind = if stream { "stream" } else { "non-stream" };
@@ -751,6 +820,11 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                     "limits in Redis vs none (logging on)",
                     "; redis-server shares the cores",
                 ),
+                (
+                    registry_at,
+                    "key among the registry's consumers vs one file consumer (logging on)",
+                    "",
+                ),
             ];
             for (at, label, note) in against_logged {
                 if let Some(t) = at {
@@ -784,6 +858,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(l) = shared {
         l.stop();
+    }
+    if let Some(r) = registered {
+        r.stop();
     }
     if let Some((mut child, _)) = redis {
         let _ = child.kill();
