@@ -1,12 +1,12 @@
 //! Consumer authentication: the presented key (`api-key`, or `Authorization: Bearer` as the v1
 //! surface and the plain OpenAI client send it) is hashed with SHA-256 and looked up by its
-//! digest. Nothing about a key leaks through the lookup's timing: what a map's hashing and
-//! comparison take depends on the digest, and the digest of a guess says nothing about the
-//! stored keys (256 random bits each; learning a stored digest would still leave a preimage to
-//! find). A scan comparing every digest in constant time, as earlier versions did, costs a
-//! comparison per consumer on every request: with thousands of registered consumers that
-//! passes the cost of the rest of the request path. The admin key, one digest, is still
-//! compared in constant time ([`find`]).
+//! digest in a map whose digests compare in constant time ([`Digest32`]). Nothing of a key
+//! leaks through the lookup's timing: the map's hashing takes the same time for every digest,
+//! which bucket is probed depends only on the digest of the guess (which says nothing about
+//! the stored keys, 256 random bits each), and no comparison stops at the first differing
+//! byte. Earlier versions compared the digest with every configured one: a comparison per
+//! consumer on every request, which with thousands of registered consumers would pass the
+//! cost of the rest of the request path.
 
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
@@ -57,12 +57,33 @@ pub(crate) enum KeyRefused {
     Expired,
 }
 
+/// A key's SHA-256, compared in constant time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Digest32(pub [u8; 32]);
+
+impl std::hash::Hash for Digest32 {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Equal digests have equal bytes: hashing the bytes agrees with the equality below.
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for Digest32 {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for Digest32 {}
+
 /// Every configured key by its digest.
-pub(crate) type Keys = std::collections::HashMap<[u8; 32], KeyEntry>;
+pub(crate) type Keys = std::collections::HashMap<Digest32, KeyEntry>;
 
 pub(crate) fn authenticate(entries: &Keys, headers: &HeaderMap) -> Result<Consumer, KeyRefused> {
     let key = presented_key(headers).ok_or(KeyRefused::Unknown)?;
-    let entry = entries.get(&digest(key)).ok_or(KeyRefused::Unknown)?;
+    let entry = entries
+        .get(&Digest32(digest(key)))
+        .ok_or(KeyRefused::Unknown)?;
     if entry.expires.is_some_and(|e| e <= chrono::Utc::now()) {
         return Err(KeyRefused::Expired);
     }
@@ -94,7 +115,7 @@ mod tests {
             entry("bob", "old", Some(past)),
         ]
         .into_iter()
-        .map(|e| (e.digest, e))
+        .map(|e| (Digest32(e.digest), e))
         .collect();
         let mut h = HeaderMap::new();
         h.insert("api-key", HeaderValue::from_static("k2"));

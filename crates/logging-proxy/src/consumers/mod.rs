@@ -153,7 +153,10 @@ impl Directory {
             match crate::config::parse_digest(k) {
                 // One key must name one consumer: with a duplicate, whichever matched last
                 // would be charged.
-                Some(d) if self.keys.contains_key(&d) || entries.iter().any(|e| e.digest == d) => {
+                Some(d)
+                    if self.keys.contains_key(&crate::auth::Digest32(d))
+                        || entries.iter().any(|e| e.digest == d) =>
+                {
                     problems.push(format!(
                         "proxy.consumers `{}`: {field} `{k}` is already used",
                         c.id
@@ -179,7 +182,11 @@ impl Directory {
         if !problems.is_empty() {
             return Err(problems);
         }
-        self.keys.extend(entries.into_iter().map(|e| (e.digest, e)));
+        self.keys.extend(
+            entries
+                .into_iter()
+                .map(|e| (crate::auth::Digest32(e.digest), e)),
+        );
         self.ids.insert(c.id.clone());
         let none = crate::quota::ConsumerLimits::default();
         if c.limits != none || c.deployment_limits.values().any(|l| *l != none) {
