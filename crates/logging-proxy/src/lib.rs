@@ -146,6 +146,8 @@ pub(crate) struct AppState {
     pub registered: std::sync::Mutex<(consumers::poll::Seen, Arc<Vec<config::ConsumerConfig>>)>,
     pub registry: Option<Arc<dyn tollgate_store::Store>>,
     pub registry_status: RegistryStatus,
+    /// Held from a registry read to its swap (`consumers/poll.rs`).
+    pub registry_reads: tokio::sync::Mutex<()>,
     /// Budgeted consumers' month-to-date cost (`quota/budget.rs`).
     pub spend: quota::budget::Spend,
 }
@@ -221,6 +223,7 @@ impl Proxy {
             registered: std::sync::Mutex::new(Default::default()),
             registry: deps.registry,
             registry_status: RegistryStatus::default(),
+            registry_reads: tokio::sync::Mutex::new(()),
             spend: quota::budget::Spend::default(),
             live: arc_swap::ArcSwap::from_pointee(live::Live::new(live_config, None)),
             reload: deps.reload,
@@ -236,7 +239,12 @@ impl Proxy {
             after_flush: deps.after_flush,
         });
         if let Some(store) = state.registry.clone() {
-            writer.spawn(consumers::poll::run(state.clone(), store, cancel.clone()));
+            writer.spawn(consumers::poll::run(
+                state.clone(),
+                store.clone(),
+                cancel.clone(),
+            ));
+            writer.spawn(consumers::poll::spend(state.clone(), store, cancel.clone()));
         } else if config
             .consumers
             .iter()
@@ -256,12 +264,24 @@ impl Proxy {
     /// Reads the consumer registry once now (before serving, so registered consumers work
     /// from the first request); the poll goes on reading it.
     pub async fn load_registry(&self) -> Result<(), tollgate_store::StoreError> {
-        match &self.state.registry {
-            Some(store) => consumers::poll::refresh(&self.state, store.as_ref())
-                .await
-                .map(|_| ()),
-            None => Ok(()),
+        if let Some(store) = &self.state.registry {
+            consumers::poll::refresh(&self.state, store.as_ref()).await?;
         }
+        // A caller rule may name a consumer the registry holds; one that names no consumer at
+        // all is a typo more likely than a consumer still to be made.
+        let directory = self.state.directory.load();
+        let callers = &self.state.config.entra_callers;
+        for c in callers
+            .rules
+            .iter()
+            .map(|r| &r.consumer)
+            .chain(callers.default_consumer.iter())
+        {
+            if !directory.ids.contains(c) {
+                tracing::warn!(consumer = %c, "An Entra ID caller rule names a consumer that neither the configuration file nor the registry has: its callers get 403 until it is created.");
+            }
+        }
+        Ok(())
     }
 
     /// The admin API (consumers, keys, audit, and the admin endpoints), for its own

@@ -39,29 +39,34 @@ impl Spend {
         (*spent >= budget).then(|| ends.duration_since(now).unwrap_or_default())
     }
 
-    /// Reads the month-to-date cost of each of `consumers` from `store`.
+    /// Reads the month-to-date cost of each of `consumers` from `store`, in one query
+    /// grouped by consumer.
     pub(crate) async fn refresh(
         &self,
         store: &dyn RequestStore,
         consumers: &[String],
     ) -> Result<(), StoreError> {
+        // One reading of the clock: the month counted and its first instant must agree at the
+        // month's turn.
         let now = SystemTime::now();
         let (month, _) = Span::Month.window(now);
-        let today = Utc::now();
+        let today: chrono::DateTime<Utc> = now.into();
         let start = Utc
             .with_ymd_and_hms(today.year(), today.month(), 1, 0, 0, 0)
             .single()
             .unwrap_or(today);
-        let mut spent = HashMap::new();
-        for c in consumers {
-            let rows = store
-                .usage(&RecordQuery {
-                    from: Some(start),
-                    consumer: Some(c.clone()),
-                    ..RecordQuery::default()
-                })
-                .await?;
-            spent.insert(c.clone(), rows.iter().map(|r| r.cost).sum::<Money>());
+        let rows = store
+            .usage(&RecordQuery {
+                from: Some(start),
+                ..RecordQuery::default()
+            })
+            .await?;
+        let mut spent: HashMap<String, Money> =
+            consumers.iter().map(|c| (c.clone(), Money::ZERO)).collect();
+        for r in rows {
+            if let Some(total) = spent.get_mut(&r.consumer) {
+                *total += r.cost;
+            }
         }
         *self
             .read
