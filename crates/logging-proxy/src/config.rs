@@ -325,6 +325,10 @@ pub struct AdminConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// The app role (`roles` claim) that makes an Entra ID caller an administrator.
     pub entra_role: Option<String>,
+    /// The tenants whose role assignments count (the home tenant): of a multi-tenant app,
+    /// every tenant's administrators assign its app roles in their own tenant, so a role from
+    /// another tenant `[proxy.entra_callers]` accepts must not make an administrator here.
+    pub tenants: Vec<String>,
 }
 
 /// `[proxy.registry]`.
@@ -683,6 +687,18 @@ impl ProxyConfig {
             problems.push(
                 "proxy.registry.poll_ms must be greater than 0 and at most a week".to_owned(),
             );
+        }
+        if self.admin.entra_role.is_some() && self.admin.tenants.is_empty() {
+            problems.push(
+                "proxy.admin.entra_role needs proxy.admin.tenants (the tenants whose role assignments count)".to_owned(),
+            );
+        }
+        for t in &self.admin.tenants {
+            if !self.entra_callers.tenants.contains(t) {
+                problems.push(format!(
+                    "proxy.admin.tenants: `{t}` is not in proxy.entra_callers.tenants (its tokens are not validated)"
+                ));
+            }
         }
         if self.admin.entra_role.is_some() && !self.entra_callers.enabled() {
             problems.push(

@@ -53,7 +53,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
 }
 
-/// Who is calling, when it is an administrator: `admin-key:{id}` or `entra:{object id}`.
+/// Who is calling, when it is an administrator: `admin-key:{id}` or `entra:{tenant}/{object
+/// id}`.
 /// Otherwise the answer to give: 404 when no admin credential is configured (the endpoints do
 /// not exist), 401 for a wrong or missing credential, 403 for a valid token without the role.
 pub(crate) async fn actor(app: &AppState, headers: &HeaderMap) -> Result<String, Response> {
@@ -84,6 +85,11 @@ pub(crate) async fn actor(app: &AppState, headers: &HeaderMap) -> Result<String,
         };
         ProxyError::CallerTokenInvalid { reason }.into_response()
     })?;
+    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    let tenant = text("tid").unwrap_or_default();
+    if !app.config.admin.tenants.iter().any(|t| t == tenant) {
+        return Err(ProxyError::CallerNotMapped.into_response());
+    }
     let has_role = claims
         .get("roles")
         .and_then(Value::as_array)
@@ -91,7 +97,6 @@ pub(crate) async fn actor(app: &AppState, headers: &HeaderMap) -> Result<String,
     if !has_role {
         return Err(ProxyError::CallerNotMapped.into_response());
     }
-    let text = |name: &str| claims.get(name).and_then(Value::as_str);
     let who = text("oid").or_else(|| text("sub")).unwrap_or("unknown");
-    Ok(format!("entra:{who}"))
+    Ok(format!("entra:{tenant}/{who}"))
 }

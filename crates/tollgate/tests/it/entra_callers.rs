@@ -314,8 +314,11 @@ async fn an_app_role_makes_an_administrator_and_rules_reach_registered_consumers
         keys: vec![k1.jwk.clone()],
         fetches: 0,
     }));
+    const PARTNER: &str = "77777777-7777-7777-7777-777777777777";
     let (s, authority) = stack(published, None, |c| {
+        c.entra_callers.tenants.push(PARTNER.into());
         c.admin.entra_role = Some("Tollgate.Admin".into());
+        c.admin.tenants = vec![TENANT.into()];
         c.entra_callers.rules.push(CallerRule {
             claim: "azp".into(),
             value: OTHER_APP.into(),
@@ -354,6 +357,17 @@ async fn an_app_role_makes_an_administrator_and_rules_reach_registered_consumers
         ),
     );
     assert_eq!(create(&expired).await, 401);
+    // A partner tenant whose tokens are accepted from callers assigns the role in its own
+    // directory: it does not make an administrator here.
+    let partner = sign(
+        k1,
+        &claims(
+            &authority,
+            json!({"roles": ["Tollgate.Admin"], "tid": PARTNER,
+                   "iss": format!("{authority}/{PARTNER}/v2.0")}),
+        ),
+    );
+    assert_eq!(create(&partner).await, 403);
     let admin_token = sign(
         k1,
         &claims(&authority, json!({"roles": ["Tollgate.Admin"]})),
@@ -383,6 +397,6 @@ async fn an_app_role_makes_an_administrator_and_rules_reach_registered_consumers
     assert_eq!(audit["data"][0]["action"], "consumer.create");
     assert_eq!(
         audit["data"][0]["actor"],
-        "entra:33333333-3333-3333-3333-333333333333"
+        format!("entra:{TENANT}/33333333-3333-3333-3333-333333333333")
     );
 }
