@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,9 +45,6 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/tollgate/admin/audit", get(audit))
 }
 
-/// Longest grace a rotation may give the old key.
-const MAX_GRACE_S: i64 = 90 * 24 * 3600;
-
 const DEFAULT_GRACE_S: i64 = 24 * 3600;
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
@@ -62,7 +59,7 @@ fn refused(e: RegistryError) -> Response {
     let (status, code) = match &e {
         RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
         RegistryError::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
-        RegistryError::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidConsumer"),
+        RegistryError::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
         RegistryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "RegistryUnavailable"),
     };
     error(status, code, e.to_string())
@@ -104,19 +101,21 @@ where
     }
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    #[serde(default)]
-    deleted: bool,
+/// The value of `name` in a query string (`deleted=true`, `limit=20`).
+fn param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
 }
 
 async fn list(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<ListQuery>,
+    RawQuery(q): RawQuery,
 ) -> Response {
     with_registry(&app, &headers, false, async |r: &Registry<'_>| {
-        Ok((StatusCode::OK, json!({"data": r.list(q.deleted).await?})))
+        let deleted = param(q.as_deref(), "deleted") == Some("true");
+        Ok((StatusCode::OK, json!({"data": r.list(deleted).await?})))
     })
     .await
 }
@@ -137,20 +136,15 @@ struct NewConsumer {
     deployment_limits: Option<std::collections::BTreeMap<String, crate::quota::ConsumerLimits>>,
 }
 
-/// The body as `T`, or a 400 saying what is wrong with it.
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Response>> {
+/// The body as `T` (an empty body as `{}`), or what is wrong with it. Read inside the
+/// registry call, so a caller without credentials learns nothing from a 400.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RegistryError> {
     let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {
         bytes
     };
-    serde_json::from_slice(bytes).map_err(|e| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequest",
-            e.to_string(),
-        ))
-    })
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Invalid(vec![e.to_string()]))
 }
 
 async fn create(
@@ -158,11 +152,8 @@ async fn create(
     headers: HeaderMap,
     bytes: axum::body::Bytes,
 ) -> Response {
-    let new: NewConsumer = match body(&bytes) {
-        Ok(n) => n,
-        Err(r) => return *r,
-    };
     with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let new: NewConsumer = body(&bytes)?;
         let fields = ConsumerFields {
             display_name: new.display_name,
             owner: new.owner,
@@ -202,11 +193,8 @@ async fn update(
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Response {
-    let fields: ConsumerFields = match body(&bytes) {
-        Ok(f) => f,
-        Err(r) => return *r,
-    };
     with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let fields: ConsumerFields = body(&bytes)?;
         let doc = r.update(&id, fields).await?;
         Ok((StatusCode::OK, json!({"consumer": doc.consumer.id})))
     })
@@ -240,11 +228,8 @@ async fn add_key(
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Response {
-    let new: NewKey = match body(&bytes) {
-        Ok(n) => n,
-        Err(r) => return *r,
-    };
     with_registry(&app, &headers, true, async |r: &Registry<'_>| {
+        let new: NewKey = body(&bytes)?;
         let (_, issued) = r.add_key(&id, new.name, new.expires).await?;
         Ok((StatusCode::CREATED, issued))
     })
@@ -266,22 +251,11 @@ async fn rotate(
     Path(id): Path<String>,
     bytes: axum::body::Bytes,
 ) -> Response {
-    let rotation: Rotation = match body(&bytes) {
-        Ok(n) => n,
-        Err(r) => return *r,
-    };
-    let grace = rotation.grace_s.unwrap_or(DEFAULT_GRACE_S);
-    if !(0..=MAX_GRACE_S).contains(&grace) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequest",
-            format!("grace_s must be between 0 and {MAX_GRACE_S} (90 days)"),
-        );
-    }
     with_registry(&app, &headers, true, async |r: &Registry<'_>| {
-        let (_, issued) = r
-            .rotate(&id, chrono::Duration::seconds(grace), rotation.expires)
-            .await?;
+        let rotation: Rotation = body(&bytes)?;
+        let grace = chrono::Duration::try_seconds(rotation.grace_s.unwrap_or(DEFAULT_GRACE_S))
+            .ok_or_else(|| RegistryError::Invalid(vec!["grace_s is out of range".to_owned()]))?;
+        let (_, issued) = r.rotate(&id, grace, rotation.expires).await?;
         Ok((StatusCode::CREATED, issued))
     })
     .await
@@ -299,25 +273,25 @@ async fn revoke(
     .await
 }
 
-#[derive(Deserialize)]
-struct AuditQuery {
-    #[serde(default = "default_audit_limit")]
-    limit: usize,
-}
-
-fn default_audit_limit() -> usize {
-    100
-}
+/// Audit entries a call returns unless `limit` says otherwise, and at most.
+const AUDIT_DEFAULT: usize = 100;
+const AUDIT_MAX: usize = 10_000;
 
 async fn audit(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
+    RawQuery(q): RawQuery,
 ) -> Response {
     with_registry(&app, &headers, false, async |r: &Registry<'_>| {
+        let limit = match param(q.as_deref(), "limit") {
+            Some(l) => l.parse::<usize>().map_err(|_| {
+                RegistryError::Invalid(vec![format!("limit `{l}` is not a number")])
+            })?,
+            None => AUDIT_DEFAULT,
+        };
         Ok((
             StatusCode::OK,
-            json!({"data": r.audit(q.limit.min(10_000)).await?}),
+            json!({"data": r.audit(limit.min(AUDIT_MAX)).await?}),
         ))
     })
     .await

@@ -221,8 +221,7 @@ impl<'a> Registry<'a> {
             .iter()
             .map(|c| ConsumerView::of(c, "file", false))
             .collect();
-        for stored in self.store.consumers().await? {
-            let doc = read(&stored.document)?;
+        for (_, doc) in readable(self.store.consumers().await?) {
             if deleted || !doc.deleted {
                 out.push(ConsumerView::of(&doc.consumer, "registry", doc.deleted));
             }
@@ -232,6 +231,9 @@ impl<'a> Registry<'a> {
 
     /// One registered consumer with its history.
     pub async fn show(&self, id: &str) -> Result<ConsumerDoc, RegistryError> {
+        if !tollgate_store::valid_consumer_id(id) {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        }
         let stored = self
             .store
             .consumer(id)
@@ -243,10 +245,9 @@ impl<'a> Registry<'a> {
     /// Every change, newest first, at most `limit`.
     pub async fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, RegistryError> {
         let mut out = Vec::new();
-        for stored in self.store.consumers().await? {
-            let doc = read(&stored.document)?;
+        for (id, doc) in readable(self.store.consumers().await?) {
             out.extend(doc.changes.into_iter().map(|change| AuditEntry {
-                consumer: stored.id.clone(),
+                consumer: id.clone(),
                 change,
             }));
         }
@@ -267,11 +268,8 @@ impl<'a> Registry<'a> {
                 "`{id}` cannot name a consumer: letters, digits, `.`, `_`, `-`, at most 64"
             )]));
         }
-        if self.file.iter().any(|c| c.id == id) {
-            return Err(RegistryError::Conflict(format!(
-                "consumer `{id}` is declared in the configuration file; change it there"
-            )));
-        }
+        self.existing(id)?;
+        future(key_expires)?;
         self.change(id, true, |doc, now| {
             doc.consumer = ConsumerConfig {
                 id: id.to_owned(),
@@ -344,6 +342,7 @@ impl<'a> Registry<'a> {
         expires: Option<DateTime<Utc>>,
     ) -> Result<(ConsumerDoc, Issued), RegistryError> {
         self.existing(id)?;
+        future(expires)?;
         self.change(id, false, |doc, now| {
             let active = doc.consumer.keys.iter().filter(|k| k.active(now)).count();
             if active >= ACTIVE_KEYS {
@@ -371,6 +370,13 @@ impl<'a> Registry<'a> {
         expires: Option<DateTime<Utc>>,
     ) -> Result<(ConsumerDoc, Issued), RegistryError> {
         self.existing(id)?;
+        future(expires)?;
+        if grace < Duration::zero() || grace > max_grace() {
+            return Err(RegistryError::Invalid(vec![format!(
+                "the grace must be between 0 and {} days",
+                max_grace().num_days()
+            )]));
+        }
         self.change(id, false, |doc, now| {
             let mut active: Vec<KeyConfig> = doc
                 .consumer
@@ -438,8 +444,11 @@ impl<'a> Registry<'a> {
         Ok(doc)
     }
 
-    /// Refuses a change to a consumer the file declares.
+    /// Refuses a change to a consumer the file declares, or to an id no consumer can have.
     fn existing(&self, id: &str) -> Result<(), RegistryError> {
+        if !tollgate_store::valid_consumer_id(id) {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        }
         if self.file.iter().any(|c| c.id == id) {
             return Err(RegistryError::Conflict(format!(
                 "consumer `{id}` is declared in the configuration file; change it there"
@@ -507,6 +516,22 @@ impl<'a> Registry<'a> {
     }
 }
 
+/// The longest a rotated-out key may keep working.
+pub fn max_grace() -> Duration {
+    Duration::days(90)
+}
+
+/// Refuses an expiry that has already passed: the key would never work (and a rotation to it
+/// would lock the consumer out once the grace ends).
+fn future(expires: Option<DateTime<Utc>>) -> Result<(), RegistryError> {
+    match expires {
+        Some(e) if e <= Utc::now() => Err(RegistryError::Invalid(vec![format!(
+            "the expiry {e} has already passed"
+        )])),
+        _ => Ok(()),
+    }
+}
+
 fn add_key(
     doc: &mut ConsumerDoc,
     name: &str,
@@ -555,9 +580,14 @@ fn changed_fields(before: &ConsumerConfig, after: &ConsumerConfig) -> String {
     }
 }
 
-/// The registered consumers that are not deleted, for the directory; unreadable documents
-/// are left out with a warning (one cannot stop the others).
-pub(crate) fn active_consumers(stored: &[tollgate_store::StoredConsumer]) -> Vec<ConsumerConfig> {
+/// The registered consumers that are not deleted, for the directory. A document this version
+/// cannot read (one a newer replica wrote with a field this one does not know, during a rolling
+/// upgrade) keeps the consumer as `previous` had it, so its keys go on working; one cannot stop
+/// the others.
+pub(crate) fn active_consumers(
+    stored: &[tollgate_store::StoredConsumer],
+    previous: &[ConsumerConfig],
+) -> Vec<ConsumerConfig> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for s in stored {
@@ -567,11 +597,32 @@ pub(crate) fn active_consumers(stored: &[tollgate_store::StoredConsumer]) -> Vec
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(consumer = %s.id, error = %e, "A registered consumer's document is unreadable; it is left out.")
+                let kept = previous.iter().find(|c| c.id == s.id);
+                tracing::warn!(consumer = %s.id, error = %e, kept = kept.is_some(), "A registered consumer's document is unreadable; the version read before stays in force.");
+                if let Some(c) = kept
+                    && seen.insert(c.id.clone())
+                {
+                    out.push(c.clone());
+                }
             }
         }
     }
     out
+}
+
+/// The documents of `stored` this version can read; the others are skipped with a warning
+/// (a listing or the audit trail is not refused for one of them).
+fn readable(stored: Vec<tollgate_store::StoredConsumer>) -> Vec<(String, ConsumerDoc)> {
+    stored
+        .into_iter()
+        .filter_map(|s| match read(&s.document) {
+            Ok(doc) => Some((s.id, doc)),
+            Err(e) => {
+                tracing::warn!(consumer = %s.id, error = %e, "A registered consumer's document is unreadable; it is left out.");
+                None
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

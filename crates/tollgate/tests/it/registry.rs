@@ -123,6 +123,15 @@ async fn a_key_lives_and_dies_on_every_replica() {
         let status = req.send().await.expect("post").status().as_u16();
         assert_eq!(status, 401, "{key:?}");
     }
+    // Credentials are checked before the body is read: a caller without them learns nothing.
+    let garbled = client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(garbled.status().as_u16(), 401);
     let public = client()
         .post(format!("{}/tollgate/admin/consumers", a.base()))
         .header("api-key", ADMIN)
@@ -144,6 +153,24 @@ async fn a_key_lives_and_dies_on_every_replica() {
     )
     .await;
     assert_eq!(status, 409);
+
+    // A key that would be born expired is refused, as is a consumer id no store can hold.
+    let (status, _) = admin(
+        &a,
+        post.clone(),
+        "/tollgate/admin/consumers",
+        Some(json!({"id": "team-x", "key_expires": "2020-01-01T00:00:00Z"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = admin(
+        &a,
+        reqwest::Method::GET,
+        "/tollgate/admin/consumers/a%20b",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
 
     // Create on a: works there at once, on b within the bound.
     let (status, created) = admin(
