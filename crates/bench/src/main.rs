@@ -176,6 +176,9 @@ async fn serve_proxy(
     registered: Option<usize>,
 ) -> anyhow::Result<()> {
     let mut config = proxy_config(&backend);
+    if limits && registered.is_some() {
+        bail!("--limits and --registered are separate targets");
+    }
     let registry = match registered {
         Some(n) => {
             config.consumers.clear();
@@ -248,9 +251,16 @@ async fn register(
             },
             ..ConsumerDoc::default()
         };
-        store
+        let written = store
             .put_consumer(&doc.consumer.id, &serde_json::to_value(&doc)?, None)
             .await?;
+        if written.is_none() {
+            bail!(
+                "{} is already registered in {}",
+                doc.consumer.id,
+                data_dir.display()
+            );
+        }
     }
     Ok(store)
 }

@@ -144,7 +144,11 @@ fn actor() -> String {
 
 /// An instant from RFC 3339, a date, or a span from now (`90d`).
 fn instant(s: &str) -> anyhow::Result<DateTime<Utc>> {
-    report::parse_time(s).or_else(|_| Ok(Utc::now() + report::parse_since(s)?))
+    report::parse_time(s).or_else(|_| {
+        Utc::now()
+            .checked_add_signed(report::parse_since(s)?)
+            .with_context(|| format!("`{s}` is too far ahead"))
+    })
 }
 
 fn issued(consumer: &str, i: &Issued) {

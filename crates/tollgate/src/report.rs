@@ -118,12 +118,13 @@ pub(crate) fn parse_since(s: &str) -> anyhow::Result<Duration> {
     let n: i64 = n
         .parse()
         .with_context(|| format!("`{s}` is not like 30d, 12h or 45m"))?;
-    Ok(match unit {
-        "d" => Duration::days(n),
-        "h" => Duration::hours(n),
-        "m" => Duration::minutes(n),
+    let span = match unit {
+        "d" => Duration::try_days(n),
+        "h" => Duration::try_hours(n),
+        "m" => Duration::try_minutes(n),
         _ => bail!("`{s}` is not like 30d, 12h or 45m"),
-    })
+    };
+    span.with_context(|| format!("`{s}` is too long a span"))
 }
 
 /// Parses an RFC 3339 time or a `YYYY-MM-DD` day (its midnight UTC).

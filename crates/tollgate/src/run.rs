@@ -136,7 +136,6 @@ async fn start_sim(
     Ok(addr)
 }
 
-/// `tollgate sim`: the simulator alone, until a signal.
 /// Serves the admin API on its own listener until `stop`.
 async fn serve_admin(
     router: axum::Router,
@@ -159,6 +158,7 @@ async fn serve_admin(
     Ok(addr)
 }
 
+/// `tollgate sim`: the simulator alone, until a signal.
 pub(crate) async fn sim(config: Config) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
