@@ -739,6 +739,39 @@ mod tests {
         assert!(applied >= 1);
     }
 
+    /// A document this version cannot read (a newer replica's field) keeps the consumer as it
+    /// was read before, and does not fail a listing.
+    #[tokio::test]
+    async fn an_unreadable_document_keeps_the_last_good_version() {
+        let (_dir, store) = store().await;
+        let r = Registry::new(store.as_ref(), &[], "test");
+        r.create("team", ConsumerFields::default(), None)
+            .await
+            .unwrap();
+        r.create("other", ConsumerFields::default(), None)
+            .await
+            .unwrap();
+        let before = active_consumers(&store.consumers().await.unwrap(), &[]);
+        assert_eq!(before.len(), 2);
+        let stored = store.consumer("team").await.unwrap().unwrap();
+        let mut newer = stored.document.clone();
+        newer["consumer"]["a_field_from_the_future"] = serde_json::json!(1);
+        store
+            .put_consumer("team", &newer, Some(&stored.version))
+            .await
+            .unwrap()
+            .unwrap();
+        let after = active_consumers(&store.consumers().await.unwrap(), &before);
+        assert_eq!(after, before, "the last good version stays in force");
+        let fresh = active_consumers(&store.consumers().await.unwrap(), &[]);
+        assert_eq!(
+            fresh.len(),
+            1,
+            "with none read before, only the readable one"
+        );
+        assert_eq!(r.list(false).await.unwrap().len(), 1);
+    }
+
     /// A consumer the file declares cannot be made or changed in the registry.
     #[tokio::test]
     async fn the_file_s_consumers_are_not_the_registry_s() {

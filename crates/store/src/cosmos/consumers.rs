@@ -3,12 +3,10 @@
 //! on its etag.
 
 use async_trait::async_trait;
-use azure_core::http::Etag;
-use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
 use azure_data_cosmos::{FeedScope, Query};
 use serde::{Deserialize, Serialize};
 
-use super::{CosmosStore, find, query_all, status_of, store_error};
+use super::{CosmosStore, Written, find, query_all, write_if};
 use crate::{ConsumerRegistry, StoreError, StoredConsumer};
 
 #[derive(Serialize, Deserialize)]
@@ -79,28 +77,10 @@ impl ConsumerRegistry for CosmosStore {
             doc: document.clone(),
             etag: None,
         };
-        let result = match expected {
-            None => {
-                self.leases
-                    .create_item(item_id.clone(), &item_id, &item, None)
-                    .await
-            }
-            Some(etag) => {
-                let options = ItemWriteOptions::default()
-                    .with_precondition(Precondition::if_match(Etag::from(etag)));
-                self.leases
-                    .replace_item(item_id.clone(), &item_id, &item, Some(options))
-                    .await
-            }
-        };
-        match result {
-            Ok(resp) => match resp.headers().etag() {
-                Some(etag) => Ok(Some(etag.to_string())),
-                None => Ok(self.consumer(id).await?.map(|c| c.version)),
-            },
-            // Someone else wrote first (409 on create, 412 on a stale etag) or it is gone.
-            Err(e) if matches!(status_of(&e), 404 | 409 | 412) => Ok(None),
-            Err(e) => Err(store_error(e)),
+        match write_if(&self.leases, &item_id, &item, expected).await? {
+            Written::Etag(etag) => Ok(Some(etag)),
+            Written::Unknown => Ok(self.consumer(id).await?.map(|c| c.version)),
+            Written::Refused => Ok(None),
         }
     }
 }

@@ -5,18 +5,17 @@ use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use azure_core::http::Etag;
 use azure_data_cosmos::feed::ContinuationToken;
-use azure_data_cosmos::options::{
-    ChangeFeedOptions, ChangeFeedStartFrom, ItemWriteOptions, MaxItemCountHint, Precondition,
-};
+use azure_data_cosmos::options::{ChangeFeedOptions, ChangeFeedStartFrom, MaxItemCountHint};
 use azure_data_cosmos::{FeedScope, Query, TransactionalBatch};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tollgate_records::RawRecord;
 
-use super::{CosmosStore, corrupt, find, param, query_all, status_of, store_error};
+use super::{
+    CosmosStore, Written, corrupt, find, param, query_all, status_of, store_error, write_if,
+};
 use crate::lease::{LeaseDoc, Versioned};
 use crate::{ChangeFeed, DeadLetter, FeedPage, RawWriter, StoreError};
 
@@ -366,28 +365,13 @@ impl ChangeFeed for CosmosStore {
             doc: doc.clone(),
             etag: None,
         };
-        let result = match expected {
-            None => self.leases.create_item(id.clone(), &id, &item, None).await,
-            Some(etag) => {
-                let options = ItemWriteOptions::default()
-                    .with_precondition(Precondition::if_match(Etag::from(etag)));
-                self.leases
-                    .replace_item(id.clone(), &id, &item, Some(options))
-                    .await
-            }
-        };
-        match result {
-            Ok(resp) => match resp.headers().etag() {
-                Some(etag) => Ok(Some(etag.to_string())),
-                // Some servers leave the header out: the stored document has it.
-                None => Ok(self
-                    .lease_doc(&doc.group, &doc.unit)
-                    .await?
-                    .map(|v| v.version)),
-            },
-            // Someone else wrote first (409 on create, 412 on a stale etag) or it is gone.
-            Err(e) if matches!(status_of(&e), 404 | 409 | 412) => Ok(None),
-            Err(e) => Err(store_error(e)),
+        match write_if(&self.leases, &id, &item, expected).await? {
+            Written::Etag(etag) => Ok(Some(etag)),
+            Written::Unknown => Ok(self
+                .lease_doc(&doc.group, &doc.unit)
+                .await?
+                .map(|v| v.version)),
+            Written::Refused => Ok(None),
         }
     }
 }

@@ -119,6 +119,46 @@ fn status_of(e: &CosmosError) -> u16 {
     u16::from(e.status().status_code())
 }
 
+/// What a conditional write did.
+pub(super) enum Written {
+    /// Written; the document's new etag.
+    Etag(String),
+    /// Written, but the server left the etag header out (the stored document has it).
+    Unknown,
+    /// Someone else wrote first (409 on create, 412 on a stale etag) or it is gone (404).
+    Refused,
+}
+
+/// Writes `item` as document `id` (in partition `id`) of `container` if the stored one has
+/// etag `expected` (`None`: only if there is none): leases and registered consumers.
+pub(super) async fn write_if<T: serde::Serialize + Send + Sync>(
+    container: &ContainerClient,
+    id: &str,
+    item: &T,
+    expected: Option<&str>,
+) -> Result<Written, StoreError> {
+    use azure_core::http::Etag;
+    use azure_data_cosmos::options::{ItemWriteOptions, Precondition};
+    let result = match expected {
+        None => container.create_item(id.to_owned(), id, item, None).await,
+        Some(etag) => {
+            let options = ItemWriteOptions::default()
+                .with_precondition(Precondition::if_match(Etag::from(etag)));
+            container
+                .replace_item(id.to_owned(), id, item, Some(options))
+                .await
+        }
+    };
+    match result {
+        Ok(resp) => Ok(resp
+            .headers()
+            .etag()
+            .map_or(Written::Unknown, |e| Written::Etag(e.to_string()))),
+        Err(e) if matches!(status_of(&e), 404 | 409 | 412) => Ok(Written::Refused),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
 /// Runs a query and collects every item.
 async fn query_all<T: DeserializeOwned + Send + 'static>(
     container: &ContainerClient,
