@@ -38,6 +38,7 @@ use tollgate_logging_proxy::{Proxy, ProxyConfig, ProxyDeps};
 use tollgate_store::RawWriter;
 
 mod cosmos;
+mod nginx;
 
 const KEY: &str = "bench-key";
 
@@ -90,6 +91,10 @@ struct Cli {
     /// directory costs against the one file consumer, in the same rounds.
     #[arg(long)]
     registry: Option<usize>,
+    /// Also an nginx reverse-proxy hop in front of the simulator (`nginx` on PATH, buffering
+    /// off, no logging): the floor of what one extra hop costs, in the same rounds.
+    #[arg(long)]
+    nginx: bool,
 }
 
 #[derive(Subcommand)]
@@ -517,7 +522,26 @@ async fn load(base: &str, key: &str, stream: bool, seconds: u64, concurrency: us
 
 /// A target of the rounds: its name, base URL, key, and the proxy child measured (none for the
 /// simulator itself).
-type Target<'a> = (&'static str, String, &'static str, Option<&'a ChildProxy>);
+/// A target's name, base URL, key, and what its CPU is read from (none: not measured).
+type Target<'a> = (&'static str, String, &'static str, Option<&'a dyn Measured>);
+
+/// A process tree whose CPU time the benchmark reads.
+trait Measured {
+    /// CPU time (user + system) used so far, in milliseconds.
+    fn cpu_ms(&self) -> f64;
+}
+
+impl Measured for ChildProxy {
+    fn cpu_ms(&self) -> f64 {
+        ChildProxy::cpu_ms(self)
+    }
+}
+
+impl Measured for nginx::Nginx {
+    fn cpu_ms(&self) -> f64 {
+        nginx::Nginx::cpu_ms(self)
+    }
+}
 
 /// Adds `child` (when it was started) as the target `name`; its place among the targets.
 fn add_target<'a>(
@@ -526,7 +550,12 @@ fn add_target<'a>(
     child: Option<&'a ChildProxy>,
 ) -> Option<usize> {
     let c = child?;
-    targets.push((name, format!("http://{}", c.addr), KEY, Some(c)));
+    targets.push((
+        name,
+        format!("http://{}", c.addr),
+        KEY,
+        Some(c as &dyn Measured),
+    ));
     Some(targets.len() - 1)
 }
 
@@ -702,6 +731,11 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let hop = if cli.nginx {
+        Some(nginx::Nginx::start(&sim_base, &dir.path().join("nginx"))?)
+    } else {
+        None
+    };
     let idle_rss = logged.rss_mb();
 
     println!(
@@ -715,15 +749,27 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             "proxy, store discards",
             format!("http://{}", null.addr),
             KEY,
-            Some(&null),
+            Some(&null as &dyn Measured),
         ),
         (
             "proxy, logging on",
             format!("http://{}", logged.addr),
             KEY,
-            Some(&logged),
+            Some(&logged as &dyn Measured),
         ),
     ];
+    let nginx_at = match &hop {
+        Some(n) => {
+            targets.push((
+                "nginx hop",
+                format!("http://{}", n.addr),
+                "sim",
+                Some(n as &dyn Measured),
+            ));
+            Some(targets.len() - 1)
+        }
+        None => None,
+    };
     // Each optional proxy joins the rounds when it was started; its place, for the comparisons.
     let baseline_at = add_target(&mut targets, "baseline, logging on", baseline.as_ref());
     let cosmos_at = add_target(&mut targets, "proxy, logging to Cosmos", on_cosmos.as_ref());
@@ -759,12 +805,12 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             for _ in 0..cli.rounds {
                 let mut round = Vec::new();
                 for (_, base, key, child) in &targets {
-                    let cpu_before = child.map(ChildProxy::cpu_ms);
+                    let cpu_before = child.map(|c| c.cpu_ms());
                     let mut f = load(base, key, stream, cli.seconds, concurrency).await;
                     // The proxy's CPU over the run (its background work included: the
                     // recorder's writes land within the run at these rates) per request.
                     let cpu_ms = cpu_before
-                        .zip(child.map(ChildProxy::cpu_ms))
+                        .zip(child.map(|c| c.cpu_ms()))
                         .map_or(f64::NAN, |(a, b)| (b - a) / f.requests.max(1) as f64);
                     round.push(Row {
                         cpu_ms,
@@ -807,6 +853,17 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 median(rounds.iter().map(|r| r[2].t50 - r[0].t50).collect()),
                 median(rounds.iter().map(|r| r[2].t99 - r[0].t99).collect()),
             );
+            if let Some(n) = nginx_at {
+                let med = |f: &dyn Fn(&Vec<Row>) -> f64| median(rounds.iter().map(f).collect());
+                println!(
+                    "  logging on vs the nginx hop: throughput {:.2}x, CPU per request {:.2}x; added p50 {:.3} ms, p99 {:.3} ms; the hop vs direct: throughput {:.2}x (medians of rounds)",
+                    med(&|r| r[2].rps / r[n].rps),
+                    med(&|r| r[2].cpu_ms / r[n].cpu_ms),
+                    med(&|r| r[2].p50 - r[n].p50),
+                    med(&|r| r[2].p99 - r[n].p99),
+                    med(&|r| r[n].rps / r[0].rps),
+                );
+            }
             if let Some(t) = cosmos_at {
                 let rps: Vec<f64> = rounds.iter().map(|r| r[t].rps / r[2].rps).collect();
                 let cpu: Vec<f64> = rounds.iter().map(|r| r[t].cpu_ms / r[2].cpu_ms).collect();
@@ -871,6 +928,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(r) = registered {
         r.stop();
+    }
+    if let Some(n) = hop {
+        n.stop();
     }
     if let Some((mut child, _)) = redis {
         let _ = child.kill();
