@@ -39,6 +39,7 @@ use tollgate_store::RawWriter;
 
 mod cosmos;
 mod nginx;
+mod profile;
 
 const KEY: &str = "bench-key";
 
@@ -95,6 +96,10 @@ struct Cli {
     /// off, no logging): the floor of what one extra hop costs, in the same rounds.
     #[arg(long)]
     nginx: bool,
+    /// After each scenario's rounds, one more window on the logging proxy under `perf record`:
+    /// its CPU per request split by stage (see `profile.rs`; build with frame pointers).
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Subcommand)]
@@ -853,6 +858,33 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 median(rounds.iter().map(|r| r[2].t50 - r[0].t50).collect()),
                 median(rounds.iter().map(|r| r[2].t99 - r[0].t99).collect()),
             );
+            if cli.profile {
+                let data = dir.path().join(format!("perf-{concurrency}-{kind}.data"));
+                let before = logged.cpu_ms();
+                let recording = profile::record(logged.child.id(), &data)?;
+                let f = load(
+                    &format!("http://{}", logged.addr),
+                    KEY,
+                    stream,
+                    cli.seconds,
+                    concurrency,
+                )
+                .await;
+                let cpu_us = (logged.cpu_ms() - before) * 1000.0 / f.requests.max(1) as f64;
+                let shares = recording.finish()?;
+                println!(
+                    "  where the logging proxy's {cpu_us:.0} µs of CPU per request go (perf, one more window):"
+                );
+                for s in shares {
+                    println!(
+                        "    {:<56} {:>7.1} µs  {:>5.1} %  (in the kernel {:>3.0} %)",
+                        s.stage,
+                        s.share * cpu_us,
+                        s.share * 100.0,
+                        s.kernel * 100.0
+                    );
+                }
+            }
             if let Some(n) = nginx_at {
                 let med = |f: &dyn Fn(&Vec<Row>) -> f64| median(rounds.iter().map(f).collect());
                 println!(
