@@ -70,7 +70,7 @@ pub(crate) struct Share {
 /// Each stage's share of the samples in `perf script` output (samples separated by blank
 /// lines, one frame per line, leaf first, `ADDR SYMBOL (DSO)`), largest first.
 fn shares(script: &str) -> Vec<Share> {
-    let mut counts: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
+    let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut total = 0u64;
     for sample in script.split("\n\n") {
         let frames: Vec<&str> = sample
@@ -89,7 +89,7 @@ fn shares(script: &str) -> Vec<Share> {
     let mut out: Vec<Share> = counts
         .into_iter()
         .map(|(s, (n, k))| Share {
-            stage: s.to_owned(),
+            stage: s,
             share: n as f64 / total.max(1) as f64,
             kernel: k as f64 / n.max(1) as f64,
         })
@@ -99,12 +99,12 @@ fn shares(script: &str) -> Vec<Share> {
 }
 
 /// The stage a stack (leaf first) belongs to.
-fn stage(frames: &[&str]) -> &'static str {
+fn stage(frames: &[&str]) -> String {
     if frames
         .iter()
         .any(|f| f.contains("rusqlite") || f.contains("sqlite3"))
     {
-        return "store write (SQLite)";
+        return "store write (SQLite)".to_owned();
     }
     let mut ours = frames
         .iter()
@@ -112,7 +112,8 @@ fn stage(frames: &[&str]) -> &'static str {
         .map(module_stage);
     if let Some(innermost) = ours.next() {
         // Shared helpers are charged to the stage that called them: the spool's file writes
-        // and a record's serialisation serve the journal and the store writer too.
+        // serve the journal too, and a record is serialised by the journal, the store's
+        // `append` and others (named).
         return match innermost {
             "spool" | "record types (serialising)" => {
                 let caller = ours.find(|s| *s != innermost && *s != "spool");
@@ -124,20 +125,20 @@ fn stage(frames: &[&str]) -> &'static str {
                             "record JSON for the journal"
                         }
                     }
-                    (
-                        "record types (serialising)",
-                        Some("recorder (queue, batching, record JSON)"),
-                    ) => "record JSON for the store",
-                    ("record types (serialising)", _) => "record JSON, other callers",
+                    ("record types (serialising)", Some(caller)) => {
+                        return format!("record JSON made in: {caller}");
+                    }
+                    ("record types (serialising)", None) => "record JSON, caller not in the stack",
                     _ => innermost,
                 }
+                .to_owned()
             }
-            other => other,
+            other => other.to_owned(),
         };
     }
     let leaf = frames.first().copied().unwrap_or_default();
     let any = |needle: &str| frames.iter().any(|f| f.contains(needle));
-    if any("reqwest") || any("hyper_util::client") || any("hyper::client") {
+    let library = if any("reqwest") || any("hyper_util::client") || any("hyper::client") {
         "HTTP client to the backend (reqwest, hyper)"
     } else if any("hyper_util::server") || any("hyper::server") || any("axum::serve") {
         "HTTP server to the client (hyper)"
@@ -151,7 +152,8 @@ fn stage(frames: &[&str]) -> &'static str {
         "unknown"
     } else {
         "kernel and other"
-    }
+    };
+    library.to_owned()
 }
 
 /// The stage of a frame in a `tollgate_*` crate (`rest` follows `tollgate_`).
