@@ -69,6 +69,19 @@ impl StoreError {
 pub trait RawWriter: Send + Sync + 'static {
     /// Appends the batch atomically where the backend can; records already stored are skipped.
     async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError>;
+
+    /// [`RawWriter::append`], with each record's JSON (`serde_json` of the record) where the
+    /// caller made it already — the proxy serialises a record once, for its journal — index
+    /// for index with `batch` (`None`, or a shorter slice: not made). A backend that stores
+    /// the JSON uses it instead of serialising the record again.
+    async fn append_encoded(
+        &self,
+        batch: &[RawRecord],
+        json: &[Option<std::sync::Arc<str>>],
+    ) -> Result<(), StoreError> {
+        let _ = json;
+        self.append(batch).await
+    }
 }
 
 /// Where a change-feed reader stands: an opaque backend position plus the requests it has seen

@@ -276,10 +276,21 @@ fn worker(
 impl Journal {
     /// Serialises `record` into the journal's buffer without waiting; its sequence number, or
     /// [`UNJOURNALED`] when the journal cannot take it (over a bound, stopped, not encodable).
+    #[cfg(test)]
     pub(crate) fn append(&self, record: &RawRecord) -> u64 {
+        self.append_json(record, None)
+    }
+
+    /// As [`Journal::append`], with the record's JSON when the caller made it already (it is
+    /// made once and serves the store's document too).
+    pub(crate) fn append_json(&self, record: &RawRecord, json: Option<&str>) -> u64 {
         let s = &self.shared;
         let mut frame = Vec::new();
-        if let Err(e) = spool::encode_frame(&mut frame, record) {
+        let encoded = match json {
+            Some(j) => spool::encode_payload(&mut frame, j.as_bytes()),
+            None => spool::encode_frame(&mut frame, record),
+        };
+        if let Err(e) = encoded {
             tracing::error!(record_id = %record.id(), error = %e, "Record could not be journaled.");
             s.stats.unjournaled.fetch_add(1, Ordering::Relaxed);
             return UNJOURNALED;

@@ -80,6 +80,9 @@ enum Item {
     // numbers are the record's estimated size, counted in the queue's byte budget, and its
     // journal sequence number, settled once the record is stored or spooled.
     Record(Box<RawRecord>, u64, u64),
+    /// The same, with the record's JSON made for the journal, which the store's document
+    /// reuses instead of serialising the record again.
+    Encoded(Box<RawRecord>, Arc<str>, u64, u64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -536,8 +539,10 @@ impl Recorder {
     /// full; [`Recorder::record`] then lists it in the overflow list.
     pub(crate) fn try_record(&self, record: RawRecord) -> Result<Journaled, Refused> {
         let size = estimated_size(&record);
-        let seq = self.journal.append(&record);
-        match self.offer(Box::new(record), size, seq, false) {
+        // Serialised once, for the journal and the store's document alike.
+        let json: Option<Arc<str>> = serde_json::to_string(&record).ok().map(Arc::from);
+        let seq = self.journal.append_json(&record, json.as_deref());
+        match self.offer_encoded(Box::new(record), json, size, seq) {
             Ok(()) => Ok(Journaled(seq)),
             Err(record) => Err(Refused { record, size, seq }),
         }
@@ -564,8 +569,33 @@ impl Recorder {
         seq: u64,
         patient: bool,
     ) -> Result<(), Box<RawRecord>> {
+        self.offer_item(Item::Record(record, size, seq), size, seq, patient)
+    }
+
+    /// [`Recorder::offer`] of a record with its JSON, without waiting for room.
+    fn offer_encoded(
+        &self,
+        record: Box<RawRecord>,
+        json: Option<Arc<str>>,
+        size: u64,
+        seq: u64,
+    ) -> Result<(), Box<RawRecord>> {
+        let item = match json {
+            Some(j) => Item::Encoded(record, j, size, seq),
+            None => Item::Record(record, size, seq),
+        };
+        self.offer_item(item, size, seq, false)
+    }
+
+    fn offer_item(
+        &self,
+        item: Item,
+        size: u64,
+        seq: u64,
+        patient: bool,
+    ) -> Result<(), Box<RawRecord>> {
         let record = if self.queue.reserve(size, patient) {
-            match self.tx.try_send(Item::Record(record, size, seq)) {
+            match self.tx.try_send(item) {
                 Ok(()) => {
                     self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -575,13 +605,16 @@ impl Recorder {
                 ) => {
                     self.queue.release(size);
                     match item {
-                        Item::Record(r, _, _) => r,
+                        Item::Record(r, _, _) | Item::Encoded(r, _, _, _) => r,
                         Item::Flush(_) => return Ok(()),
                     }
                 }
             }
         } else {
-            record
+            match item {
+                Item::Record(r, _, _) | Item::Encoded(r, _, _, _) => r,
+                Item::Flush(_) => return Ok(()),
+            }
         };
         self.spool.offer(record, size, seq)?;
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);

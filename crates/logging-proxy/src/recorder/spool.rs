@@ -165,12 +165,17 @@ impl DiskBatch {
 }
 
 pub(crate) fn encode_frame(buf: &mut Vec<u8>, record: &RawRecord) -> Result<(), SpoolError> {
-    let payload = serde_json::to_vec(record)?;
+    encode_payload(buf, &serde_json::to_vec(record)?)
+}
+
+/// A frame around a record's JSON made already (`serde_json` of the record).
+pub(crate) fn encode_payload(buf: &mut Vec<u8>, payload: &[u8]) -> Result<(), SpoolError> {
     let len = u32::try_from(payload.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "record over 4 GiB"))?;
+    buf.reserve(8 + payload.len());
     buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    buf.extend_from_slice(&payload);
+    buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    buf.extend_from_slice(payload);
     Ok(())
 }
 

@@ -25,6 +25,9 @@ struct FakeStore {
     /// While a test holds this lock, appends wait.
     stall: tokio::sync::Mutex<()>,
     appended: Notify,
+    /// For each record appended with its JSON made already: whether that JSON is the
+    /// record's own.
+    made: Mutex<Vec<bool>>,
 }
 
 #[async_trait]
@@ -51,6 +54,23 @@ impl RawWriter for FakeStore {
         self.stored.lock().unwrap().extend_from_slice(batch);
         self.appended.notify_waiters();
         Ok(())
+    }
+
+    async fn append_encoded(
+        &self,
+        batch: &[RawRecord],
+        json: &[Option<Arc<str>>],
+    ) -> Result<(), StoreError> {
+        let checks: Vec<bool> = batch
+            .iter()
+            .zip(json)
+            .filter_map(|(r, j)| {
+                j.as_ref()
+                    .map(|j| **j == *serde_json::to_string(r).unwrap())
+            })
+            .collect();
+        self.made.lock().unwrap().extend(checks);
+        self.append(batch).await
     }
 }
 
@@ -583,4 +603,21 @@ async fn records_waiting_for_room_at_shutdown_are_replayed_at_the_next_start() {
     expected.sort();
     assert_eq!(stored, expected, "the next start stored every record");
     next.shutdown().await;
+}
+
+/// A record is serialised once: the JSON made for the journal reaches the store with the
+/// record, and it is the record's own.
+#[tokio::test]
+async fn the_journal_s_json_is_the_store_s_document() {
+    let rig = rig(|_| {});
+    let ids: Vec<String> = (0..5).map(|i| format!("j{i}")).collect();
+    rig.record_all(&ids);
+    rig.recorder.flush().await;
+    assert_eq!(rig.store.ids().len(), 5);
+    let made = rig.store.made.lock().unwrap().clone();
+    assert_eq!(
+        made,
+        vec![true; 5],
+        "every record came with its JSON, and the right one"
+    );
 }

@@ -114,6 +114,7 @@ impl Writer {
 
     async fn process(&mut self, items: &mut Vec<Item>) {
         let mut records = Vec::with_capacity(items.len());
+        let mut jsons = Vec::with_capacity(items.len());
         let mut seqs = Vec::with_capacity(items.len());
         let mut bytes = 0;
         let mut flushes = Vec::new();
@@ -121,6 +122,13 @@ impl Writer {
             match item {
                 Item::Record(r, size, seq) => {
                     records.push(*r);
+                    jsons.push(None);
+                    seqs.push(seq);
+                    bytes += size;
+                }
+                Item::Encoded(r, json, size, seq) => {
+                    records.push(*r);
+                    jsons.push(Some(json));
                     seqs.push(seq);
                     bytes += size;
                 }
@@ -130,7 +138,7 @@ impl Writer {
         // Queue slots are free again.
         self.space.notify_waiters();
         if !records.is_empty() {
-            self.write(records, seqs).await;
+            self.write(records, &jsons, seqs).await;
         }
         // The bytes stay counted until the records are written or spooled: the budget bounds
         // what the writer holds too.
@@ -148,9 +156,15 @@ impl Writer {
     }
 
     /// Writes a batch from the queue (`seqs`: the records' journal sequence numbers).
-    async fn write(&mut self, mut records: Vec<RawRecord>, mut seqs: Vec<u64>) {
+    /// `jsons`: each record's JSON when it was made already (for the journal).
+    async fn write(
+        &mut self,
+        mut records: Vec<RawRecord>,
+        jsons: &[Option<Arc<str>>],
+        mut seqs: Vec<u64>,
+    ) {
         if self.spool.is_empty() {
-            let written = self.store_isolating(&records).await;
+            let written = self.store_isolating_with(&records, jsons).await;
             self.ledger.settle(seqs.drain(..written.done));
             if written.done == records.len() {
                 return;
@@ -241,6 +255,16 @@ impl Writer {
     /// the first transient failure (or a dead letter that could not be written); what is
     /// before that point is done.
     async fn store_isolating(&self, records: &[RawRecord]) -> Written {
+        self.store_isolating_with(records, &[]).await
+    }
+
+    /// [`Writer::store_isolating`] with the records' JSON where it was made already (index for
+    /// index with `records`; absent or shorter: the store serialises).
+    async fn store_isolating_with(
+        &self,
+        records: &[RawRecord],
+        jsons: &[Option<Arc<str>>],
+    ) -> Written {
         let mut ranges = VecDeque::from([(0, records.len())]);
         let mut stored = 0;
         while let Some((lo, hi)) = ranges.pop_front() {
@@ -254,7 +278,7 @@ impl Writer {
             // too: an in-flight append that may or may not land is spooled and replayed, and
             // appends are idempotent by record id.
             let result = tokio::select! {
-                r = self.store.append(run) => r,
+                r = self.store.append_encoded(run, jsons.get(lo..hi).unwrap_or_default()) => r,
                 () = grace_over(self.drain_by.clone()) => Err(StoreError::Unavailable(
                     "the shutdown grace period is over".into(),
                 )),

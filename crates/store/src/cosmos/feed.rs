@@ -34,13 +34,15 @@ struct RawDoc {
 }
 
 impl CosmosStore {
-    fn raw_doc(&self, record: &RawRecord) -> Result<RawDoc, StoreError> {
+    /// The record's document; `json` is the record's JSON when the caller made it already.
+    fn raw_doc(&self, record: &RawRecord, json: Option<&str>) -> Result<RawDoc, StoreError> {
         let id = record.id();
         let shard = crate::unit_of(&self.units, record.request_id()).to_owned();
-        let doc = super::document_with(
-            record,
-            &[("id", id.clone().into()), ("shard", shard.clone().into())],
-        )?;
+        let fields = [("id", id.clone().into()), ("shard", shard.clone().into())];
+        let doc = match json {
+            Some(j) => super::splice(j, &fields)?,
+            None => super::document_with(record, &fields)?,
+        };
         Ok(RawDoc { id, shard, doc })
     }
 
@@ -112,12 +114,21 @@ impl CosmosStore {
 #[async_trait]
 impl RawWriter for CosmosStore {
     async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError> {
+        self.append_encoded(batch, &[]).await
+    }
+
+    async fn append_encoded(
+        &self,
+        batch: &[RawRecord],
+        json: &[Option<std::sync::Arc<str>>],
+    ) -> Result<(), StoreError> {
         // Grouped by shard (a request's records share one), in order, cut at the batch limits:
         // in the common case one request's records are one batch, and several requests of one
         // shard share it.
         let mut by_shard: std::collections::BTreeMap<String, Vec<RawDoc>> = Default::default();
-        for r in batch {
-            let d = self.raw_doc(r)?;
+        for (i, r) in batch.iter().enumerate() {
+            let made = json.get(i).and_then(|j| j.as_deref());
+            let d = self.raw_doc(r, made)?;
             if d.doc.get().len() > ITEM_MAX_BYTES {
                 return Err(StoreError::Rejected {
                     id: d.id,

@@ -199,7 +199,14 @@ fn document_with<T: serde::Serialize>(
     value: &T,
     fields: &[(&str, serde_json::Value)],
 ) -> Result<Box<serde_json::value::RawValue>, StoreError> {
-    let body = serde_json::to_string(value).map_err(corrupt)?;
+    splice(&serde_json::to_string(value).map_err(corrupt)?, fields)
+}
+
+/// `body` (a JSON object) with `fields` in front of its own fields.
+fn splice(
+    body: &str,
+    fields: &[(&str, serde_json::Value)],
+) -> Result<Box<serde_json::value::RawValue>, StoreError> {
     let rest = body
         .strip_prefix('{')
         .ok_or_else(|| corrupt("a record is not a JSON object"))?;

@@ -197,11 +197,24 @@ impl EmbeddedStore {
 #[async_trait]
 impl RawWriter for EmbeddedStore {
     async fn append(&self, batch: &[RawRecord]) -> Result<(), StoreError> {
-        // Serialise outside the lock so the writer connection is held only for SQLite's work.
+        self.append_encoded(batch, &[]).await
+    }
+
+    async fn append_encoded(
+        &self,
+        batch: &[RawRecord],
+        json: &[Option<Arc<str>>],
+    ) -> Result<(), StoreError> {
+        // Serialised outside the lock (unless the caller did already) so the writer
+        // connection is held only for SQLite's work.
         let rows = batch
             .iter()
-            .map(|r| {
-                let doc = serde_json::to_string(r).map_err(corrupt)?;
+            .enumerate()
+            .map(|(i, r)| {
+                let doc: Arc<str> = match json.get(i) {
+                    Some(Some(made)) => made.clone(),
+                    _ => Arc::from(serde_json::to_string(r).map_err(corrupt)?),
+                };
                 Ok((r.request_id().to_owned(), r.seq(), r.kind(), doc))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -214,7 +227,8 @@ impl RawWriter for EmbeddedStore {
                     )
                     .map_err(io)?;
                 for (request_id, seq, kind, doc) in &rows {
-                    stmt.execute(params![request_id, seq, kind, doc]).map_err(io)?;
+                    stmt.execute(params![request_id, seq, kind, &**doc])
+                        .map_err(io)?;
                 }
             }
             tx.commit().map_err(io)
