@@ -81,7 +81,7 @@ enum Item {
     // journal sequence number, settled once the record is stored or spooled.
     Record(Box<RawRecord>, u64, u64),
     /// The same, with the record's JSON made for the journal, which the store's document
-    /// reuses instead of serialising the record again.
+    /// reuses instead of serialising the record again; its size counts the JSON too.
     Encoded(Box<RawRecord>, Arc<str>, u64, u64),
     Flush(oneshot::Sender<()>),
 }
@@ -569,7 +569,7 @@ impl Recorder {
         seq: u64,
         patient: bool,
     ) -> Result<(), Box<RawRecord>> {
-        self.offer_item(Item::Record(record, size, seq), size, seq, patient)
+        self.offer_item(Item::Record(record, size, seq), size, size, seq, patient)
     }
 
     /// [`Recorder::offer`] of a record with its JSON, without waiting for room.
@@ -580,21 +580,30 @@ impl Recorder {
         size: u64,
         seq: u64,
     ) -> Result<(), Box<RawRecord>> {
-        let item = match json {
-            Some(j) => Item::Encoded(record, j, size, seq),
-            None => Item::Record(record, size, seq),
+        // The JSON is held with the record until the store has it: the queue's byte budget
+        // counts both. Should the record go to the spool instead, the JSON is dropped and the
+        // spool counts the record alone.
+        let (item, queued) = match json {
+            Some(j) => {
+                let queued = size + j.len() as u64;
+                (Item::Encoded(record, j, queued, seq), queued)
+            }
+            None => (Item::Record(record, size, seq), size),
         };
-        self.offer_item(item, size, seq, false)
+        self.offer_item(item, queued, size, seq, false)
     }
 
+    /// `queued`: what the item counts in the queue's budget; `size`: the record's alone (what
+    /// the spool counts).
     fn offer_item(
         &self,
         item: Item,
+        queued: u64,
         size: u64,
         seq: u64,
         patient: bool,
     ) -> Result<(), Box<RawRecord>> {
-        let record = if self.queue.reserve(size, patient) {
+        let record = if self.queue.reserve(queued, patient) {
             match self.tx.try_send(item) {
                 Ok(()) => {
                     self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
@@ -603,7 +612,7 @@ impl Recorder {
                 Err(
                     mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item),
                 ) => {
-                    self.queue.release(size);
+                    self.queue.release(queued);
                     match item {
                         Item::Record(r, _, _) | Item::Encoded(r, _, _, _) => r,
                         Item::Flush(_) => return Ok(()),

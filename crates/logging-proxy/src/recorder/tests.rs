@@ -307,7 +307,9 @@ async fn a_rejected_record_that_cannot_be_dead_lettered_is_kept_not_dropped() {
 /// could sit in memory.
 #[tokio::test]
 async fn records_over_the_queue_byte_budget_go_to_the_spool() {
-    let one = estimated_size(&sample_request("q0"));
+    // A queued record counts its estimated size and the JSON made for it (held until stored).
+    let sample = sample_request("q0");
+    let one = estimated_size(&sample) + serde_json::to_string(&sample).unwrap().len() as u64;
     let rig = rig(|s| s.queue_max_bytes = 4 * one + one / 2);
     let all = names("q", 20);
     // On this single-threaded runtime the writer does not run until the test awaits, so

@@ -138,7 +138,7 @@ impl Writer {
         // Queue slots are free again.
         self.space.notify_waiters();
         if !records.is_empty() {
-            self.write(records, &jsons, seqs).await;
+            self.write(records, jsons, seqs).await;
         }
         // The bytes stay counted until the records are written or spooled: the budget bounds
         // what the writer holds too.
@@ -160,11 +160,14 @@ impl Writer {
     async fn write(
         &mut self,
         mut records: Vec<RawRecord>,
-        jsons: &[Option<Arc<str>>],
+        jsons: Vec<Option<Arc<str>>>,
         mut seqs: Vec<u64>,
     ) {
         if self.spool.is_empty() {
-            let written = self.store_isolating_with(&records, jsons).await;
+            let written = self.store_isolating_with(&records, &jsons).await;
+            // Used for the first attempt only: what is retried or spooled is serialised again,
+            // and the JSON is not held through the retries.
+            drop(jsons);
             self.ledger.settle(seqs.drain(..written.done));
             if written.done == records.len() {
                 return;
@@ -265,6 +268,7 @@ impl Writer {
         records: &[RawRecord],
         jsons: &[Option<Arc<str>>],
     ) -> Written {
+        debug_assert!(jsons.is_empty() || jsons.len() == records.len());
         let mut ranges = VecDeque::from([(0, records.len())]);
         let mut stored = 0;
         while let Some((lo, hi)) = ranges.pop_front() {

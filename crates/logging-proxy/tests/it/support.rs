@@ -57,6 +57,18 @@ impl RawWriter for Flaky {
         }
         self.inner.append(batch).await
     }
+
+    // Forwarded, so the proxy's records reach the store with their JSON as in production.
+    async fn append_encoded(
+        &self,
+        batch: &[RawRecord],
+        json: &[Option<std::sync::Arc<str>>],
+    ) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected outage".into()));
+        }
+        self.inner.append_encoded(batch, json).await
+    }
 }
 
 pub(crate) struct Stack {

@@ -35,6 +35,19 @@ impl RawWriter for Flaky {
         }
         self.inner.append(batch).await
     }
+
+    // Forwarded, so the proxy's records reach the store with their JSON as in production.
+    async fn append_encoded(
+        &self,
+        batch: &[RawRecord],
+        json: &[Option<Arc<str>>],
+    ) -> Result<(), StoreError> {
+        let _stalled = self.stall.lock().await;
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected outage".into()));
+        }
+        self.inner.append_encoded(batch, json).await
+    }
 }
 
 pub(crate) struct Stack {
