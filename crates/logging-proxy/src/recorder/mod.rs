@@ -76,13 +76,11 @@ use self::spooler::{DeadLetters, SpoolHandle, SpoolerSettings};
 use self::writer::Writer;
 
 enum Item {
-    // Boxed: records are large and the queue's slots are sized by the largest variant. The
-    // numbers are the record's estimated size, counted in the queue's byte budget, and its
-    // journal sequence number, settled once the record is stored or spooled.
-    Record(Box<RawRecord>, u64, u64),
-    /// The same, with the record's JSON made for the journal, which the store's document
-    /// reuses instead of serialising the record again; its size counts the JSON too.
-    Encoded(Box<RawRecord>, Arc<str>, u64, u64),
+    // Boxed: records are large and the queue's slots are sized by the largest variant. Then
+    // the record's JSON when it was made for the journal (the store's document reuses it);
+    // what the item counts in the queue's byte budget (the record's estimated size and that
+    // JSON); and its journal sequence number, settled once the record is stored or spooled.
+    Record(Box<RawRecord>, Option<Arc<str>>, u64, u64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -503,7 +501,7 @@ impl Recorder {
             let mut space = pin!(self.space.notified());
             space.as_mut().enable();
             let Refused { record, size, seq } = refused;
-            match self.offer(record, size, seq, true) {
+            match self.offer(record, None, size, seq, true) {
                 Ok(()) => self.overflow.placed(),
                 Err(record) => {
                     self.overflow.unpop(Refused { record, size, seq });
@@ -542,7 +540,7 @@ impl Recorder {
         // Serialised once, for the journal and the store's document alike.
         let json: Option<Arc<str>> = serde_json::to_string(&record).ok().map(Arc::from);
         let seq = self.journal.append_json(&record, json.as_deref());
-        match self.offer_encoded(Box::new(record), json, size, seq) {
+        match self.offer(Box::new(record), json, size, seq, false) {
             Ok(()) => Ok(Journaled(seq)),
             Err(record) => Err(Refused { record, size, seq }),
         }
@@ -562,49 +560,21 @@ impl Recorder {
             .map(|f| Box::pin(f) as Pin<Box<dyn Future<Output = ()> + Send>>)
     }
 
+    /// Hands `record` to the queue, else the spool. `json`, the record's JSON when made
+    /// already, is held with it until the store has it, so the queue's byte budget counts
+    /// both; should the record go to the spool instead, the JSON is dropped and the spool
+    /// counts the record alone (`size`).
     fn offer(
-        &self,
-        record: Box<RawRecord>,
-        size: u64,
-        seq: u64,
-        patient: bool,
-    ) -> Result<(), Box<RawRecord>> {
-        self.offer_item(Item::Record(record, size, seq), size, size, seq, patient)
-    }
-
-    /// [`Recorder::offer`] of a record with its JSON, without waiting for room.
-    fn offer_encoded(
         &self,
         record: Box<RawRecord>,
         json: Option<Arc<str>>,
         size: u64,
         seq: u64,
-    ) -> Result<(), Box<RawRecord>> {
-        // The JSON is held with the record until the store has it: the queue's byte budget
-        // counts both. Should the record go to the spool instead, the JSON is dropped and the
-        // spool counts the record alone.
-        let (item, queued) = match json {
-            Some(j) => {
-                let queued = size + j.len() as u64;
-                (Item::Encoded(record, j, queued, seq), queued)
-            }
-            None => (Item::Record(record, size, seq), size),
-        };
-        self.offer_item(item, queued, size, seq, false)
-    }
-
-    /// `queued`: what the item counts in the queue's budget; `size`: the record's alone (what
-    /// the spool counts).
-    fn offer_item(
-        &self,
-        item: Item,
-        queued: u64,
-        size: u64,
-        seq: u64,
         patient: bool,
     ) -> Result<(), Box<RawRecord>> {
+        let queued = size + json.as_ref().map_or(0, |j| j.len() as u64);
         let record = if self.queue.reserve(queued, patient) {
-            match self.tx.try_send(item) {
+            match self.tx.try_send(Item::Record(record, json, queued, seq)) {
                 Ok(()) => {
                     self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -614,16 +584,13 @@ impl Recorder {
                 ) => {
                     self.queue.release(queued);
                     match item {
-                        Item::Record(r, _, _) | Item::Encoded(r, _, _, _) => r,
+                        Item::Record(r, ..) => r,
                         Item::Flush(_) => return Ok(()),
                     }
                 }
             }
         } else {
-            match item {
-                Item::Record(r, _, _) | Item::Encoded(r, _, _, _) => r,
-                Item::Flush(_) => return Ok(()),
-            }
+            record
         };
         self.spool.offer(record, size, seq)?;
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);

@@ -120,15 +120,9 @@ impl Writer {
         let mut flushes = Vec::new();
         for item in items.drain(..) {
             match item {
-                Item::Record(r, size, seq) => {
+                Item::Record(r, json, size, seq) => {
                     records.push(*r);
-                    jsons.push(None);
-                    seqs.push(seq);
-                    bytes += size;
-                }
-                Item::Encoded(r, json, size, seq) => {
-                    records.push(*r);
-                    jsons.push(Some(json));
+                    jsons.push(json);
                     seqs.push(seq);
                     bytes += size;
                 }
