@@ -222,11 +222,8 @@ pub(crate) async fn consumers(config: &Config, command: ConsumersCommand) -> any
             }
         }
         ConsumersCommand::Show { id } => {
-            let doc = registry.show(&id).await.map_err(explain)?;
-            let view = ConsumerView::of(&doc.consumer, "registry", doc.deleted);
-            say(&serde_json::to_string_pretty(
-                &serde_json::json!({"consumer": view, "changes": doc.changes}),
-            )?);
+            let shown = registry.show(&id).await.map_err(explain)?;
+            say(&serde_json::to_string_pretty(&shown)?);
         }
         ConsumersCommand::Update { id, fields } => {
             registry

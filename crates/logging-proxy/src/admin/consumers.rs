@@ -176,13 +176,7 @@ async fn show(
     Path(id): Path<String>,
 ) -> Response {
     with_registry(&app, &headers, false, async |r: &Registry<'_>| {
-        let doc = r.show(&id).await?;
-        let view =
-            crate::consumers::registry::ConsumerView::of(&doc.consumer, "registry", doc.deleted);
-        Ok((
-            StatusCode::OK,
-            json!({"consumer": view, "changes": doc.changes}),
-        ))
+        Ok((StatusCode::OK, r.show(&id).await?))
     })
     .await
 }

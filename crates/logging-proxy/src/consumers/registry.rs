@@ -101,6 +101,13 @@ impl ConsumerFields {
     }
 }
 
+/// A registered consumer as `show` gives it: its listing and its history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Shown {
+    pub consumer: ConsumerView,
+    pub changes: Vec<Change>,
+}
+
 /// A new key, shown once.
 #[derive(Debug, Clone, Serialize)]
 pub struct Issued {
@@ -229,8 +236,8 @@ impl<'a> Registry<'a> {
         Ok(out)
     }
 
-    /// One registered consumer with its history.
-    pub async fn show(&self, id: &str) -> Result<ConsumerDoc, RegistryError> {
+    /// One registered consumer, as listed, with its history.
+    pub async fn show(&self, id: &str) -> Result<Shown, RegistryError> {
         if !tollgate_store::valid_consumer_id(id) {
             return Err(RegistryError::NotFound(id.to_owned()));
         }
@@ -239,7 +246,11 @@ impl<'a> Registry<'a> {
             .consumer(id)
             .await?
             .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
-        read(&stored.document)
+        let doc = read(&stored.document)?;
+        Ok(Shown {
+            consumer: ConsumerView::of(&doc.consumer, "registry", doc.deleted),
+            changes: doc.changes,
+        })
     }
 
     /// Every change, newest first, at most `limit`.
