@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use axum::serve::ListenerExt;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use null_writer::NullWriter;
 use serde_json::json;
@@ -105,27 +105,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Internal: run the proxy alone, print its address, serve until stdin closes.
-    ServeProxy {
-        #[arg(long)]
-        backend: String,
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long)]
-        null_store: bool,
-        /// A Cosmos store configuration (JSON) instead of the embedded store.
-        #[arg(long)]
-        cosmos_config: Option<String>,
-        /// The consumer has limits (never reached): requests and tokens counted per request.
-        #[arg(long)]
-        limits: bool,
-        /// Count the limits in this Redis instead of the proxy's memory.
-        #[arg(long)]
-        redis_url: Option<String>,
-        /// Register this many consumers in the (embedded) store, the benchmark's key among
-        /// them, and declare none in the file.
-        #[arg(long)]
-        registered: Option<usize>,
-    },
+    ServeProxy(ServeArgs),
+}
+
+/// How the proxy child is set up (`serve-proxy`).
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    backend: String,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    null_store: bool,
+    /// A Cosmos store configuration (JSON) instead of the embedded store.
+    #[arg(long)]
+    cosmos_config: Option<String>,
+    /// The consumer has limits (never reached): requests and tokens counted per request.
+    #[arg(long)]
+    limits: bool,
+    /// Count the limits in this Redis instead of the proxy's memory.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Register this many consumers in the (embedded) store, the benchmark's key among
+    /// them, and declare none in the file.
+    #[arg(long)]
+    registered: Option<usize>,
 }
 
 mod null_writer {
@@ -155,36 +159,21 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Some(Cmd::ServeProxy {
-            backend,
-            data_dir,
-            null_store,
-            cosmos_config,
-            limits,
-            redis_url,
-            registered,
-        }) => runtime.block_on(serve_proxy(
-            backend,
-            data_dir,
-            null_store,
-            cosmos_config,
-            limits,
-            redis_url,
-            registered,
-        )),
+        Some(Cmd::ServeProxy(args)) => runtime.block_on(serve_proxy(args)),
         None => runtime.block_on(bench(cli)),
     }
 }
 
-async fn serve_proxy(
-    backend: String,
-    data_dir: PathBuf,
-    null_store: bool,
-    cosmos_config: Option<String>,
-    limits: bool,
-    redis_url: Option<String>,
-    registered: Option<usize>,
-) -> anyhow::Result<()> {
+async fn serve_proxy(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        backend,
+        data_dir,
+        null_store,
+        cosmos_config,
+        limits,
+        redis_url,
+        registered,
+    } = args;
     let mut config = proxy_config(&backend);
     if limits && registered.is_some() {
         bail!("--limits and --registered are separate targets");
